@@ -1,0 +1,245 @@
+"""A container's cgroups, v1 or v2: where they are, their statistics, OOM notification.
+
+Hosts differ: v1 (one hierarchy per controller under /sys/fs/cgroup/<controller>), hybrid
+(v1 controllers plus an empty v2 tree at /sys/fs/cgroup/unified) and unified (v2 only, at
+/sys/fs/cgroup). runc puts a container in v1 controllers unless the host is unified, so
+"v2" here means a unified host. Nothing here does asyncio: OOM watches expose an fd to wait on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+ROOT = "/sys/fs/cgroup"
+
+
+def unified() -> bool:
+    """True when the host runs cgroup v2 only."""
+    return os.path.exists(os.path.join(ROOT, "cgroup.controllers"))
+
+
+@dataclass(frozen=True)
+class Cgroup:
+    """A process's cgroup: per-controller directories (v1) or one directory (v2)."""
+
+    version: int
+    #: v1: controller name → absolute directory; v2: {"": directory}
+    paths: dict[str, str]
+
+    @classmethod
+    def of_pid(cls, pid: int) -> Cgroup:
+        with open(f"/proc/{pid}/cgroup") as f:
+            lines = f.read().splitlines()
+        if unified():
+            for line in lines:
+                hid, _, rest = line.partition(":")
+                ctrls, _, path = rest.partition(":")
+                if hid == "0":
+                    return cls(2, {"": os.path.join(ROOT, path.lstrip("/"))})
+            raise FileNotFoundError(f"no cgroup v2 entry for pid {pid}")
+        paths: dict[str, str] = {}
+        for line in lines:
+            _hid, _, rest = line.partition(":")
+            ctrls, _, path = rest.partition(":")
+            for ctrl in ctrls.split(","):
+                if not ctrl or ctrl.startswith("name="):
+                    continue
+                mount = os.path.join(ROOT, ctrls)
+                if not os.path.isdir(mount):
+                    mount = os.path.join(ROOT, ctrl)
+                paths[ctrl] = os.path.join(mount, path.lstrip("/"))
+        return cls(1, paths)
+
+    def path(self, controller: str) -> str | None:
+        return self.paths.get("" if self.version == 2 else controller)
+
+    # -- statistics --------------------------------------------------------------------------
+
+    def metrics(self) -> tuple[str, bytes]:
+        """(type URL, marshalled metrics) as containerd's shims report them."""
+        if self.version == 2:
+            return "io.containerd.cgroups.v2.Metrics", self._metrics_v2().SerializeToString()
+        return "io.containerd.cgroups.v1.Metrics", self._metrics_v1().SerializeToString()
+
+    def _metrics_v1(self):  # type: ignore[no-untyped-def]
+        from ketch.api.cgroups.v1 import metrics_pb2 as m
+
+        out = m.Metrics()
+        mem = self.path("memory")
+        if mem and os.path.isdir(mem):
+            stat = _kv(os.path.join(mem, "memory.stat"))
+            for name, value in stat.items():
+                field = _V1_MEMORY_STAT.get(name, name)
+                if field in m.MemoryStat.DESCRIPTOR.fields_by_name and field not in _V1_ENTRIES:
+                    setattr(out.memory, field, value)
+            for entry, prefix in (("usage", "memory."), ("swap", "memory.memsw."),
+                                  ("kernel", "memory.kmem."), ("kernel_tcp", "memory.kmem.tcp.")):
+                e = getattr(out.memory, entry)
+                e.usage = _int(mem, prefix + "usage_in_bytes")
+                e.max = _int(mem, prefix + "max_usage_in_bytes")
+                e.limit = _int(mem, prefix + "limit_in_bytes")
+                e.failcnt = _int(mem, prefix + "failcnt")
+            oom = _kv(os.path.join(mem, "memory.oom_control"))
+            out.memory_oom_control.oom_kill_disable = oom.get("oom_kill_disable", 0)
+            out.memory_oom_control.under_oom = oom.get("under_oom", 0)
+            out.memory_oom_control.oom_kill = oom.get("oom_kill", 0)
+        cpuacct = self.path("cpuacct")
+        if cpuacct and os.path.isdir(cpuacct):
+            out.cpu.usage.total = _int(cpuacct, "cpuacct.usage")
+            per_cpu = _read(cpuacct, "cpuacct.usage_percpu").split()
+            out.cpu.usage.per_cpu.extend(int(v) for v in per_cpu)
+            ticks = _kv(os.path.join(cpuacct, "cpuacct.stat"))
+            ns_per_tick = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+            out.cpu.usage.user = ticks.get("user", 0) * ns_per_tick
+            out.cpu.usage.kernel = ticks.get("system", 0) * ns_per_tick
+        cpu = self.path("cpu")
+        if cpu and os.path.isdir(cpu):
+            thr = _kv(os.path.join(cpu, "cpu.stat"))
+            out.cpu.throttling.periods = thr.get("nr_periods", 0)
+            out.cpu.throttling.throttled_periods = thr.get("nr_throttled", 0)
+            out.cpu.throttling.throttled_time = thr.get("throttled_time", 0)
+        pids = self.path("pids")
+        if pids and os.path.isdir(pids):
+            out.pids.current = _int(pids, "pids.current")
+            out.pids.limit = _int(pids, "pids.max")
+        blkio = self.path("blkio")
+        if blkio and os.path.isdir(blkio):
+            for field, fname in (("io_service_bytes_recursive", "blkio.throttle.io_service_bytes"),
+                                 ("io_serviced_recursive", "blkio.throttle.io_serviced")):
+                for line in _read(blkio, fname).splitlines():
+                    parts = line.split()
+                    if len(parts) != 3 or ":" not in parts[0]:
+                        continue
+                    major, minor = parts[0].split(":")
+                    getattr(out.blkio, field).add(op=parts[1], major=int(major), minor=int(minor),
+                                                  value=int(parts[2]))
+        return out
+
+    def _metrics_v2(self):  # type: ignore[no-untyped-def]
+        from ketch.api.cgroups.v2 import metrics_pb2 as m
+
+        out = m.Metrics()
+        d = self.paths[""]
+        out.pids.current = _int(d, "pids.current")
+        out.pids.limit = _int(d, "pids.max")
+        cpu = _kv(os.path.join(d, "cpu.stat"))
+        for field in ("usage_usec", "user_usec", "system_usec", "nr_periods", "nr_throttled", "throttled_usec"):
+            setattr(out.cpu, field, cpu.get(field, 0))
+        for name, value in _kv(os.path.join(d, "memory.stat")).items():
+            if name in m.MemoryStat.DESCRIPTOR.fields_by_name:
+                setattr(out.memory, name, value)
+        out.memory.usage = _int(d, "memory.current")
+        out.memory.usage_limit = _int(d, "memory.max")
+        out.memory.swap_usage = _int(d, "memory.swap.current")
+        out.memory.swap_limit = _int(d, "memory.swap.max")
+        events = _kv(os.path.join(d, "memory.events"))
+        for field in ("low", "high", "max", "oom", "oom_kill"):
+            setattr(out.memory_events, field, events.get(field, 0))
+        return out
+
+
+# memory.stat names that differ from the proto's field names
+_V1_MEMORY_STAT = {
+    "pgpgin": "pg_pg_in", "pgpgout": "pg_pg_out", "pgfault": "pg_fault", "pgmajfault": "pg_maj_fault",
+    "total_pgpgin": "total_pg_pg_in", "total_pgpgout": "total_pg_pg_out",
+    "total_pgfault": "total_pg_fault", "total_pgmajfault": "total_pg_maj_fault",
+}
+_V1_ENTRIES = {"usage", "swap", "kernel", "kernel_tcp"}
+_UINT64_MAX = (1 << 64) - 1
+
+
+def _read(directory: str, name: str) -> str:
+    try:
+        with open(os.path.join(directory, name)) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _int(directory: str, name: str) -> int:
+    text = _read(directory, name).strip()
+    if text == "max":
+        return _UINT64_MAX
+    try:
+        return min(int(text), _UINT64_MAX)
+    except ValueError:
+        return 0
+
+
+def _kv(path: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                k, _, v = line.partition(" ")
+                with contextlib.suppress(ValueError):
+                    out[k] = int(v)
+    except OSError:
+        pass
+    return out
+
+
+class OOMWatch:
+    """Counts OOM kills in a container's memory cgroup; ``fd`` becomes readable on a change.
+
+    v1: an eventfd registered on memory.oom_control through cgroup.event_control.
+    v2: an inotify watch on memory.events, whose oom_kill counter is compared on change.
+    Call :meth:`check` when ``fd`` is readable: it returns how many new OOM events happened.
+    """
+
+    def __init__(self, cgroup: Cgroup) -> None:
+        self.cgroup = cgroup
+        mem = cgroup.path("memory")
+        if not mem:
+            raise FileNotFoundError("no memory cgroup")
+        self._fds: list[int] = []
+        self._seen = 0
+        if cgroup.version == 1:
+            efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._fds.append(efd)
+            ctl = os.open(os.path.join(mem, "memory.oom_control"), os.O_RDONLY | os.O_CLOEXEC)
+            self._fds.append(ctl)
+            with open(os.path.join(mem, "cgroup.event_control"), "w") as f:
+                f.write(f"{efd} {ctl}")
+            self.fd = efd
+        else:
+            self._events = os.path.join(mem, "memory.events")
+            self._seen = _kv(self._events).get("oom_kill", 0)
+            self.fd = _inotify_modify(self._events)
+            self._fds.append(self.fd)
+
+    def check(self) -> int:
+        """Consume the notification; the number of new OOM kills (v1: OOM events)."""
+        if self.cgroup.version == 1:
+            try:
+                return int.from_bytes(os.read(self.fd, 8), "little")
+            except BlockingIOError:
+                return 0
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.fd, 4096)
+        count = _kv(self._events).get("oom_kill", 0)
+        new, self._seen = max(0, count - self._seen), count
+        return new
+
+    def close(self) -> None:
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
+
+
+def _inotify_modify(path: str) -> int:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    in_cloexec, in_nonblock, in_modify = 0o2000000, 0o4000, 0x2
+    fd = libc.inotify_init1(in_cloexec | in_nonblock)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "inotify_init1")
+    if libc.inotify_add_watch(fd, os.fsencode(path), in_modify) < 0:
+        err = ctypes.get_errno()
+        os.close(fd)
+        raise OSError(err, f"inotify_add_watch {path}")
+    return int(fd)

@@ -1,0 +1,298 @@
+"""The runc command line, driven from asyncio without a second reaper.
+
+Every command is started with ``posix_spawn`` and waited for through the shim's
+:class:`~ketch.shim.reaper.Monitor` (anything else that waits for children would race the
+shim's SIGCHLD reaper). Every call is bounded by a timeout; a command that overruns or whose
+caller is cancelled is killed and awaited before the error propagates, so no runc is ever
+orphaned. A failure carries runc's own words, taken from its JSON log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from ketch import errdefs
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 30.0
+#: create and exec wait for the container to be set up, which can take long on a busy host
+SETUP_TIMEOUT = 120.0
+
+
+class ExitWatcher(Protocol):
+    def watch(self, pid: int) -> asyncio.Future[int]: ...
+
+
+def spawn(
+    argv: Sequence[str],
+    *,
+    stdin: int | None = None,
+    stdout: int | None = None,
+    stderr: int | None = None,
+    env: dict[str, str] | None = None,
+) -> int:
+    """Start ``argv`` with the given fds as its stdio (None: /dev/null); returns the pid."""
+    actions: list[tuple[int, ...]] = []
+    null = None
+    try:
+        for target, fd in ((0, stdin), (1, stdout), (2, stderr)):
+            if fd is None:
+                if null is None:
+                    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+                fd = null
+            actions.append((os.POSIX_SPAWN_DUP2, fd, target))
+        return os.posix_spawn(
+            argv[0], list(argv), os.environ if env is None else env, file_actions=actions,
+            setsigdef=(signal.SIGPIPE, signal.SIGCHLD, signal.SIGTERM, signal.SIGINT),
+        )
+    finally:
+        if null is not None:
+            os.close(null)
+
+
+async def _read_all(fd: int) -> bytes:
+    """Everything from a non-blocking pipe until EOF."""
+    loop = asyncio.get_running_loop()
+    chunks: list[bytes] = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            ready = loop.create_future()
+            loop.add_reader(fd, ready.set_result, None)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(fd)
+            continue
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+async def wait_or_kill(pid: int, exited: asyncio.Future[int], timeout: float) -> int:
+    """Wait for ``pid`` up to ``timeout``; on timeout or cancellation kill it and await its
+    exit before raising, so the child is never left behind."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await asyncio.shield(exited)
+    except BaseException:
+        for sig, grace in ((signal.SIGTERM, 1.0), (signal.SIGKILL, 10.0)):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                break
+            done, _ = await asyncio.wait([exited], timeout=grace)
+            if done:
+                break
+            log.warning("pid %d ignored %s", pid, sig.name)
+        raise
+
+
+@dataclass
+class Result:
+    status: int
+    stdout: bytes
+    stderr: bytes
+
+
+class RuncError(errdefs.Unknown):
+    """runc exited non-zero; the message is runc's own error text."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Runc:
+    """One OCI runtime binary with its global flags (root, log, cgroup driver)."""
+
+    def __init__(
+        self,
+        monitor: ExitWatcher,
+        *,
+        binary: str = "runc",
+        root: str,
+        log_path: str | None = None,
+        systemd_cgroup: bool = False,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        self.monitor = monitor
+        self.binary = binary
+        self.root = root
+        self.log_path = log_path
+        self.systemd_cgroup = systemd_cgroup
+        self.timeout = timeout
+
+    def _argv(self, *args: str) -> list[str]:
+        binary = self.binary
+        if "/" not in binary:
+            binary = _which(binary)
+        argv = [binary, "--root", self.root]
+        if self.log_path:
+            argv += ["--log", self.log_path, "--log-format", "json"]
+        if self.systemd_cgroup:
+            argv.append("--systemd-cgroup")
+        argv.extend(args)
+        return argv
+
+    async def run(
+        self,
+        *args: str,
+        stdio: tuple[int | None, ...] | None = None,
+        timeout: float | None = None,
+    ) -> Result:
+        """Run one runc command; raise RuncError with runc's words when it fails.
+
+        With ``stdio`` the command gets those fds (create/exec pass them on to the container);
+        otherwise its stdout and stderr are captured.
+        """
+        argv = self._argv(*args)
+        log_offset = _size(self.log_path)
+        out_r = err_r = None
+        try:
+            if stdio is None:
+                out_r, out_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+                err_r, err_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+                try:
+                    pid = spawn(argv, stdout=out_w, stderr=err_w)
+                finally:
+                    os.close(out_w)
+                    os.close(err_w)
+            else:
+                pid = spawn(argv, stdin=stdio[0], stdout=stdio[1], stderr=stdio[2])
+            exited = self.monitor.watch(pid)
+            readers = [asyncio.ensure_future(_read_all(fd)) for fd in (out_r, err_r) if fd is not None]
+            try:
+                status = await wait_or_kill(pid, exited, timeout or self.timeout)
+            except TimeoutError:
+                for r in readers:
+                    r.cancel()
+                raise errdefs.DeadlineExceeded(
+                    f"runc {args[0]} did not finish within {timeout or self.timeout:.0f}s"
+                ) from None
+            except BaseException:
+                for r in readers:
+                    r.cancel()
+                raise
+            out, err = (await asyncio.gather(*readers)) if readers else (b"", b"")
+        finally:
+            for fd in (out_r, err_r):
+                if fd is not None:
+                    os.close(fd)
+        if status != 0:
+            message = _last_error(self.log_path, log_offset) or err.decode(errors="replace").strip()
+            message = message or f"exit status {status}"
+            prefix = f"runc {args[0]} failed"
+            raise RuncError(message if message.startswith(prefix) else f"{prefix}: {message}", status)
+        return Result(status, out, err)
+
+    # -- the commands the shim uses -------------------------------------------------------
+
+    async def create(
+        self,
+        id: str,
+        bundle: str,
+        *,
+        pid_file: str,
+        console_socket: str | None = None,
+        no_pivot: bool = False,
+        no_new_keyring: bool = False,
+        stdio: tuple[int | None, ...] = (None, None, None),
+    ) -> None:
+        args = ["create", "--bundle", bundle, "--pid-file", pid_file]
+        if console_socket:
+            args += ["--console-socket", console_socket]
+        if no_pivot:
+            args.append("--no-pivot")
+        if no_new_keyring:
+            args.append("--no-new-keyring")
+        await self.run(*args, id, stdio=stdio, timeout=SETUP_TIMEOUT)
+
+    async def start(self, id: str) -> None:
+        await self.run("start", id)
+
+    async def exec(
+        self,
+        id: str,
+        process_file: str,
+        *,
+        pid_file: str,
+        console_socket: str | None = None,
+        stdio: tuple[int | None, ...] = (None, None, None),
+    ) -> None:
+        args = ["exec", "--detach", "--process", process_file, "--pid-file", pid_file]
+        if console_socket:
+            args += ["--console-socket", console_socket]
+        await self.run(*args, id, stdio=stdio, timeout=SETUP_TIMEOUT)
+
+    async def kill(self, id: str, sig: int, *, all: bool = False) -> None:
+        args = ["kill"] + (["--all"] if all else []) + [id, str(sig)]
+        await self.run(*args)
+
+    async def pause(self, id: str) -> None:
+        await self.run("pause", id)
+
+    async def resume(self, id: str) -> None:
+        await self.run("resume", id)
+
+    async def delete(self, id: str, *, force: bool = False) -> None:
+        await self.run("delete", *(["--force"] if force else []), id)
+
+    async def ps(self, id: str) -> list[int]:
+        res = await self.run("ps", "--format", "json", id)
+        return [int(p) for p in json.loads(res.stdout or b"[]") or []]
+
+    async def state(self, id: str) -> dict[str, object]:
+        res = await self.run("state", id)
+        state: dict[str, object] = json.loads(res.stdout)
+        return state
+
+    async def update(self, id: str, resources_file: str) -> None:
+        await self.run("update", "--resources", resources_file, id)
+
+
+def _which(name: str) -> str:
+    for d in os.environ.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin").split(":"):
+        path = os.path.join(d or ".", name)
+        if os.access(path, os.X_OK) and not os.path.isdir(path):
+            return path
+    raise errdefs.NotFound(f"runtime binary {name!r} not found in PATH")
+
+
+def _size(path: str | None) -> int:
+    if not path:
+        return 0
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _last_error(path: str | None, offset: int) -> str:
+    """The error-level messages runc logged after ``offset``, joined."""
+    if not path:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(1 << 20)
+    except OSError:
+        return ""
+    messages = []
+    for line in data.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("level") in ("error", "fatal"):
+            messages.append(str(entry.get("msg", "")).strip())
+    return "; ".join(m for m in messages if m)

@@ -1,0 +1,1 @@
+"""containerd-shim-ketch-v2: the per-task (or per-group) supervisor speaking shim v2 over ttrpc."""

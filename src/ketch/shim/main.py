@@ -1,0 +1,188 @@
+"""containerd-shim-ketch-v2: the entry point containerd (or ketchd) executes.
+
+    containerd-shim-ketch-v2 -namespace NS -id ID -address DAEMON_SOCK [-publish-binary P]
+                             [-bundle DIR] [-debug] (start | delete)
+
+``start`` runs on every new task, so it is kept light: this module imports only os, sys and
+socket (no asyncio, no protobuf). It binds the shim's socket, launches the long-lived server
+(``python -m ketch.shim``) with the listening socket as fd 3, writes ``address`` and
+``shim.pid`` into the bundle, and prints the address. ``delete`` cleans up after a shim that
+died (see ``cleanup.py``). Without an action the process is the server itself.
+
+Where state goes: ``$KETCH_SHIM_STATE_DIR`` if set, else the directory of the daemon's socket
+(``/run/containerd`` for a stock containerd, ``/run/ketch`` for ketchd): sockets in ``s/``, runc
+state in ``runc/<namespace>`` — the same places containerd's runc shim uses.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+_BOOL_FLAGS = {"debug", "v", "version"}
+_FLAGS = {"namespace", "id", "address", "publish-binary", "bundle", "socket"} | _BOOL_FLAGS
+#: room for "/<32 hex>" in sun_path (108 bytes with the terminating NUL)
+_SUN_PATH_MAX = 107
+
+
+class UsageError(Exception):
+    pass
+
+
+def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Go-flag style: -name value, --name value, -name=value; booleans take no value."""
+    flags: dict[str, str] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if not arg.startswith("-") or arg in ("-", "--"):
+            rest.append(arg)
+            continue
+        name, eq, value = arg.lstrip("-").partition("=")
+        if name not in _FLAGS:
+            raise UsageError(f"flag provided but not defined: -{name}")
+        if not eq:
+            if name in _BOOL_FLAGS:
+                value = "true"
+            elif i < len(argv):
+                value = argv[i]
+                i += 1
+            else:
+                raise UsageError(f"flag needs an argument: -{name}")
+        flags[name] = value
+    return flags, rest
+
+
+def state_dir(address: str) -> str:
+    env = os.environ.get("KETCH_SHIM_STATE_DIR")
+    if env:
+        return env
+    address = address.removeprefix("unix://")
+    return os.path.dirname(address) if address else "/run/ketch"
+
+
+def runc_root(address: str, namespace: str) -> str:
+    return os.path.join(state_dir(address), "runc", namespace)
+
+
+def socket_path(address: str, namespace: str, group: str) -> str:
+    """The shim's socket for (daemon, namespace, group): short, stable, private to root."""
+    import _sha256
+
+    digest = _sha256.sha256(f"{address}\0{namespace}\0{group}".encode()).hexdigest()[:32]
+    path = os.path.join(state_dir(address), "s", digest)
+    if len(path.encode()) > _SUN_PATH_MAX:
+        raise UsageError(f"shim socket path {path!r} is longer than a unix socket allows; "
+                         "set KETCH_SHIM_STATE_DIR to a shorter directory")
+    return path
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _connectable(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def start(flags: dict[str, str]) -> int:
+    ns, id, address = flags.get("namespace", ""), flags.get("id", ""), flags.get("address", "")
+    if not ns or not id:
+        raise UsageError("start needs -namespace and -id")
+    bundle = flags.get("bundle") or os.getcwd()
+    path = socket_path(address, ns, id)
+    url = "unix://" + path
+    options = sys.stdin.buffer.read() if not sys.stdin.isatty() else b""
+
+    if _connectable(path):
+        # a shim for this task is up already (containerd retried start): reuse it
+        write_atomic(os.path.join(bundle, "address"), url.encode())
+        sys.stdout.write(url)
+        return 0
+    os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    sock.listen(128)
+
+    argv = [sys.executable, "-I", "-m", "ketch.shim", "-namespace", ns, "-id", id,
+            "-address", address, "-bundle", bundle]
+    if flags.get("publish-binary"):
+        argv += ["-publish-binary", flags["publish-binary"]]
+    if flags.get("debug") == "true":
+        argv.append("-debug")
+    env = dict(os.environ)
+    if options:
+        env["KETCH_SHIM_OPTIONS"] = options.hex()
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    fd = sock.fileno()
+    if fd == 3:
+        os.set_inheritable(fd, True)
+    actions = [(os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, null, 1),
+               (os.POSIX_SPAWN_DUP2, null, 2)]
+    if fd != 3:
+        actions.append((os.POSIX_SPAWN_DUP2, fd, 3))
+    try:
+        pid = os.posix_spawn(sys.executable, argv, env, file_actions=actions, setsid=True)
+    except BaseException:
+        sock.close()
+        os.unlink(path)
+        raise
+    finally:
+        os.close(null)
+    sock.close()
+    write_atomic(os.path.join(bundle, "shim.pid"), str(pid).encode())
+    write_atomic(os.path.join(bundle, "address"), url.encode())
+    sys.stdout.write(url)
+    sys.stdout.flush()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        flags, rest = parse_args(args)
+        if "v" in flags or "version" in flags:
+            from ketch import __version__
+
+            print(f"containerd-shim-ketch-v2 {__version__}")
+            return 0
+        action = rest[0] if rest else ""
+        if action == "start":
+            return start(flags)
+        if action == "delete":
+            from ketch.shim.cleanup import delete
+
+            return delete(flags)
+        if action == "":
+            from ketch.shim.server import run
+
+            return run(flags)
+        raise UsageError(f"unknown action {action!r} (want start, delete or none)")
+    except UsageError as e:
+        sys.stderr.write(f"containerd-shim-ketch-v2: {e}\n")
+        return 2

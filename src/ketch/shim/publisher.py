@@ -1,0 +1,114 @@
+"""Task events from the shim to the daemon: Events.Forward over ttrpc at TTRPC_ADDRESS.
+
+One worker sends events in the order they were queued; a failed send is retried with a
+growing pause and a fresh connection (the daemon may be restarting), then dropped with a log
+line. ``flush`` waits for the queue to empty, so the shim can exit without losing
+/tasks/delete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from google.protobuf import empty_pb2
+from google.protobuf import message as _message
+
+from ketch import errdefs, ttrpc
+from ketch.api.containerd.services.ttrpc.events.v1 import events_pb2
+
+log = logging.getLogger(__name__)
+
+SERVICE = "containerd.services.events.ttrpc.v1.Events"
+NAMESPACE_KEY = "containerd-namespace-ttrpc"
+ATTEMPTS = 5
+CALL_TIMEOUT = 5.0
+QUEUE_MAX = 2048
+
+
+#: containerd's topic for each task event type
+TOPICS = {
+    "TaskCreate": "/tasks/create",
+    "TaskStart": "/tasks/start",
+    "TaskDelete": "/tasks/delete",
+    "TaskExit": "/tasks/exit",
+    "TaskOOM": "/tasks/oom",
+    "TaskExecAdded": "/tasks/exec-added",
+    "TaskExecStarted": "/tasks/exec-started",
+    "TaskPaused": "/tasks/paused",
+    "TaskResumed": "/tasks/resumed",
+    "TaskCheckpointed": "/tasks/checkpointed",
+}
+
+
+class Publisher:
+    def __init__(self, address: str, namespace: str) -> None:
+        self.address = address
+        self.namespace = namespace
+        self._queue: asyncio.Queue[events_pb2.ForwardRequest] = asyncio.Queue(QUEUE_MAX)
+        self._client: ttrpc.Client | None = None
+        self._worker: asyncio.Task[None] | None = None
+
+    def publish(self, event: _message.Message) -> None:
+        """Queue ``event`` (a containerd.events message); never blocks, never raises."""
+        req = events_pb2.ForwardRequest()
+        env = req.envelope
+        now = time.time()
+        env.timestamp.seconds = int(now)
+        env.timestamp.nanos = int((now % 1) * 1e9)
+        env.namespace = self.namespace
+        env.topic = TOPICS[event.DESCRIPTOR.name]
+        env.event.type_url = event.DESCRIPTOR.full_name
+        env.event.value = event.SerializeToString()
+        if not self.address:
+            log.debug("no TTRPC_ADDRESS; dropping %s", env.topic)
+            return
+        try:
+            self._queue.put_nowait(req)
+        except asyncio.QueueFull:
+            log.error("event queue full; dropping %s", env.topic)
+            return
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            req = await self._queue.get()
+            try:
+                await self._send(req)
+            finally:
+                self._queue.task_done()
+
+    async def _send(self, req: events_pb2.ForwardRequest) -> None:
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                if self._client is None or self._client.closed:
+                    self._client = await ttrpc.connect(self.address, timeout=CALL_TIMEOUT)
+                await self._client.call(
+                    SERVICE, "Forward", req, empty_pb2.Empty, timeout=CALL_TIMEOUT,
+                    metadata={NAMESPACE_KEY: self.namespace},
+                )
+                return
+            except errdefs.KetchError as e:
+                log.warning("forwarding %s failed (attempt %d): %s", req.envelope.topic, attempt, e)
+                if self._client is not None:
+                    await self._client.close()
+                    self._client = None
+                await asyncio.sleep(0.1 * attempt)
+        log.error("dropped event %s after %d attempts", req.envelope.topic, ATTEMPTS)
+
+    async def flush(self, timeout: float = 10.0) -> None:
+        """Wait until every queued event was sent or given up."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._queue.join()
+        except TimeoutError:
+            log.error("%d events not delivered before exit", self._queue.qsize())
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+        if self._client is not None:
+            await self._client.close()
+

@@ -1,0 +1,114 @@
+"""The long-lived shim server: a subreaper serving containerd.task.v2.Task on fd 3.
+
+``start`` (main.py) binds the socket and hands it over as fd 3; this process logs to the
+bundle's ``log`` FIFO (which the daemon reads) and exits once Shutdown finds no task left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import logging
+import os
+import signal
+import socket
+
+from ketch import ttrpc
+from ketch.shim.main import UsageError, runc_root
+from ketch.shim.publisher import Publisher
+from ketch.shim.reaper import Monitor
+from ketch.shim.service import TaskService
+
+log = logging.getLogger("ketch.shim")
+
+_PR_SET_CHILD_SUBREAPER = 36
+LISTEN_FD = 3
+
+
+class _FifoHandler(logging.Handler):
+    """Writes log lines to a FIFO without ever blocking the shim: a full FIFO (nobody
+    reading, e.g. while the daemon restarts) drops the line."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = fd
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            os.write(self.fd, (self.format(record) + "\n").encode(errors="replace"))
+        except OSError:
+            pass
+
+
+def _setup_logging(bundle: str, debug: bool, flags: dict[str, str]) -> None:
+    fd = -1
+    try:
+        fd = os.open(os.path.join(bundle, "log"), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        fd = 2
+    handler = _FifoHandler(fd)
+    handler.setFormatter(logging.Formatter(
+        f"time=%(asctime)s level=%(levelname)s namespace={flags.get('namespace', '')} "
+        f"id={flags.get('id', '')} msg=%(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def _become_subreaper() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+async def _serve(flags: dict[str, str]) -> None:
+    loop = asyncio.get_running_loop()
+    monitor = Monitor()
+    monitor.install(loop)
+    namespace = flags["namespace"]
+    publisher = Publisher(os.environ.get("TTRPC_ADDRESS", ""), namespace)
+    done = loop.create_future()
+
+    def on_empty() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    service = TaskService(namespace=namespace, monitor=monitor, publisher=publisher,
+                          runc_root=runc_root(flags.get("address", ""), namespace), on_empty=on_empty)
+    server = ttrpc.Server()
+    service.register(server)
+    sock = socket.socket(fileno=LISTEN_FD)
+    path = sock.getsockname()
+    serving = asyncio.ensure_future(server.serve(sock))
+    log.info("shim serving on %s", path)
+    try:
+        await asyncio.wait([serving, done], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        await publisher.flush()
+        await server.shutdown()
+        serving.cancel()
+        await publisher.close()
+        if isinstance(path, str) and path:
+            try:
+                os.unlink(path)
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    log.warning("removing %s: %s", path, e)
+    log.info("shim exiting")
+
+
+def run(flags: dict[str, str]) -> int:
+    if not flags.get("namespace") or not flags.get("id"):
+        raise UsageError("the shim server needs -namespace and -id")
+    try:
+        os.fstat(LISTEN_FD)
+    except OSError:
+        raise UsageError("the shim server expects its listening socket on fd 3; run it with 'start'") from None
+    bundle = flags.get("bundle") or os.getcwd()
+    os.chdir(bundle)
+    _setup_logging(bundle, flags.get("debug") == "true", flags)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    _become_subreaper()
+    asyncio.run(_serve(flags))
+    return 0

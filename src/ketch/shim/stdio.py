@@ -1,0 +1,329 @@
+"""A process's stdio: the client's FIFOs (or files) on one side, the process on the other.
+
+Non-terminal processes get one pipe per stream; the shim moves bytes between those pipes and
+the client's FIFOs with ``splice`` (kernel to kernel, no per-byte Python). Terminal processes
+get a pty whose master runc hands us through a console socket; its bytes are copied with large
+reads. Rules that clients rely on:
+
+* stdout/stderr FIFOs are opened read-write, so opening never blocks on a reader that has not
+  come yet and a client that goes away never makes the process die of EPIPE.
+* stdin: we hold a writer on the client's stdin FIFO so that a client closing its end (or
+  reattaching) is not EOF; ``close_stdin`` (CloseIO) drops our writer, and once the client's
+  writer is gone too the copy sees EOF and closes the process's stdin.
+* when the process exits, its output is drained (bounded) before the exit is reported, then
+  every FIFO end we hold is closed so readers see EOF.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import socket
+import struct
+import tempfile
+import termios
+from dataclasses import dataclass, field
+
+from ketch import errdefs
+
+log = logging.getLogger(__name__)
+
+_F_SETPIPE_SZ = 1031
+_PIPE_SIZE = 1 << 20
+_CHUNK = 1 << 20
+#: how long output may take to drain after a process exited (a daemonized child may keep
+#: the pipe open forever)
+DRAIN_TIMEOUT = 2.0
+
+
+def _path_of(uri: str) -> tuple[str, str]:
+    """(scheme, path) of a stdio destination: a plain FIFO path or a file:// URI."""
+    if uri.startswith("file://"):
+        return "file", uri[len("file://"):]
+    if uri.startswith("binary://"):
+        raise errdefs.Unimplemented(f"stdio {uri!r}: binary:// log drivers are not supported yet")
+    if uri.startswith("fifo://"):
+        return "fifo", uri[len("fifo://"):]
+    return "fifo", uri
+
+
+def _open_output(uri: str) -> int:
+    kind, path = _path_of(uri)
+    if kind == "file":
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+    return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+async def _wait_fd(fd: int, write: bool) -> None:
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    add, remove = (loop.add_writer, loop.remove_writer) if write else (loop.add_reader, loop.remove_reader)
+    add(fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        remove(fd)
+
+
+async def pump(src: int, dst: int) -> None:
+    """Copy ``src`` to ``dst`` until EOF on ``src`` or an error on ``dst``.
+
+    Both fds must be non-blocking (a regular file destination is fine). Uses splice when
+    either side is a pipe and falls back to read/write (ptys, files)."""
+    use_splice = True
+    pending = b""
+    while True:
+        if pending:
+            try:
+                n = os.write(dst, pending)
+            except BlockingIOError:
+                await _wait_fd(dst, True)
+                continue
+            except (BrokenPipeError, OSError) as e:
+                log.debug("stdio destination closed: %s", e)
+                return
+            pending = pending[n:]
+            continue
+        try:
+            if use_splice:
+                n = os.splice(src, dst, _CHUNK, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+                if n == 0:
+                    return
+                continue
+            data = os.read(src, _CHUNK)
+            if not data:
+                return
+            pending = data
+        except BlockingIOError:
+            # either the source is empty or the destination is full: find out which
+            if _readable(src):
+                await _wait_fd(dst, True)
+            else:
+                await _wait_fd(src, False)
+        except OSError as e:
+            if use_splice and e.errno == errno.EINVAL:
+                use_splice = False
+                continue
+            if e.errno == errno.EIO:  # a pty master whose slave side closed: EOF
+                return
+            if e.errno == errno.EPIPE:
+                return
+            raise
+
+
+def _readable(fd: int) -> bool:
+    import select
+
+    p = select.poll()
+    p.register(fd, select.POLLIN | select.POLLHUP)
+    return bool(p.poll(0))
+
+
+def _set_pipe_size(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_SIZE)
+
+
+def _nonblock(fd: int) -> None:
+    os.set_blocking(fd, False)
+
+
+@dataclass
+class Stdio:
+    """Where a process's three streams go, as the client named them."""
+
+    stdin: str = ""
+    stdout: str = ""
+    stderr: str = ""
+    terminal: bool = False
+
+
+@dataclass
+class ProcessIO:
+    """The shim's side of one process's stdio, alive from create to delete."""
+
+    stdio: Stdio
+    #: fds to hand to runc as the process's 0, 1, 2 (None = /dev/null); closed after spawn
+    runtime_fds: list[int | None] = field(default_factory=lambda: [None, None, None])
+    console: Console | None = None
+    _held: list[int] = field(default_factory=list)
+    _stdin_keeper: int | None = None
+    _stdin_w: int | None = None
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _output_tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _closed: bool = False
+
+    @classmethod
+    def create(cls, stdio: Stdio, *, uid: int = -1, gid: int = -1) -> ProcessIO:
+        """Open the client's FIFOs and make the process's pipes (or a console socket)."""
+        io = cls(stdio)
+        try:
+            if stdio.terminal:
+                io.console = Console.listen()
+            else:
+                io._make_pipes(uid, gid)
+        except BaseException:
+            io.close()
+            raise
+        return io
+
+    def _hold(self, fd: int) -> int:
+        self._held.append(fd)
+        return fd
+
+    def _make_pipes(self, uid: int, gid: int) -> None:
+        s = self.stdio
+        if s.stdin:
+            kind, path = _path_of(s.stdin)
+            src = self._hold(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+            if kind == "fifo":
+                self._stdin_keeper = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            r, w = os.pipe2(os.O_CLOEXEC)
+            _nonblock(w)
+            self.runtime_fds[0] = r
+            self._stdin_w = w
+            self._tasks.append(asyncio.ensure_future(self._copy_stdin(src, w)))
+        for i, uri in ((1, s.stdout), (2, s.stderr)):
+            if not uri:
+                continue
+            dst = self._hold(_open_output(uri))
+            r, w = os.pipe2(os.O_CLOEXEC)
+            _set_pipe_size(r)
+            _nonblock(r)
+            self.runtime_fds[i] = w
+            self._hold(r)
+            self._output_tasks.append(asyncio.ensure_future(pump(r, dst)))
+        if uid >= 0 or gid >= 0:
+            for fd in self.runtime_fds:
+                if fd is not None:
+                    os.fchown(fd, uid, gid)
+
+    async def _copy_stdin(self, src: int, w: int) -> None:
+        try:
+            await pump(src, w)
+        finally:
+            self._close_stdin_pipe()
+
+    def _close_stdin_pipe(self) -> None:
+        if self._stdin_w is not None:
+            os.close(self._stdin_w)
+            self._stdin_w = None
+
+    def after_spawn(self) -> None:
+        """The runtime has the process's ends now: close ours so EOF can happen."""
+        for i, fd in enumerate(self.runtime_fds):
+            if fd is not None:
+                os.close(fd)
+                self.runtime_fds[i] = None
+
+    async def attach_console(self, timeout: float = 10.0) -> None:
+        """Receive the pty master from runc and start copying (terminal processes)."""
+        assert self.console is not None
+        master = await self.console.receive(timeout)
+        s = self.stdio
+        if s.stdout:
+            dst = self._hold(_open_output(s.stdout))
+            self._output_tasks.append(asyncio.ensure_future(pump(master, dst)))
+        if s.stdin:
+            kind, path = _path_of(s.stdin)
+            src = self._hold(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+            if kind == "fifo":
+                self._stdin_keeper = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            self._tasks.append(asyncio.ensure_future(pump(src, master)))
+
+    def resize(self, width: int, height: int) -> None:
+        if self.console is None or self.console.master is None:
+            raise errdefs.FailedPrecondition("process has no terminal to resize")
+        fcntl.ioctl(self.console.master, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+
+    def close_stdin(self) -> None:
+        """CloseIO: drop our writer on the stdin FIFO; EOF follows once the client's is gone."""
+        if self._stdin_keeper is not None:
+            os.close(self._stdin_keeper)
+            self._stdin_keeper = None
+        elif self.console is None:
+            self._close_stdin_pipe()
+
+    async def drain(self, timeout: float = DRAIN_TIMEOUT) -> None:
+        """Wait (bounded) for the output copies to reach EOF after the process exited."""
+        if self._output_tasks:
+            await asyncio.wait(self._output_tasks, timeout=timeout)
+
+    def close(self) -> None:
+        """Stop every copy and close every fd we hold (readers of the FIFOs see EOF)."""
+        if self._closed:
+            return
+        self._closed = True
+        for t in self._tasks + self._output_tasks:
+            t.cancel()
+        self.after_spawn()
+        self._close_stdin_pipe()
+        if self._stdin_keeper is not None:
+            os.close(self._stdin_keeper)
+            self._stdin_keeper = None
+        for fd in self._held:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._held.clear()
+        if self.console is not None:
+            self.console.close()
+
+
+class Console:
+    """A console socket runc connects to, to hand over a new pty master."""
+
+    def __init__(self, sock: socket.socket, directory: str) -> None:
+        self._sock = sock
+        self._dir = directory
+        self.path = os.path.join(directory, "pty.sock")
+        self.master: int | None = None
+
+    @classmethod
+    def listen(cls) -> Console:
+        directory = tempfile.mkdtemp(prefix="ketch-pty")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.bind(os.path.join(directory, "pty.sock"))
+        sock.listen(1)
+        sock.setblocking(False)
+        return cls(sock, directory)
+
+    async def receive(self, timeout: float) -> int:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout):
+            conn, _ = await loop.sock_accept(self._sock)
+        with conn:
+            fds = array.array("i")
+            conn.setblocking(True)
+            conn.settimeout(timeout)
+            _msg, ancdata, _flags, _addr = conn.recvmsg(4096, socket.CMSG_SPACE(fds.itemsize))
+            for level, kind, data in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
+        if not fds:
+            raise errdefs.Internal("runtime sent no pty master on the console socket")
+        self.master = fds[0]
+        os.set_inheritable(self.master, False)
+        _nonblock(self.master)
+        self._cleanup_socket()
+        return self.master
+
+    def _cleanup_socket(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        with contextlib.suppress(OSError):
+            os.rmdir(self._dir)
+
+    def close(self) -> None:
+        self._cleanup_socket()
+        if self.master is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.master)
+            self.master = None

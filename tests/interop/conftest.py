@@ -1,0 +1,177 @@
+"""A private Debian containerd 1.6 for interop tests: its own root, state, sockets and config
+(CRI disabled), with the venv's bin on its PATH so that ``io.containerd.ketch.v2`` resolves
+to our shim. Never /run/containerd."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import support
+
+pytestmark = pytest.mark.interop
+
+KETCH_RUNTIME = "io.containerd.ketch.v2"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    reason = support.need_root() or (None if shutil.which("containerd") and shutil.which("ctr") else "needs containerd and ctr")
+    if reason:
+        for item in items:
+            if "interop" in str(item.fspath):
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+class Containerd:
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.address = str(base / "containerd.sock")
+        self.config = base / "config.toml"
+        self.log = base / "containerd.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.config.write_text(
+            f"""version = 2
+root = "{base}/root"
+state = "{base}/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.aufs", "io.containerd.tracing.processor.v1.otlp",
+  "io.containerd.internal.v1.tracing"]
+[grpc]
+  address = "{self.address}"
+[ttrpc]
+  address = "{self.address}.ttrpc"
+[debug]
+  address = ""
+[metrics]
+  address = ""
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{base}/opt"
+"""
+        )
+
+    def start(self) -> None:
+        env = dict(os.environ, PATH=f"{support.VENV_BIN}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}")
+        logf = open(self.log, "ab")
+        self.proc = subprocess.Popen(["containerd", "--config", str(self.config), "--log-level", "info"],
+                                     stdout=logf, stderr=logf, env=env, start_new_session=True)
+        logf.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"containerd exited: {self.log.read_text()[-2000:]}")
+            if os.path.exists(self.address):
+                r = subprocess.run(["ctr", "--address", self.address, "version"], capture_output=True)
+                if r.returncode == 0:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError("containerd did not come up")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def ctr(self, ns: str, *args: str, input: bytes | None = None, timeout: float = 60,
+            check: bool = True) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run(["ctr", "--address", self.address, "--namespace", ns, *args],
+                           input=input.decode() if input is not None else None, capture_output=True,
+                           text=True, timeout=timeout)
+        if check and r.returncode != 0:
+            raise AssertionError(f"ctr {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
+        return r
+
+    def clean_namespace(self, ns: str) -> None:
+        """Kill and remove every task and container of ``ns`` (best effort)."""
+        if self.proc is None:
+            return
+        for line in self.ctr(ns, "tasks", "ls", "-q", check=False).stdout.split():
+            self.ctr(ns, "tasks", "kill", "-s", "SIGKILL", "--all", line, check=False)
+        for _ in range(50):
+            if not self.ctr(ns, "tasks", "ls", "-q", check=False).stdout.split():
+                break
+            for line in self.ctr(ns, "tasks", "ls", "-q", check=False).stdout.split():
+                self.ctr(ns, "tasks", "rm", "-f", line, check=False)
+            time.sleep(0.1)
+        for line in self.ctr(ns, "containers", "ls", "-q", check=False).stdout.split():
+            self.ctr(ns, "containers", "rm", line, check=False)
+        self.ctr("default", "namespaces", "rm", ns, check=False)
+
+
+def _cleanup(base: Path, namespaces: list[str]) -> list[str]:
+    """End what the test left under ``base`` (by PID), unmount, remove cgroups; what was left."""
+    left = []
+    pids = support.pids_referencing(str(base))
+    if pids:
+        left.append(f"processes {pids}")
+        support.kill_pids(pids)
+    runc_state = base / "runc"
+    for root in runc_state.glob("*") if runc_state.is_dir() else []:
+        ids = subprocess.run(["runc", "--root", str(root), "list", "-q"], capture_output=True, text=True).stdout.split()
+        if ids:
+            left.append(f"runc containers {ids}")
+        for cid in ids:
+            subprocess.run(["runc", "--root", str(root), "delete", "--force", cid], capture_output=True)
+    mounts = support.mounts_under(str(base))
+    if mounts:
+        left.append(f"mounts {mounts}")
+        support.unmount_under(str(base))
+    for ns in namespaces:
+        support.remove_cgroups(ns)
+    return left
+
+
+@pytest.fixture(scope="session")
+def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return support.make_busybox_rootfs(tmp_path_factory.mktemp("busybox") / "rootfs")
+
+
+class Env:
+    """One containerd and the namespaces a test used; ``ns()`` makes a fresh one."""
+
+    def __init__(self, cd: Containerd, rootfs: Path) -> None:
+        self.cd = cd
+        self.rootfs = str(rootfs)
+        self.namespaces: list[str] = []
+
+    def ns(self) -> str:
+        name = support.unique("kt")
+        self.namespaces.append(name)
+        return name
+
+    def ctr(self, ns: str, *args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+        return self.cd.ctr(ns, *args, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def env(rootfs: Path) -> Iterator[Env]:
+    # short base path: the shim's socket lives under it and unix socket paths are short
+    base = Path(tempfile.mkdtemp(prefix="kt-", dir="/tmp"))
+    cd = Containerd(base)
+    e = Env(cd, rootfs)
+    cd.start()
+    try:
+        yield e
+    finally:
+        for ns in e.namespaces:
+            try:
+                cd.clean_namespace(ns)
+            except Exception:
+                pass
+        cd.kill(signal.SIGTERM)
+        left = _cleanup(base, e.namespaces)
+        shutil.rmtree(base, ignore_errors=True)
+        assert not left, f"test left behind: {left}"

@@ -1,0 +1,306 @@
+"""The ketch shim under Debian's containerd 1.6, driven by Debian's ctr."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import select
+import signal
+import struct
+import subprocess
+import termios
+import threading
+import time
+
+import pytest
+
+from tests import support
+from tests.interop.conftest import KETCH_RUNTIME, Env
+
+
+#: ctr gives a --rootfs container no environment at all (an image would bring PATH)
+PATH = ("--env", "PATH=/usr/bin:/bin")
+
+
+def run(env: Env, ns: str, cid: str, *cmd: str, extra: tuple[str, ...] = (), **kw: object) -> subprocess.CompletedProcess[str]:
+    return env.ctr(ns, "run", "--rm", "--runtime", KETCH_RUNTIME, *PATH, *extra, "--rootfs", env.rootfs, cid, *cmd,
+                   **kw)
+
+
+class Events:
+    """``ctr events`` for one namespace, collected in the background."""
+
+    def __init__(self, env: Env, ns: str) -> None:
+        self.proc = subprocess.Popen(
+            ["ctr", "--address", env.cd.address, "--namespace", ns, "events"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.lines: list[str] = []
+        self._t = threading.Thread(target=self._read, daemon=True)
+        self._t.start()
+        time.sleep(0.3)  # let the subscription reach containerd
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def topics(self, ns: str) -> list[str]:
+        out = []
+        for line in self.lines:
+            # "<date> <time> <zone> <zone name> <namespace> <topic> <json>"
+            parts = line.split()
+            if ns in parts:
+                i = parts.index(ns)
+                if i + 1 < len(parts):
+                    out.append(parts[i + 1])
+        return out
+
+    def wait_for(self, topic: str, count: int = 1, timeout: float = 20) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [line for line in self.lines if f" {topic} " in line]
+            if len(found) >= count:
+                return found
+            time.sleep(0.05)
+        raise AssertionError(f"no {topic} event within {timeout}s; saw: {self.lines}")
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self._t.join(5)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+
+
+def test_run_prints_output(env: Env) -> None:
+    ns = env.ns()
+    r = run(env, ns, "hello", "echo", "hi")
+    assert r.stdout == "hi\n"
+    assert env.ctr(ns, "containers", "ls", "-q").stdout.strip() == ""
+
+
+def test_exit_code_propagates(env: Env) -> None:
+    ns = env.ns()
+    r = run(env, ns, "seven", "sh", "-c", "exit 7", check=False)
+    assert r.returncode == 7, r.stderr
+
+
+def test_stdin_reaches_cat(env: Env) -> None:
+    ns = env.ns()
+    proc = subprocess.Popen(
+        ["ctr", "--address", env.cd.address, "--namespace", ns, "run", "--rm", "--runtime", KETCH_RUNTIME, *PATH,
+         "--rootfs", env.rootfs, "catter", "cat"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # ctr 1.6 loses CloseIO when stdin hits EOF before the task is set up: give it a moment
+    time.sleep(1.0)
+    out, err = proc.communicate(b"through the fifo\n" * 1000, timeout=60)
+    assert proc.returncode == 0, err
+    assert out == b"through the fifo\n" * 1000
+
+
+def _read_until(fd: int, needle: bytes, timeout: float) -> bytes:
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while needle not in buf and time.monotonic() < deadline:
+        r, _, _ = select.select([fd], [], [], 0.2)
+        if r:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            buf += chunk
+    return buf
+
+
+def test_run_with_terminal_and_resize(env: Env) -> None:
+    ns = env.ns()
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 31, 101, 0, 0))
+    proc = subprocess.Popen(
+        ["ctr", "--address", env.cd.address, "--namespace", ns, "run", "--rm", "-t", "--runtime", KETCH_RUNTIME, *PATH,
+         "--rootfs", env.rootfs, "tty1", "sh"],
+        stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+    try:
+        out = _read_until(master, b"#", 30)
+        assert b"#" in out, out
+        os.write(master, b"stty size; tty\n")
+        out = _read_until(master, b"/dev/pts/", 10)
+        assert b"31 101" in out, out
+        # a resize reaches the container's terminal
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        proc.send_signal(signal.SIGWINCH)
+        time.sleep(0.5)
+        os.write(master, b"stty size\n")
+        out = _read_until(master, b"40 120", 10)
+        assert b"40 120" in out, out
+        os.write(master, b"exit 3\n")
+        assert proc.wait(timeout=30) == 3
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+
+
+def _task_status(env: Env, ns: str, cid: str) -> str:
+    for line in env.ctr(ns, "tasks", "ls").stdout.splitlines()[1:]:
+        parts = line.split()
+        if parts and parts[0] == cid:
+            return parts[2]
+    return ""
+
+
+def _wait_status(env: Env, ns: str, cid: str, want: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    status = ""
+    while time.monotonic() < deadline:
+        status = _task_status(env, ns, cid)
+        if status == want:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"task {cid} is {status or 'gone'}, wanted {want}")
+
+
+def test_detached_lifecycle(env: Env) -> None:
+    ns = env.ns()
+    events = Events(env, ns)
+    try:
+        env.ctr(ns, "run", "-d", "--runtime", KETCH_RUNTIME, *PATH, "--rootfs", env.rootfs, "web", "sleep", "1000")
+        _wait_status(env, ns, "web", "RUNNING")
+
+        ps = env.ctr(ns, "tasks", "ps", "web").stdout.splitlines()
+        assert ps[0].split()[0] == "PID"
+        pids = [int(line.split()[0]) for line in ps[1:]]
+        assert len(pids) == 1 and os.path.exists(f"/proc/{pids[0]}")
+
+        r = env.ctr(ns, "tasks", "exec", "--exec-id", "e1", "web", "sh", "-c", "echo from-exec; exit 4", check=False)
+        assert r.returncode == 4, r.stderr
+        assert r.stdout == "from-exec\n"
+
+        env.ctr(ns, "tasks", "pause", "web")
+        assert _task_status(env, ns, "web") == "PAUSED"
+        env.ctr(ns, "tasks", "resume", "web")
+        assert _task_status(env, ns, "web") == "RUNNING"
+
+        metrics = env.ctr(ns, "tasks", "metrics", "web").stdout
+        assert "memory.usage_in_bytes" in metrics, metrics
+        usage = [line.split()[-1] for line in metrics.splitlines() if line.startswith("memory.usage_in_bytes")]
+        assert int(usage[0]) > 0
+
+        env.ctr(ns, "tasks", "kill", "-s", "SIGKILL", "web")
+        _wait_status(env, ns, "web", "STOPPED")
+        exits = events.wait_for("/tasks/exit", 2)
+        assert '"exit_status":137' in exits[-1], exits
+
+        env.ctr(ns, "tasks", "rm", "web")
+        assert _task_status(env, ns, "web") == ""
+        env.ctr(ns, "containers", "rm", "web")
+        events.wait_for("/containers/delete")
+        topics = [t for t in events.topics(ns) if t.startswith("/tasks/")]
+        assert topics == [
+            "/tasks/create", "/tasks/start", "/tasks/exec-added", "/tasks/exec-started", "/tasks/exit",
+            "/tasks/paused", "/tasks/resumed", "/tasks/exit", "/tasks/delete",
+        ], topics
+    finally:
+        events.close()
+
+
+def test_duplicate_exec_id_is_already_exists(env: Env) -> None:
+    ns = env.ns()
+    env.ctr(ns, "run", "-d", "--runtime", KETCH_RUNTIME, *PATH, "--rootfs", env.rootfs, "dup", "sleep", "1000")
+    env.ctr(ns, "tasks", "exec", "-d", "--exec-id", "same", "dup", "sleep", "1000")
+    r = env.ctr(ns, "tasks", "exec", "--exec-id", "same", "dup", "true", check=False)
+    assert r.returncode != 0
+    assert "already exists" in r.stderr, r.stderr
+
+
+def test_missing_binary_is_a_clear_error_and_leaves_nothing(env: Env) -> None:
+    ns = env.ns()
+    r = run(env, ns, "nobin", "/no/such/binary", check=False)
+    assert r.returncode != 0
+    assert "no such file or directory" in r.stderr.lower() or "not found" in r.stderr.lower(), r.stderr
+    # the failed task is gone: no task, and no process or mount under the daemon's state
+    assert env.ctr(ns, "tasks", "ls", "-q").stdout.strip() == ""
+    env.ctr(ns, "containers", "rm", "nobin", check=False)
+    def leftover() -> list[int]:
+        daemon = env.cd.proc.pid if env.cd.proc else -1
+        return [p for p in support.pids_referencing(str(env.cd.base)) if p != daemon]
+
+    deadline = time.monotonic() + 10
+    while leftover() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert leftover() == []
+    assert support.mounts_under(str(env.cd.base)) == []
+
+
+@pytest.mark.parametrize("limit_mb", [16])
+def test_oom_event(env: Env, limit_mb: int) -> None:
+    ns = env.ns()
+    events = Events(env, ns)
+    try:
+        r = run(env, ns, "hog", "sh", "-c", "tail /dev/zero", extra=("--memory-limit", str(limit_mb << 20)),
+                check=False)
+        assert r.returncode == 137, (r.returncode, r.stderr)
+        oom = events.wait_for("/tasks/oom")
+        assert '"container_id":"hog"' in oom[0]
+        topics = events.topics(ns)
+        assert topics.index("/tasks/oom") < topics.index("/tasks/exit"), topics
+    finally:
+        events.close()
+
+
+def test_containerd_killed_and_restarted_reconnects(env: Env) -> None:
+    ns = env.ns()
+    env.ctr(ns, "run", "-d", "--runtime", KETCH_RUNTIME, *PATH, "--rootfs", env.rootfs, "survivor", "sleep", "1000")
+    _wait_status(env, ns, "survivor", "RUNNING")
+    pid_before = env.ctr(ns, "tasks", "ls").stdout.splitlines()[1].split()[1]
+    env.cd.kill(signal.SIGKILL)
+    env.cd.start()
+    _wait_status(env, ns, "survivor", "RUNNING")
+    assert env.ctr(ns, "tasks", "ls").stdout.splitlines()[1].split()[1] == pid_before
+    r = env.ctr(ns, "tasks", "exec", "--exec-id", "after", "survivor", "echo", "still-here")
+    assert r.stdout == "still-here\n"
+    env.ctr(ns, "tasks", "kill", "-s", "SIGKILL", "survivor")
+    _wait_status(env, ns, "survivor", "STOPPED")
+    env.ctr(ns, "tasks", "rm", "survivor")
+    env.ctr(ns, "containers", "rm", "survivor")
+
+
+def test_shim_killed_reports_exit(env: Env) -> None:
+    ns = env.ns()
+    events = Events(env, ns)
+    try:
+        env.ctr(ns, "run", "-d", "--runtime", KETCH_RUNTIME, *PATH, "--rootfs", env.rootfs, "orphan", "sleep", "1000")
+        _wait_status(env, ns, "orphan", "RUNNING")
+        bundle = env.cd.base / "state" / "io.containerd.runtime.v2.task" / ns / "orphan"
+        shim_pid = int((bundle / "shim.pid").read_text())
+        os.kill(shim_pid, signal.SIGKILL)
+        exits = events.wait_for("/tasks/exit")
+        assert '"exit_status":137' in exits[0] or '"exit_status":255' in exits[0], exits
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and _task_status(env, ns, "orphan") not in ("STOPPED", ""):
+            time.sleep(0.1)
+        env.ctr(ns, "tasks", "rm", "orphan", check=False)
+        assert _task_status(env, ns, "orphan") == ""
+        env.ctr(ns, "containers", "rm", "orphan")
+    finally:
+        events.close()
+
+
+def test_twenty_at_once(env: Env) -> None:
+    ns = env.ns()
+    procs = [
+        subprocess.Popen(["ctr", "--address", env.cd.address, "--namespace", ns, "run", "--rm", "--runtime",
+                          KETCH_RUNTIME, *PATH, "--rootfs", env.rootfs, f"c{i}", "sh", "-c", f"echo n{i}"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(20)
+    ]
+    results = [p.communicate(timeout=180) for p in procs]
+    for i, (p, (out, err)) in enumerate(zip(procs, results)):
+        assert p.returncode == 0, err
+        assert out == f"n{i}\n"
+    assert env.ctr(ns, "containers", "ls", "-q").stdout.strip() == ""

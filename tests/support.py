@@ -1,0 +1,118 @@
+"""Helpers the integration and interop tests share: a busybox rootfs, and cleanup of
+everything a test left under its private directory (processes by PID, mounts, cgroups)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+BUSYBOX = "/bin/busybox"
+VENV_BIN = str(Path(__file__).resolve().parent.parent / ".venv" / "bin")
+
+
+def need_root() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root"
+    for tool in ("runc", BUSYBOX):
+        if not shutil.which(tool):
+            return f"needs {tool}"
+    return None
+
+
+def make_busybox_rootfs(dest: Path) -> Path:
+    """A minimal root filesystem: busybox-static and a symlink per applet."""
+    bin_dir = dest / "bin"
+    bin_dir.mkdir(parents=True)
+    shutil.copy2(BUSYBOX, bin_dir / "busybox")
+    applets = subprocess.run([BUSYBOX, "--list"], check=True, capture_output=True, text=True).stdout.split()
+    for applet in applets:
+        if applet != "busybox":
+            (bin_dir / applet).symlink_to("busybox")
+    for d in ("dev", "proc", "sys", "tmp", "etc", "root", "run", "usr"):
+        (dest / d).mkdir(exist_ok=True)
+    (dest / "usr" / "bin").symlink_to("../bin")
+    (dest / "sbin").symlink_to("bin")
+    (dest / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n")
+    (dest / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
+    os.chmod(dest / "tmp", 0o1777)
+    return dest
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def pids_referencing(marker: str) -> list[int]:
+    """PIDs whose command line or cwd mentions ``marker`` (a test's private directory)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            cwd = ""
+            try:
+                cwd = os.readlink(f"/proc/{entry}/cwd")
+            except OSError:
+                pass
+        except OSError:
+            continue
+        if marker in cmd or cwd.startswith(marker):
+            found.append(int(entry))
+    return found
+
+
+def kill_pids(pids: list[int], timeout: float = 5.0) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().split(") ", 1)[1].startswith("Z"):
+                        break
+            except OSError:
+                break
+            time.sleep(0.02)
+
+
+def mounts_under(prefix: str) -> list[str]:
+    with open("/proc/self/mounts") as f:
+        targets = [line.split()[1] for line in f]
+    return [t for t in targets if t.startswith(prefix)]
+
+
+def unmount_under(prefix: str) -> None:
+    for target in sorted(mounts_under(prefix), key=len, reverse=True):
+        subprocess.run(["umount", "-l", target], check=False, capture_output=True)
+
+
+def cgroup_dirs(name: str) -> list[str]:
+    """cgroup directories named ``name`` directly under any hierarchy's root (runc creates
+    /<namespace>/<id> for containers started by containerd)."""
+    out = []
+    for root in Path("/sys/fs/cgroup").iterdir():
+        d = root / name
+        if d.is_dir():
+            out.append(str(d))
+    return out
+
+
+def remove_cgroups(name: str) -> None:
+    """Remove a namespace's cgroup directories, children first (they must be empty)."""
+    for d in cgroup_dirs(name):
+        for sub, dirs, _files in sorted(os.walk(d), key=lambda t: -len(t[0])):
+            try:
+                os.rmdir(sub)
+            except OSError:
+                pass

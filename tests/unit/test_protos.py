@@ -1,0 +1,179 @@
+"""The generated protobuf modules under ketch.api: fresh, and wire-compatible with containerd 1.6."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ketch.api.cgroups.v1 import metrics_pb2 as cg1
+from ketch.api.cgroups.v2 import metrics_pb2 as cg2
+from ketch.api.containerd.events import container_pb2, content_pb2, image_pb2
+from ketch.api.containerd.events import namespace_pb2, snapshot_pb2
+from ketch.api.containerd.events import task_pb2 as ev_task
+from ketch.api.containerd.linux.runctypes import runc_pb2
+from ketch.api.containerd.runc.options import oci_pb2
+from ketch.api.containerd.services.ttrpc.events.v1 import events_pb2
+from ketch.api.containerd.task.v2 import shim_pb2
+from ketch.api.containerd.types import descriptor_pb2, metrics_pb2, mount_pb2, platform_pb2
+from ketch.api.containerd.types.task import task_pb2 as types_task
+
+ROOT = Path(__file__).resolve().parents[2]
+SRC = ROOT / "src"
+API = SRC / "ketch" / "api"
+GEN = ROOT / "scripts" / "gen-protos"
+
+
+def _generated(base: Path) -> set[str]:
+    api = base / "ketch" / "api"
+    return {
+        str(p.relative_to(base))
+        for pattern in ("*_pb2.py", "*_pb2.pyi")
+        for p in api.rglob(pattern)
+    }
+
+
+@pytest.mark.skipif(importlib.util.find_spec("grpc_tools") is None, reason="grpcio-tools not installed")
+def test_generated_code_is_fresh(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHON=sys.executable)
+    subprocess.run([str(GEN), str(tmp_path)], check=True, env=env, capture_output=True)
+    fresh = _generated(tmp_path)
+    committed = _generated(SRC)
+    assert fresh, "scripts/gen-protos produced nothing"
+    missing = sorted(fresh - committed)
+    extra = sorted(committed - fresh)
+    differing = sorted(
+        name for name in fresh & committed if (tmp_path / name).read_bytes() != (SRC / name).read_bytes()
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing from src/: {missing}")
+    if extra:
+        problems.append(f"no .proto generates these (stale): {extra}")
+    if differing:
+        problems.append(f"out of date: {differing}")
+    assert not problems, "generated protobuf code is stale; run scripts/gen-protos. " + "; ".join(problems)
+
+
+def test_every_generated_module_imports() -> None:
+    modules = sorted(
+        ".".join(p.relative_to(SRC).with_suffix("").parts) for p in API.rglob("*_pb2.py")
+    )
+    assert len(modules) >= 19
+    for name in modules:
+        importlib.import_module(name)
+
+
+@pytest.mark.parametrize(
+    ("descriptor", "full_name"),
+    [
+        (ev_task.TaskExit.DESCRIPTOR, "containerd.events.TaskExit"),
+        (ev_task.TaskCreate.DESCRIPTOR, "containerd.events.TaskCreate"),
+        (ev_task.TaskIO.DESCRIPTOR, "containerd.events.TaskIO"),
+        (ev_task.TaskOOM.DESCRIPTOR, "containerd.events.TaskOOM"),
+        (container_pb2.ContainerCreate.Runtime.DESCRIPTOR, "containerd.events.ContainerCreate.Runtime"),
+        (content_pb2.ContentDelete.DESCRIPTOR, "containerd.events.ContentDelete"),
+        (namespace_pb2.NamespaceDelete.DESCRIPTOR, "containerd.events.NamespaceDelete"),
+        (snapshot_pb2.SnapshotPrepare.DESCRIPTOR, "containerd.events.SnapshotPrepare"),
+        (image_pb2.ImageCreate.DESCRIPTOR, "containerd.services.images.v1.ImageCreate"),
+        (shim_pb2.CreateTaskRequest.DESCRIPTOR, "containerd.task.v2.CreateTaskRequest"),
+        (shim_pb2.DESCRIPTOR.services_by_name["Task"], "containerd.task.v2.Task"),
+        (events_pb2.Envelope.DESCRIPTOR, "containerd.services.events.ttrpc.v1.Envelope"),
+        (events_pb2.DESCRIPTOR.services_by_name["Events"], "containerd.services.events.ttrpc.v1.Events"),
+        (oci_pb2.Options.DESCRIPTOR, "containerd.runc.v1.Options"),
+        (oci_pb2.ProcessDetails.DESCRIPTOR, "containerd.runc.v1.ProcessDetails"),
+        (runc_pb2.CreateOptions.DESCRIPTOR, "containerd.linux.runc.CreateOptions"),
+        (runc_pb2.RuncOptions.DESCRIPTOR, "containerd.linux.runc.RuncOptions"),
+        (cg1.Metrics.DESCRIPTOR, "io.containerd.cgroups.v1.Metrics"),
+        (cg2.Metrics.DESCRIPTOR, "io.containerd.cgroups.v2.Metrics"),
+        (types_task.DESCRIPTOR.enum_types_by_name["Status"], "containerd.v1.types.Status"),
+        (types_task.ProcessInfo.DESCRIPTOR, "containerd.v1.types.ProcessInfo"),
+        (mount_pb2.Mount.DESCRIPTOR, "containerd.types.Mount"),
+        (metrics_pb2.Metric.DESCRIPTOR, "containerd.types.Metric"),
+        (descriptor_pb2.Descriptor.DESCRIPTOR, "containerd.types.Descriptor"),
+        (platform_pb2.Platform.DESCRIPTOR, "containerd.types.Platform"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_full_names(descriptor, full_name: str) -> None:
+    assert descriptor.full_name == full_name
+
+
+@pytest.mark.parametrize(
+    ("message", "field", "number"),
+    [
+        (shim_pb2.StateResponse, "status", 4),
+        (shim_pb2.StateResponse, "exit_status", 9),
+        (shim_pb2.StateResponse, "exited_at", 10),
+        (shim_pb2.StateResponse, "exec_id", 11),
+        (shim_pb2.CreateTaskRequest, "rootfs", 3),
+        (shim_pb2.CreateTaskRequest, "options", 10),
+        (shim_pb2.DeleteResponse, "exited_at", 3),
+        (shim_pb2.ConnectResponse, "task_pid", 2),
+        (shim_pb2.ExecProcessRequest, "spec", 7),
+        (ev_task.TaskExit, "exit_status", 4),
+        (ev_task.TaskExit, "exited_at", 5),
+        (ev_task.TaskDelete, "id", 5),
+        (ev_task.TaskCreate, "io", 4),
+        (events_pb2.Envelope, "event", 4),
+        (oci_pb2.Options, "binary_name", 6),
+        (oci_pb2.Options, "root", 7),
+        (oci_pb2.Options, "systemd_cgroup", 9),
+        (runc_pb2.CreateOptions, "shim_cgroup", 9),
+        (runc_pb2.CreateOptions, "criu_image_path", 13),
+        (runc_pb2.CheckpointOptions, "work_path", 8),
+        (oci_pb2.CheckpointOptions, "work_path", 9),
+        (cg1.Metrics, "memory", 4),
+        (cg1.Metrics, "memory_oom_control", 9),
+        (cg1.MemoryStat, "total_inactive_file", 30),
+        (cg1.MemoryStat, "usage", 33),
+        (cg1.MemoryEntry, "failcnt", 4),
+        (cg2.Metrics, "memory", 4),
+        (cg2.Metrics, "memory_events", 8),
+        (cg2.MemoryStat, "usage", 32),
+        (descriptor_pb2.Descriptor, "annotations", 5),
+    ],
+    ids=lambda v: v if isinstance(v, (str, int)) else v.DESCRIPTOR.name,
+)
+def test_field_numbers(message, field: str, number: int) -> None:
+    assert message.DESCRIPTOR.fields_by_name[field].number == number
+
+
+def test_status_enum_values() -> None:
+    status = types_task.DESCRIPTOR.enum_types_by_name["Status"]
+    assert [(v.name, v.number) for v in status.values] == [
+        ("UNKNOWN", 0), ("CREATED", 1), ("RUNNING", 2), ("STOPPED", 3), ("PAUSED", 4), ("PAUSING", 5),
+    ]
+
+
+def test_task_service_methods() -> None:
+    service = shim_pb2.DESCRIPTOR.services_by_name["Task"]
+    assert [m.name for m in service.methods] == [
+        "State", "Create", "Start", "Delete", "Pids", "Pause", "Resume", "Checkpoint", "Kill",
+        "Exec", "ResizePty", "CloseIO", "Update", "Wait", "Stats", "Connect", "Shutdown",
+    ]
+    assert service.methods_by_name["Delete"].output_type.full_name == "containerd.task.v2.DeleteResponse"
+    assert service.methods_by_name["Kill"].output_type.full_name == "google.protobuf.Empty"
+    forward = events_pb2.DESCRIPTOR.services_by_name["Events"].methods_by_name["Forward"]
+    assert forward.input_type.full_name == "containerd.services.events.ttrpc.v1.ForwardRequest"
+
+
+def test_decode_runc_shim_delete_output() -> None:
+    # Start of what containerd-shim-runc-v2 printed on stdout for its "delete" action.
+    response = shim_pb2.DeleteResponse.FromString(b"\x08\xed\x7e\x10\x89\x01")
+    assert response.pid == 16237
+    assert response.exit_status == 137
+    assert not response.HasField("exited_at")
+    # and back
+    assert shim_pb2.DeleteResponse(pid=16237, exit_status=137).SerializeToString() == b"\x08\xed\x7e\x10\x89\x01"
+
+
+def test_json_names_follow_proto_names() -> None:
+    assert cg1.MemoryStat.DESCRIPTOR.fields_by_name["total_inactive_file"].json_name == "totalInactiveFile"
+    assert cg1.CPUUsage.DESCRIPTOR.fields_by_name["per_cpu"].json_name == "perCpu"
+    assert ev_task.TaskExit.DESCRIPTOR.fields_by_name["container_id"].json_name == "containerId"
