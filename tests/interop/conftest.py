@@ -146,6 +146,8 @@ class Env:
         self.cd = cd
         self.rootfs = str(rootfs)
         self.namespaces: list[str] = []
+        #: ctr's flag for where it makes the stdio FIFOs (by default under /run/containerd)
+        self.fifo = ("--fifo-dir", str(cd.base / "fifo"))
 
     def ns(self) -> str:
         name = support.unique("kt")

@@ -24,7 +24,7 @@ PATH = ("--env", "PATH=/usr/bin:/bin")
 
 
 def run(env: Env, ns: str, cid: str, *cmd: str, extra: tuple[str, ...] = (), **kw: object) -> subprocess.CompletedProcess[str]:
-    return env.ctr(ns, "run", "--rm", "--runtime", KETCH_RUNTIME, *PATH, *extra, "--rootfs", env.rootfs, cid, *cmd,
+    return env.ctr(ns, "run", "--rm", *env.fifo, "--runtime", KETCH_RUNTIME, *PATH, *extra, "--rootfs", env.rootfs, cid, *cmd,
                    **kw)
 
 
@@ -89,7 +89,7 @@ def test_exit_code_propagates(env: Env) -> None:
 def test_stdin_reaches_cat(env: Env) -> None:
     ns = env.ns()
     proc = subprocess.Popen(
-        ["ctr", "--address", env.cd.address, "--namespace", ns, "run", "--rm", "--runtime", KETCH_RUNTIME, *PATH,
+        ["ctr", "--address", env.cd.address, "--namespace", ns, "run", "--rm", *env.fifo, "--runtime", KETCH_RUNTIME, *PATH,
          "--rootfs", env.rootfs, "catter", "cat"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     # ctr 1.6 loses CloseIO when stdin hits EOF before the task is set up: give it a moment
@@ -120,7 +120,7 @@ def test_run_with_terminal_and_resize(env: Env) -> None:
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 31, 101, 0, 0))
     proc = subprocess.Popen(
-        ["ctr", "--address", env.cd.address, "--namespace", ns, "run", "--rm", "-t", "--runtime", KETCH_RUNTIME, *PATH,
+        ["ctr", "--address", env.cd.address, "--namespace", ns, "run", "--rm", "-t", *env.fifo, "--runtime", KETCH_RUNTIME, *PATH,
          "--rootfs", env.rootfs, "tty1", "sh"],
         stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
     os.close(slave)
@@ -169,7 +169,7 @@ def test_detached_lifecycle(env: Env) -> None:
     ns = env.ns()
     events = Events(env, ns)
     try:
-        env.ctr(ns, "run", "-d", "--runtime", KETCH_RUNTIME, *PATH, "--rootfs", env.rootfs, "web", "sleep", "1000")
+        env.ctr(ns, "run", "-d", *env.fifo, "--runtime", KETCH_RUNTIME, *PATH, "--rootfs", env.rootfs, "web", "sleep", "1000")
         _wait_status(env, ns, "web", "RUNNING")
 
         ps = env.ctr(ns, "tasks", "ps", "web").stdout.splitlines()
@@ -177,7 +177,7 @@ def test_detached_lifecycle(env: Env) -> None:
         pids = [int(line.split()[0]) for line in ps[1:]]
         assert len(pids) == 1 and os.path.exists(f"/proc/{pids[0]}")
 
-        r = env.ctr(ns, "tasks", "exec", "--exec-id", "e1", "web", "sh", "-c", "echo from-exec; exit 4", check=False)
+        r = env.ctr(ns, "tasks", "exec", *env.fifo, "--exec-id", "e1", "web", "sh", "-c", "echo from-exec; exit 4", check=False)
         assert r.returncode == 4, r.stderr
         assert r.stdout == "from-exec\n"
 
@@ -211,9 +211,9 @@ def test_detached_lifecycle(env: Env) -> None:
 
 def test_duplicate_exec_id_is_already_exists(env: Env) -> None:
     ns = env.ns()
-    env.ctr(ns, "run", "-d", "--runtime", KETCH_RUNTIME, *PATH, "--rootfs", env.rootfs, "dup", "sleep", "1000")
-    env.ctr(ns, "tasks", "exec", "-d", "--exec-id", "same", "dup", "sleep", "1000")
-    r = env.ctr(ns, "tasks", "exec", "--exec-id", "same", "dup", "true", check=False)
+    env.ctr(ns, "run", "-d", *env.fifo, "--runtime", KETCH_RUNTIME, *PATH, "--rootfs", env.rootfs, "dup", "sleep", "1000")
+    env.ctr(ns, "tasks", "exec", *env.fifo, "-d", "--exec-id", "same", "dup", "sleep", "1000")
+    r = env.ctr(ns, "tasks", "exec", *env.fifo, "--exec-id", "same", "dup", "true", check=False)
     assert r.returncode != 0
     assert "already exists" in r.stderr, r.stderr
 
@@ -255,14 +255,14 @@ def test_oom_event(env: Env, limit_mb: int) -> None:
 
 def test_containerd_killed_and_restarted_reconnects(env: Env) -> None:
     ns = env.ns()
-    env.ctr(ns, "run", "-d", "--runtime", KETCH_RUNTIME, *PATH, "--rootfs", env.rootfs, "survivor", "sleep", "1000")
+    env.ctr(ns, "run", "-d", *env.fifo, "--runtime", KETCH_RUNTIME, *PATH, "--rootfs", env.rootfs, "survivor", "sleep", "1000")
     _wait_status(env, ns, "survivor", "RUNNING")
     pid_before = env.ctr(ns, "tasks", "ls").stdout.splitlines()[1].split()[1]
     env.cd.kill(signal.SIGKILL)
     env.cd.start()
     _wait_status(env, ns, "survivor", "RUNNING")
     assert env.ctr(ns, "tasks", "ls").stdout.splitlines()[1].split()[1] == pid_before
-    r = env.ctr(ns, "tasks", "exec", "--exec-id", "after", "survivor", "echo", "still-here")
+    r = env.ctr(ns, "tasks", "exec", *env.fifo, "--exec-id", "after", "survivor", "echo", "still-here")
     assert r.stdout == "still-here\n"
     env.ctr(ns, "tasks", "kill", "-s", "SIGKILL", "survivor")
     _wait_status(env, ns, "survivor", "STOPPED")
@@ -274,7 +274,7 @@ def test_shim_killed_reports_exit(env: Env) -> None:
     ns = env.ns()
     events = Events(env, ns)
     try:
-        env.ctr(ns, "run", "-d", "--runtime", KETCH_RUNTIME, *PATH, "--rootfs", env.rootfs, "orphan", "sleep", "1000")
+        env.ctr(ns, "run", "-d", *env.fifo, "--runtime", KETCH_RUNTIME, *PATH, "--rootfs", env.rootfs, "orphan", "sleep", "1000")
         _wait_status(env, ns, "orphan", "RUNNING")
         bundle = env.cd.base / "state" / "io.containerd.runtime.v2.task" / ns / "orphan"
         shim_pid = int((bundle / "shim.pid").read_text())
@@ -294,8 +294,8 @@ def test_shim_killed_reports_exit(env: Env) -> None:
 def test_twenty_at_once(env: Env) -> None:
     ns = env.ns()
     procs = [
-        subprocess.Popen(["ctr", "--address", env.cd.address, "--namespace", ns, "run", "--rm", "--runtime",
-                          KETCH_RUNTIME, *PATH, "--rootfs", env.rootfs, f"c{i}", "sh", "-c", f"echo n{i}"],
+        subprocess.Popen(["ctr", "--address", env.cd.address, "--namespace", ns, "run", "--rm", *env.fifo,
+                          "--runtime", KETCH_RUNTIME, *PATH, "--rootfs", env.rootfs, f"c{i}", "sh", "-c", f"echo n{i}"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(20)
     ]
