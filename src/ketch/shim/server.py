@@ -86,7 +86,7 @@ async def _serve(flags: dict[str, str]) -> None:
         await asyncio.wait([serving, done], return_when=asyncio.FIRST_COMPLETED)
     finally:
         await publisher.flush()
-        await server.shutdown()
+        await server.shutdown(grace=0.5)  # lets the Shutdown call's answer go out
         serving.cancel()
         await publisher.close()
         if isinstance(path, str) and path:

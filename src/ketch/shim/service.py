@@ -442,21 +442,22 @@ class TaskService:
 
     async def pause(self, req: api.PauseRequest, ctx: ttrpc.Context) -> empty_pb2.Empty:
         container = self._container(req.id)
-        async with container.init.lock:
-            container.init.require("pause")
-            await container.runc.pause(container.id)
-            container.init.transition("pause")
+        await self._freeze(container, "pause", container.runc.pause)
         self.publisher.publish(events.TaskPaused(container_id=container.id))
         return empty_pb2.Empty()
 
     async def resume(self, req: api.ResumeRequest, ctx: ttrpc.Context) -> empty_pb2.Empty:
         container = self._container(req.id)
-        async with container.init.lock:
-            container.init.require("resume")
-            await container.runc.resume(container.id)
-            container.init.transition("resume")
+        await self._freeze(container, "resume", container.runc.resume)
         self.publisher.publish(events.TaskResumed(container_id=container.id))
         return empty_pb2.Empty()
+
+    async def _freeze(self, container: Container, op: str, run: Callable[[str], Awaitable[None]]) -> None:
+        """Pause or resume the whole container: check the move, ask runc, then make it."""
+        async with container.init.lock:
+            container.init.require(op)
+            await run(container.id)
+            container.init.transition(op)
 
     async def exec(self, req: api.ExecProcessRequest, ctx: ttrpc.Context) -> empty_pb2.Empty:
         container = self._container(req.id)
