@@ -116,3 +116,22 @@ def remove_cgroups(name: str) -> None:
                 os.rmdir(sub)
             except OSError:
                 pass
+
+
+def shim_pid(namespace: str, id: str) -> int:
+    """The PID of the long-lived shim serving task ``id`` of ``namespace`` (ours or runc's)."""
+    want = [b"-namespace", namespace.encode(), b"-id", id.encode()]
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if not any(b"shim" in a for a in args[:4]) or args[-2:-1] in ([b"start"], [b"delete"]):
+            continue
+        pairs = list(zip(args, args[1:]))
+        if (want[0], want[1]) in pairs and (want[2], want[3]) in pairs:
+            return int(entry)
+    raise LookupError(f"no shim for {namespace}/{id}")

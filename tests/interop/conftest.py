@@ -4,6 +4,7 @@ to our shim. Never /run/containerd."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ from tests import support
 pytestmark = pytest.mark.interop
 
 KETCH_RUNTIME = "io.containerd.ketch.v2"
+RUNC_RUNTIME = "io.containerd.runc.v2"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -30,50 +32,39 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 item.add_marker(pytest.mark.skip(reason=reason))
 
 
-class Containerd:
+class Daemon:
+    """A private daemon speaking containerd's API: its own root, state and sockets under ``base``."""
+
+    name = ""
+    socket_name = ""
+
     def __init__(self, base: Path) -> None:
         self.base = base
-        self.address = str(base / "containerd.sock")
-        self.config = base / "config.toml"
-        self.log = base / "containerd.log"
+        self.address = str(base / self.socket_name)
+        self.log = base / f"{self.name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.config.write_text(
-            f"""version = 2
-root = "{base}/root"
-state = "{base}/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.aufs", "io.containerd.tracing.processor.v1.otlp",
-  "io.containerd.internal.v1.tracing"]
-[grpc]
-  address = "{self.address}"
-[ttrpc]
-  address = "{self.address}.ttrpc"
-[debug]
-  address = ""
-[metrics]
-  address = ""
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{base}/opt"
-"""
-        )
+
+    def argv(self) -> list[str]:
+        raise NotImplementedError
+
+    def bundle(self, ns: str, id: str) -> Path:
+        raise NotImplementedError
 
     def start(self) -> None:
         env = dict(os.environ, PATH=f"{support.VENV_BIN}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}")
         logf = open(self.log, "ab")
-        self.proc = subprocess.Popen(["containerd", "--config", str(self.config), "--log-level", "info"],
-                                     stdout=logf, stderr=logf, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(self.argv(), stdout=logf, stderr=logf, env=env, start_new_session=True)
         logf.close()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"containerd exited: {self.log.read_text()[-2000:]}")
+                raise RuntimeError(f"{self.name} exited: {self.log.read_text()[-3000:]}")
             if os.path.exists(self.address):
                 r = subprocess.run(["ctr", "--address", self.address, "version"], capture_output=True)
                 if r.returncode == 0:
                     return
             time.sleep(0.05)
-        raise RuntimeError("containerd did not come up")
+        raise RuntimeError(f"{self.name} did not come up: {self.log.read_text()[-3000:]}")
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -111,6 +102,53 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
         self.ctr("default", "namespaces", "rm", ns, check=False)
 
 
+class Containerd(Daemon):
+    name = "containerd"
+    socket_name = "containerd.sock"
+
+    def __init__(self, base: Path) -> None:
+        super().__init__(base)
+        self.config = base / "config.toml"
+        self.config.write_text(
+            f"""version = 2
+root = "{base}/root"
+state = "{base}/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.aufs", "io.containerd.tracing.processor.v1.otlp",
+  "io.containerd.internal.v1.tracing"]
+[grpc]
+  address = "{self.address}"
+[ttrpc]
+  address = "{self.address}.ttrpc"
+[debug]
+  address = ""
+[metrics]
+  address = ""
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{base}/opt"
+"""
+        )
+
+    def argv(self) -> list[str]:
+        return ["containerd", "--config", str(self.config), "--log-level", "info"]
+
+    def bundle(self, ns: str, id: str) -> Path:
+        return self.base / "state" / "io.containerd.runtime.v2.task" / ns / id
+
+
+class Ketchd(Daemon):
+    name = "ketchd"
+    socket_name = "ketchd.sock"
+
+    def argv(self) -> list[str]:
+        return [f"{support.VENV_BIN}/ketchd", "--root", str(self.base / "root"), "--state", str(self.base / "state"),
+                "--address", self.address, "--log-level", "debug"]
+
+    def bundle(self, ns: str, id: str) -> Path:
+        return self.base / "state" / "runtime" / "v2" / ns / id
+
+
 def _cleanup(base: Path, namespaces: list[str]) -> list[str]:
     """End what the test left under ``base`` (by PID), unmount, remove cgroups; what was left."""
     left = []
@@ -119,7 +157,9 @@ def _cleanup(base: Path, namespaces: list[str]) -> list[str]:
         left.append(f"processes {pids}")
         support.kill_pids(pids)
     runc_state = base / "runc"
-    for root in runc_state.glob("*") if runc_state.is_dir() else []:
+    roots = list(runc_state.glob("*")) if runc_state.is_dir() else []
+    roots += [Path("/run/containerd/runc", ns) for ns in namespaces if Path("/run/containerd/runc", ns).is_dir()]
+    for root in roots:
         ids = subprocess.run(["runc", "--root", str(root), "list", "-q"], capture_output=True, text=True).stdout.split()
         if ids:
             left.append(f"runc containers {ids}")
@@ -131,6 +171,8 @@ def _cleanup(base: Path, namespaces: list[str]) -> list[str]:
         support.unmount_under(str(base))
     for ns in namespaces:
         support.remove_cgroups(ns)
+        with contextlib.suppress(OSError):
+            os.rmdir(Path("/run/containerd/runc", ns))
     return left
 
 
@@ -140,10 +182,12 @@ def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class Env:
-    """One containerd and the namespaces a test used; ``ns()`` makes a fresh one."""
+    """One daemon, the runtime under test, and the namespaces a test used; ``ns()`` makes a
+    fresh namespace."""
 
-    def __init__(self, cd: Containerd, rootfs: Path) -> None:
+    def __init__(self, cd: Daemon, runtime: str, rootfs: Path) -> None:
         self.cd = cd
+        self.runtime = runtime
         self.rootfs = str(rootfs)
         self.namespaces: list[str] = []
         #: ctr's flag for where it makes the stdio FIFOs (by default under /run/containerd)
@@ -158,14 +202,22 @@ class Env:
         return self.cd.ctr(ns, *args, **kw)  # type: ignore[arg-type]
 
 
-@pytest.fixture
-def env(rootfs: Path) -> Iterator[Env]:
+DAEMONS: dict[str, type[Daemon]] = {"containerd": Containerd, "ketchd": Ketchd}
+COMBINATIONS = [
+    pytest.param(("containerd", KETCH_RUNTIME), id="containerd-ketchshim"),
+    pytest.param(("ketchd", KETCH_RUNTIME), id="ketchd-ketchshim"),
+    pytest.param(("ketchd", RUNC_RUNTIME), id="ketchd-runcshim"),
+]
+
+
+@contextlib.contextmanager
+def running(daemon: str, runtime: str, rootfs: Path) -> Iterator[Env]:
     # short base path: the shim's socket lives under it and unix socket paths are short
     base = Path(tempfile.mkdtemp(prefix="kt-", dir="/tmp"))
-    cd = Containerd(base)
-    e = Env(cd, rootfs)
-    cd.start()
+    cd = DAEMONS[daemon](base)
+    e = Env(cd, runtime, rootfs)
     try:
+        cd.start()
         yield e
     finally:
         for ns in e.namespaces:
@@ -175,5 +227,20 @@ def env(rootfs: Path) -> Iterator[Env]:
                 pass
         cd.kill(signal.SIGTERM)
         left = _cleanup(base, e.namespaces)
-        shutil.rmtree(base, ignore_errors=True)
-        assert not left, f"test left behind: {left}"
+        if not left:
+            shutil.rmtree(base, ignore_errors=True)
+        assert not left, f"test left behind: {left} (logs in {base})"
+
+
+@pytest.fixture(params=COMBINATIONS)
+def env(request: pytest.FixtureRequest, rootfs: Path) -> Iterator[Env]:
+    daemon, runtime = request.param
+    with running(daemon, runtime, rootfs) as e:
+        yield e
+
+
+@pytest.fixture
+def kenv(rootfs: Path) -> Iterator[Env]:
+    """ketchd with the ketch shim, for tests of the daemon itself."""
+    with running("ketchd", KETCH_RUNTIME, rootfs) as e:
+        yield e

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from tests import support
-from tests.interop.conftest import KETCH_RUNTIME, Env
+from tests.interop.conftest import Env
 
 
 #: ctr gives a --rootfs container no environment at all (an image would bring PATH)
@@ -24,7 +24,7 @@ PATH = ("--env", "PATH=/usr/bin:/bin")
 
 
 def run(env: Env, ns: str, cid: str, *cmd: str, extra: tuple[str, ...] = (), **kw: object) -> subprocess.CompletedProcess[str]:
-    return env.ctr(ns, "run", "--rm", *env.fifo, "--runtime", KETCH_RUNTIME, *PATH, *extra, "--rootfs", env.rootfs, cid, *cmd,
+    return env.ctr(ns, "run", "--rm", *env.fifo, "--runtime", env.runtime, *PATH, *extra, "--rootfs", env.rootfs, cid, *cmd,
                    **kw)
 
 
@@ -89,7 +89,7 @@ def test_exit_code_propagates(env: Env) -> None:
 def test_stdin_reaches_cat(env: Env) -> None:
     ns = env.ns()
     proc = subprocess.Popen(
-        ["ctr", "--address", env.cd.address, "--namespace", ns, "run", "--rm", *env.fifo, "--runtime", KETCH_RUNTIME, *PATH,
+        ["ctr", "--address", env.cd.address, "--namespace", ns, "run", "--rm", *env.fifo, "--runtime", env.runtime, *PATH,
          "--rootfs", env.rootfs, "catter", "cat"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     # ctr 1.6 loses CloseIO when stdin hits EOF before the task is set up: give it a moment
@@ -120,7 +120,7 @@ def test_run_with_terminal_and_resize(env: Env) -> None:
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 31, 101, 0, 0))
     proc = subprocess.Popen(
-        ["ctr", "--address", env.cd.address, "--namespace", ns, "run", "--rm", "-t", *env.fifo, "--runtime", KETCH_RUNTIME, *PATH,
+        ["ctr", "--address", env.cd.address, "--namespace", ns, "run", "--rm", "-t", *env.fifo, "--runtime", env.runtime, *PATH,
          "--rootfs", env.rootfs, "tty1", "sh"],
         stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
     os.close(slave)
@@ -169,7 +169,7 @@ def test_detached_lifecycle(env: Env) -> None:
     ns = env.ns()
     events = Events(env, ns)
     try:
-        env.ctr(ns, "run", "-d", *env.fifo, "--runtime", KETCH_RUNTIME, *PATH, "--rootfs", env.rootfs, "web", "sleep", "1000")
+        env.ctr(ns, "run", "-d", *env.fifo, "--runtime", env.runtime, *PATH, "--rootfs", env.rootfs, "web", "sleep", "1000")
         _wait_status(env, ns, "web", "RUNNING")
 
         ps = env.ctr(ns, "tasks", "ps", "web").stdout.splitlines()
@@ -211,7 +211,7 @@ def test_detached_lifecycle(env: Env) -> None:
 
 def test_duplicate_exec_id_is_already_exists(env: Env) -> None:
     ns = env.ns()
-    env.ctr(ns, "run", "-d", *env.fifo, "--runtime", KETCH_RUNTIME, *PATH, "--rootfs", env.rootfs, "dup", "sleep", "1000")
+    env.ctr(ns, "run", "-d", *env.fifo, "--runtime", env.runtime, *PATH, "--rootfs", env.rootfs, "dup", "sleep", "1000")
     env.ctr(ns, "tasks", "exec", *env.fifo, "-d", "--exec-id", "same", "dup", "sleep", "1000")
     r = env.ctr(ns, "tasks", "exec", *env.fifo, "--exec-id", "same", "dup", "true", check=False)
     assert r.returncode != 0
@@ -255,7 +255,7 @@ def test_oom_event(env: Env, limit_mb: int) -> None:
 
 def test_containerd_killed_and_restarted_reconnects(env: Env) -> None:
     ns = env.ns()
-    env.ctr(ns, "run", "-d", *env.fifo, "--runtime", KETCH_RUNTIME, *PATH, "--rootfs", env.rootfs, "survivor", "sleep", "1000")
+    env.ctr(ns, "run", "-d", *env.fifo, "--runtime", env.runtime, *PATH, "--rootfs", env.rootfs, "survivor", "sleep", "1000")
     _wait_status(env, ns, "survivor", "RUNNING")
     pid_before = env.ctr(ns, "tasks", "ls").stdout.splitlines()[1].split()[1]
     env.cd.kill(signal.SIGKILL)
@@ -274,11 +274,9 @@ def test_shim_killed_reports_exit(env: Env) -> None:
     ns = env.ns()
     events = Events(env, ns)
     try:
-        env.ctr(ns, "run", "-d", *env.fifo, "--runtime", KETCH_RUNTIME, *PATH, "--rootfs", env.rootfs, "orphan", "sleep", "1000")
+        env.ctr(ns, "run", "-d", *env.fifo, "--runtime", env.runtime, *PATH, "--rootfs", env.rootfs, "orphan", "sleep", "1000")
         _wait_status(env, ns, "orphan", "RUNNING")
-        bundle = env.cd.base / "state" / "io.containerd.runtime.v2.task" / ns / "orphan"
-        shim_pid = int((bundle / "shim.pid").read_text())
-        os.kill(shim_pid, signal.SIGKILL)
+        os.kill(support.shim_pid(ns, "orphan"), signal.SIGKILL)
         exits = events.wait_for("/tasks/exit")
         assert '"exit_status":137' in exits[0] or '"exit_status":255' in exits[0], exits
         deadline = time.monotonic() + 20
@@ -295,7 +293,7 @@ def test_twenty_at_once(env: Env) -> None:
     ns = env.ns()
     procs = [
         subprocess.Popen(["ctr", "--address", env.cd.address, "--namespace", ns, "run", "--rm", *env.fifo,
-                          "--runtime", KETCH_RUNTIME, *PATH, "--rootfs", env.rootfs, f"c{i}", "sh", "-c", f"echo n{i}"],
+                          "--runtime", env.runtime, *PATH, "--rootfs", env.rootfs, f"c{i}", "sh", "-c", f"echo n{i}"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(20)
     ]

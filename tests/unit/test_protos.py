@@ -18,10 +18,22 @@ from ketch.api.containerd.events import namespace_pb2, snapshot_pb2
 from ketch.api.containerd.events import task_pb2 as ev_task
 from ketch.api.containerd.linux.runctypes import runc_pb2
 from ketch.api.containerd.runc.options import oci_pb2
+from ketch.api.containerd.services.containers.v1 import containers_pb2
+from ketch.api.containerd.services.content.v1 import content_pb2 as content_svc
+from ketch.api.containerd.services.diff.v1 import diff_pb2
+from ketch.api.containerd.services.events.v1 import events_pb2 as events_svc
+from ketch.api.containerd.services.images.v1 import images_pb2
+from ketch.api.containerd.services.introspection.v1 import introspection_pb2
+from ketch.api.containerd.services.leases.v1 import leases_pb2
+from ketch.api.containerd.services.namespaces.v1 import namespace_pb2 as namespaces_svc
+from ketch.api.containerd.services.snapshots.v1 import snapshots_pb2
+from ketch.api.containerd.services.tasks.v1 import tasks_pb2
 from ketch.api.containerd.services.ttrpc.events.v1 import events_pb2
+from ketch.api.containerd.services.version.v1 import version_pb2
 from ketch.api.containerd.task.v2 import shim_pb2
 from ketch.api.containerd.types import descriptor_pb2, metrics_pb2, mount_pb2, platform_pb2
 from ketch.api.containerd.types.task import task_pb2 as types_task
+from ketch.api.grpc.health.v1 import health_pb2
 
 ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "src"
@@ -33,7 +45,7 @@ def _generated(base: Path) -> set[str]:
     api = base / "ketch" / "api"
     return {
         str(p.relative_to(base))
-        for pattern in ("*_pb2.py", "*_pb2.pyi")
+        for pattern in ("*_pb2.py", "*_pb2.pyi", "*_pb2_grpc.py")
         for p in api.rglob(pattern)
     }
 
@@ -62,11 +74,45 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
 
 def test_every_generated_module_imports() -> None:
     modules = sorted(
-        ".".join(p.relative_to(SRC).with_suffix("").parts) for p in API.rglob("*_pb2.py")
+        ".".join(p.relative_to(SRC).with_suffix("").parts)
+        for pattern in ("*_pb2.py", "*_pb2_grpc.py")
+        for p in API.rglob(pattern)
     )
-    assert len(modules) >= 19
+    assert len(modules) >= 43
     for name in modules:
         importlib.import_module(name)
+
+
+GRPC_SERVICE_PROTOS = {
+    "ketch/api/containerd/services/containers/v1/containers.proto",
+    "ketch/api/containerd/services/content/v1/content.proto",
+    "ketch/api/containerd/services/diff/v1/diff.proto",
+    "ketch/api/containerd/services/events/v1/events.proto",
+    "ketch/api/containerd/services/images/v1/images.proto",
+    "ketch/api/containerd/services/introspection/v1/introspection.proto",
+    "ketch/api/containerd/services/leases/v1/leases.proto",
+    "ketch/api/containerd/services/namespaces/v1/namespace.proto",
+    "ketch/api/containerd/services/snapshots/v1/snapshots.proto",
+    "ketch/api/containerd/services/tasks/v1/tasks.proto",
+    "ketch/api/containerd/services/version/v1/version.proto",
+    "ketch/api/grpc/health/v1/health.proto",
+}
+
+
+def test_grpc_stubs_only_for_daemon_services() -> None:
+    # The ttrpc-only protos (shim API, ttrpc events) must get no gRPC stubs: the shim never imports grpc.
+    stubs = {str(p.relative_to(SRC)).replace("_pb2_grpc.py", ".proto") for p in API.rglob("*_pb2_grpc.py")}
+    assert stubs == GRPC_SERVICE_PROTOS
+
+
+def test_ttrpc_protos_do_not_import_grpc() -> None:
+    code = (
+        "import sys\n"
+        "import ketch.api.containerd.task.v2.shim_pb2\n"
+        "import ketch.api.containerd.services.ttrpc.events.v1.events_pb2\n"
+        "assert 'grpc' not in sys.modules, 'grpc was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
 @pytest.mark.parametrize(
@@ -97,6 +143,39 @@ def test_every_generated_module_imports() -> None:
         (metrics_pb2.Metric.DESCRIPTOR, "containerd.types.Metric"),
         (descriptor_pb2.Descriptor.DESCRIPTOR, "containerd.types.Descriptor"),
         (platform_pb2.Platform.DESCRIPTOR, "containerd.types.Platform"),
+        (version_pb2.DESCRIPTOR.services_by_name["Version"], "containerd.services.version.v1.Version"),
+        (version_pb2.VersionResponse.DESCRIPTOR, "containerd.services.version.v1.VersionResponse"),
+        (namespaces_svc.DESCRIPTOR.services_by_name["Namespaces"], "containerd.services.namespaces.v1.Namespaces"),
+        (namespaces_svc.Namespace.DESCRIPTOR, "containerd.services.namespaces.v1.Namespace"),
+        (containers_pb2.DESCRIPTOR.services_by_name["Containers"], "containerd.services.containers.v1.Containers"),
+        (containers_pb2.Container.DESCRIPTOR, "containerd.services.containers.v1.Container"),
+        (containers_pb2.Container.Runtime.DESCRIPTOR, "containerd.services.containers.v1.Container.Runtime"),
+        (containers_pb2.ListContainerMessage.DESCRIPTOR, "containerd.services.containers.v1.ListContainerMessage"),
+        (tasks_pb2.DESCRIPTOR.services_by_name["Tasks"], "containerd.services.tasks.v1.Tasks"),
+        (tasks_pb2.CreateTaskRequest.DESCRIPTOR, "containerd.services.tasks.v1.CreateTaskRequest"),
+        (tasks_pb2.WaitResponse.DESCRIPTOR, "containerd.services.tasks.v1.WaitResponse"),
+        (tasks_pb2.MetricsResponse.DESCRIPTOR, "containerd.services.tasks.v1.MetricsResponse"),
+        (events_svc.DESCRIPTOR.services_by_name["Events"], "containerd.services.events.v1.Events"),
+        (events_svc.Envelope.DESCRIPTOR, "containerd.services.events.v1.Envelope"),
+        (events_svc.SubscribeRequest.DESCRIPTOR, "containerd.services.events.v1.SubscribeRequest"),
+        (
+            introspection_pb2.DESCRIPTOR.services_by_name["Introspection"],
+            "containerd.services.introspection.v1.Introspection",
+        ),
+        (introspection_pb2.Plugin.DESCRIPTOR, "containerd.services.introspection.v1.Plugin"),
+        (introspection_pb2.ServerResponse.DESCRIPTOR, "containerd.services.introspection.v1.ServerResponse"),
+        (leases_pb2.DESCRIPTOR.services_by_name["Leases"], "containerd.services.leases.v1.Leases"),
+        (leases_pb2.Lease.DESCRIPTOR, "containerd.services.leases.v1.Lease"),
+        (content_svc.DESCRIPTOR.services_by_name["Content"], "containerd.services.content.v1.Content"),
+        (content_svc.DESCRIPTOR.enum_types_by_name["WriteAction"], "containerd.services.content.v1.WriteAction"),
+        (images_pb2.DESCRIPTOR.services_by_name["Images"], "containerd.services.images.v1.Images"),
+        (images_pb2.Image.DESCRIPTOR, "containerd.services.images.v1.Image"),
+        (snapshots_pb2.DESCRIPTOR.services_by_name["Snapshots"], "containerd.services.snapshots.v1.Snapshots"),
+        (snapshots_pb2.DESCRIPTOR.enum_types_by_name["Kind"], "containerd.services.snapshots.v1.Kind"),
+        (diff_pb2.DESCRIPTOR.services_by_name["Diff"], "containerd.services.diff.v1.Diff"),
+        (diff_pb2.DiffResponse.DESCRIPTOR, "containerd.services.diff.v1.DiffResponse"),
+        (health_pb2.DESCRIPTOR.services_by_name["Health"], "grpc.health.v1.Health"),
+        (health_pb2.HealthCheckResponse.DESCRIPTOR, "grpc.health.v1.HealthCheckResponse"),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
@@ -137,6 +216,38 @@ def test_full_names(descriptor, full_name: str) -> None:
         (cg2.Metrics, "memory_events", 8),
         (cg2.MemoryStat, "usage", 32),
         (descriptor_pb2.Descriptor, "annotations", 5),
+        (tasks_pb2.CreateTaskRequest, "container_id", 1),
+        (tasks_pb2.CreateTaskRequest, "rootfs", 3),
+        (tasks_pb2.CreateTaskRequest, "stdin", 4),
+        (tasks_pb2.CreateTaskRequest, "stdout", 5),
+        (tasks_pb2.CreateTaskRequest, "stderr", 6),
+        (tasks_pb2.CreateTaskRequest, "terminal", 7),
+        (tasks_pb2.CreateTaskRequest, "checkpoint", 8),
+        (tasks_pb2.CreateTaskRequest, "options", 9),
+        (tasks_pb2.CreateTaskRequest, "runtime_path", 10),
+        (tasks_pb2.DeleteResponse, "exited_at", 4),
+        (tasks_pb2.ExecProcessRequest, "spec", 6),
+        (tasks_pb2.ExecProcessRequest, "exec_id", 7),
+        (tasks_pb2.WaitResponse, "exited_at", 2),
+        (containers_pb2.Container, "image", 3),
+        (containers_pb2.Container, "runtime", 4),
+        (containers_pb2.Container, "spec", 5),
+        (containers_pb2.Container, "snapshot_key", 7),
+        (containers_pb2.Container, "created_at", 8),
+        (containers_pb2.Container, "updated_at", 9),
+        (containers_pb2.Container, "extensions", 10),
+        (containers_pb2.UpdateContainerRequest, "update_mask", 2),
+        (events_svc.SubscribeRequest, "filters", 1),
+        (events_svc.PublishRequest, "event", 2),
+        (events_svc.Envelope, "event", 4),
+        (introspection_pb2.Plugin, "init_err", 7),
+        (introspection_pb2.ServerResponse, "uuid", 1),
+        (leases_pb2.CreateRequest, "labels", 3),
+        (images_pb2.Image, "created_at", 7),
+        (content_svc.WriteContentRequest, "labels", 7),
+        (snapshots_pb2.UpdateSnapshotRequest, "update_mask", 3),
+        (diff_pb2.DiffResponse, "diff", 3),
+        (health_pb2.HealthCheckResponse, "status", 1),
     ],
     ids=lambda v: v if isinstance(v, (str, int)) else v.DESCRIPTOR.name,
 )
@@ -161,6 +272,43 @@ def test_task_service_methods() -> None:
     assert service.methods_by_name["Kill"].output_type.full_name == "google.protobuf.Empty"
     forward = events_pb2.DESCRIPTOR.services_by_name["Events"].methods_by_name["Forward"]
     assert forward.input_type.full_name == "containerd.services.events.ttrpc.v1.ForwardRequest"
+
+
+def test_grpc_service_methods() -> None:
+    def shape(service):
+        return [(m.name, m.client_streaming, m.server_streaming) for m in service.methods]
+
+    tasks = tasks_pb2.DESCRIPTOR.services_by_name["Tasks"]
+    assert [m.name for m in tasks.methods] == [
+        "Create", "Start", "Delete", "DeleteProcess", "Get", "List", "Kill", "Exec", "ResizePty",
+        "CloseIO", "Pause", "Resume", "ListPids", "Checkpoint", "Update", "Metrics", "Wait",
+    ]
+    assert tasks.methods_by_name["Delete"].output_type.full_name == "containerd.services.tasks.v1.DeleteResponse"
+    assert tasks.methods_by_name["Kill"].output_type.full_name == "google.protobuf.Empty"
+    assert shape(containers_pb2.DESCRIPTOR.services_by_name["Containers"]) == [
+        ("Get", False, False), ("List", False, False), ("ListStream", False, True),
+        ("Create", False, False), ("Update", False, False), ("Delete", False, False),
+    ]
+    assert shape(events_svc.DESCRIPTOR.services_by_name["Events"]) == [
+        ("Publish", False, False), ("Forward", False, False), ("Subscribe", False, True),
+    ]
+    subscribe = events_svc.DESCRIPTOR.services_by_name["Events"].methods_by_name["Subscribe"]
+    assert subscribe.output_type.full_name == "containerd.services.events.v1.Envelope"
+    assert shape(introspection_pb2.DESCRIPTOR.services_by_name["Introspection"]) == [
+        ("Plugins", False, False), ("Server", False, False),
+    ]
+    assert shape(version_pb2.DESCRIPTOR.services_by_name["Version"]) == [("Version", False, False)]
+    assert shape(health_pb2.DESCRIPTOR.services_by_name["Health"]) == [("Check", False, False), ("Watch", False, True)]
+    assert content_svc.DESCRIPTOR.services_by_name["Content"].methods_by_name["Write"].client_streaming
+    init_err = introspection_pb2.Plugin.DESCRIPTOR.fields_by_name["init_err"]
+    assert init_err.message_type.full_name == "google.rpc.Status"
+
+
+def test_health_serving_status_values() -> None:
+    status = health_pb2.HealthCheckResponse.DESCRIPTOR.enum_types_by_name["ServingStatus"]
+    assert [(v.name, v.number) for v in status.values] == [
+        ("UNKNOWN", 0), ("SERVING", 1), ("NOT_SERVING", 2), ("SERVICE_UNKNOWN", 3),
+    ]
 
 
 def test_decode_runc_shim_delete_output() -> None:

@@ -1,0 +1,131 @@
+"""ketchd's configuration: TOML, every key with a default; flags override the file.
+
+``ketchd config default`` prints :data:`DEFAULT_TOML`, which is parsed by the same code, so
+the printed defaults are the defaults. containerd's flags (--root, --state, --address,
+--config, --log-level) mean the same here.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any
+
+from ketch import errdefs
+
+DEFAULT_TOML = """\
+# ketchd configuration. Every key is shown with its default.
+version = 1
+
+# persistent data: meta.db, content, snapshots
+root = "/var/lib/ketch"
+# runtime state: sockets, task bundles; lost at reboot
+state = "/run/ketch"
+
+[grpc]
+# containerd's gRPC API on a unix socket
+address = "/run/ketch/ketchd.sock"
+# owner and group of the socket (mode 0660)
+uid = 0
+gid = 0
+max_recv_message_size = 16777216
+max_send_message_size = 16777216
+
+[ttrpc]
+# the socket shims forward their events to; empty: "<grpc.address>.ttrpc"
+address = ""
+
+[log]
+# debug, info, warn, error
+level = "info"
+# "text" or "json"
+format = "text"
+
+[runtime]
+# seconds allowed for a shim's start, for each call to it, and for its delete
+shim_start_timeout = 30.0
+shim_call_timeout = 30.0
+shim_delete_timeout = 30.0
+# start shims with -debug
+shim_debug = false
+"""
+
+
+@dataclass
+class GRPC:
+    address: str = ""
+    uid: int = 0
+    gid: int = 0
+    max_recv_message_size: int = 0
+    max_send_message_size: int = 0
+
+
+@dataclass
+class TTRPC:
+    address: str = ""
+
+
+@dataclass
+class Log:
+    level: str = ""
+    format: str = ""
+
+
+@dataclass
+class Runtime:
+    shim_start_timeout: float = 0.0
+    shim_call_timeout: float = 0.0
+    shim_delete_timeout: float = 0.0
+    shim_debug: bool = False
+
+
+@dataclass
+class Config:
+    version: int = 1
+    root: str = ""
+    state: str = ""
+    grpc: GRPC = field(default_factory=GRPC)
+    ttrpc: TTRPC = field(default_factory=TTRPC)
+    log: Log = field(default_factory=Log)
+    runtime: Runtime = field(default_factory=Runtime)
+
+    @property
+    def ttrpc_address(self) -> str:
+        return self.ttrpc.address or f"{self.grpc.address}.ttrpc"
+
+
+def _apply(obj: Any, data: dict[str, Any], where: str) -> None:
+    known = {f.name: f for f in fields(obj)}
+    for key, value in data.items():
+        if key not in known:
+            raise errdefs.InvalidArgument(f"config: unknown key {where}{key}")
+        current = getattr(obj, key)
+        if is_dataclass(current):
+            if not isinstance(value, dict):
+                raise errdefs.InvalidArgument(f"config: {where}{key} must be a table")
+            _apply(current, value, f"{where}{key}.")
+            continue
+        want = type(current)
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise errdefs.InvalidArgument(f"config: {where}{key} must be {want.__name__}, not {value!r}")
+        setattr(obj, key, value)
+
+
+def load(path: str | None = None) -> Config:
+    """The defaults, overlaid with ``path`` when given."""
+    cfg = Config()
+    _apply(cfg, tomllib.loads(DEFAULT_TOML), "")
+    if path:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise errdefs.NotFound(f"config file {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise errdefs.InvalidArgument(f"config file {path}: {e}") from None
+        _apply(cfg, data, "")
+    if cfg.log.level not in ("debug", "info", "warn", "warning", "error", "trace"):
+        raise errdefs.InvalidArgument(f"config: log.level {cfg.log.level!r} is not one of debug, info, warn, error")
+    return cfg

@@ -1,0 +1,170 @@
+"""ketchd: containerd's gRPC API over ketch's parts, assembled explicitly here.
+
+    ketchd [--config FILE] [--root DIR] [--state DIR] [--address SOCK] [--log-level LEVEL]
+    ketchd config default
+
+Start-up: load the configuration, open the metadata store, reload every task from its bundle
+(reconnecting to live shims, burying dead ones), then listen: the ttrpc socket for shims'
+events first, the gRPC socket last, so a client that can connect finds the daemon whole.
+SIGTERM or SIGINT stops serving and disconnects from the shims; containers keep running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ketch import __version__, config, errdefs, ttrpc
+
+log = logging.getLogger("ketchd")
+
+
+class _JSONFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)),
+                 "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JSONFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("time=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel({"trace": "DEBUG", "warn": "WARNING"}.get(level, level.upper()))
+
+
+def _prepare_socket_dir(path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o711)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None) -> None:
+    import grpc
+
+    from ketch.events import Exchange
+    from ketch.metadata import Store
+    from ketch.runtime.manager import TaskManager
+    from ketch.runtime.shim import ShimParams
+    from ketch.services import register_all
+    from ketch.services.events import forward_service
+
+    for d in (cfg.root, cfg.state):
+        os.makedirs(d, mode=0o711, exist_ok=True)
+    store = Store(os.path.join(cfg.root, "meta.db"))
+    exchange = Exchange()
+
+    def publish(namespace: str, topic: str, event: Any) -> None:
+        exchange.publish(namespace, topic, event.DESCRIPTOR.full_name, event.SerializeToString())
+
+    params = ShimParams(
+        grpc_address=cfg.grpc.address, ttrpc_address=cfg.ttrpc_address,
+        publish_binary=os.path.realpath(sys.argv[0]) if sys.argv and sys.argv[0] else "ketchd",
+        debug=cfg.runtime.shim_debug,
+        start_timeout=cfg.runtime.shim_start_timeout, delete_timeout=cfg.runtime.shim_delete_timeout)
+    manager = TaskManager(state=cfg.state, root=cfg.root, params=params, publish=publish,
+                          extra_dirs=[os.path.dirname(sys.executable)], call_timeout=cfg.runtime.shim_call_timeout)
+
+    # shims forward their events here; it must listen before tasks are reloaded
+    events_server = ttrpc.Server()
+    events_server.register(*forward_service(exchange))
+    _prepare_socket_dir(cfg.ttrpc_address)
+    ttrpc_started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    ttrpc_task = asyncio.ensure_future(events_server.serve_path(cfg.ttrpc_address, ttrpc_started, mode=0o660))
+    await ttrpc_started
+
+    started = time.monotonic()
+    await manager.load()
+    log.info("reloaded tasks in %.3fs", time.monotonic() - started)
+
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", cfg.grpc.max_recv_message_size),
+        ("grpc.max_send_message_length", cfg.grpc.max_send_message_size),
+    ])
+    register_all(server, cfg=cfg, store=store, exchange=exchange, manager=manager)
+    _prepare_socket_dir(cfg.grpc.address)
+    server.add_insecure_port(f"unix://{cfg.grpc.address}")
+    await server.start()
+    os.chmod(cfg.grpc.address, 0o660)
+    os.chown(cfg.grpc.address, cfg.grpc.uid, cfg.grpc.gid)
+    log.info("ketchd %s serving on %s (ttrpc %s)", __version__, cfg.grpc.address, cfg.ttrpc_address)
+    if ready is not None and not ready.done():
+        ready.set_result(None)
+    burial = asyncio.ensure_future(manager.bury_dead())
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down; shims and containers keep running")
+        burial.cancel()
+        await server.stop(grace=1.0)
+        await events_server.shutdown(grace=0.5)
+        ttrpc_task.cancel()
+        await manager.close()
+        store.close()
+        for path in (cfg.grpc.address,):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ketchd", description="ketch's daemon: containerd's API, in Python")
+    parser.add_argument("--config", "-c", help="TOML configuration file")
+    parser.add_argument("--root", help="persistent data directory (default /var/lib/ketch)")
+    parser.add_argument("--state", help="runtime state directory (default /run/ketch)")
+    parser.add_argument("--address", "-a", help="gRPC socket (default /run/ketch/ketchd.sock)")
+    parser.add_argument("--log-level", "-l", help="debug, info, warn, error")
+    parser.add_argument("--version", "-v", action="version", version=f"ketchd {__version__}")
+    parser.add_argument("command", nargs="*", help="'config default' prints the default configuration")
+    args = parser.parse_args(argv)
+    if args.command:
+        if args.command == ["config", "default"]:
+            sys.stdout.write(config.DEFAULT_TOML)
+            return 0
+        parser.error(f"unknown command {' '.join(args.command)!r} (want: config default)")
+    try:
+        cfg = config.load(args.config)
+    except errdefs.KetchError as e:
+        print(f"ketchd: {e}", file=sys.stderr)
+        return 2
+    if args.root:
+        cfg.root = os.path.abspath(args.root)
+    if args.state:
+        cfg.state = os.path.abspath(args.state)
+    if args.address:
+        cfg.grpc.address = os.path.abspath(args.address)
+    if args.log_level:
+        cfg.log.level = args.log_level
+    setup_logging(cfg.log.level, cfg.log.format)
+    try:
+        asyncio.run(serve(cfg))
+    except errdefs.KetchError as e:
+        log.error("%s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""The SQLite schema of ``meta.db``, and the migrations that build it.
+
+RULE: to change the schema, update this drawing **and** append a migration to
+:data:`MIGRATIONS` (never edit one that has shipped). :data:`SCHEMA_VERSION` is the number of
+migrations; a file records the version it has reached in ``PRAGMA user_version``.
+
+Schema version 1::
+
+    meta.db            PRAGMA journal_mode=WAL, foreign_keys=ON, user_version=SCHEMA_VERSION
+    │
+    ├── namespaces                          one row per namespace
+    │     name          TEXT  PK            an identifier
+    │     labels        TEXT  JSON object   {"key": "value"}; never an empty value
+    │
+    ├── containers                          PK (namespace, id)
+    │   │ namespace     TEXT  → namespaces(name)  ON DELETE RESTRICT (delete refuses first)
+    │   │ id            TEXT                an identifier
+    │   │ labels        TEXT  JSON object
+    │   │ image         TEXT                "" when unset
+    │   │ runtime_name  TEXT  NOT NULL, non-empty
+    │   │ runtime_options_type TEXT NULL ┐  an Any, or both NULL
+    │   │ runtime_options      BLOB NULL ┘
+    │   │ spec_type     TEXT  NULL       ┐  an Any (required by validation, NULL-able here)
+    │   │ spec          BLOB  NULL       ┘
+    │   │ snapshotter   TEXT                "" when unset
+    │   │ snapshot_key  TEXT                "" when unset
+    │   │ created_at    REAL                seconds since the epoch
+    │   │ updated_at    REAL
+    │   │
+    │   └── container_extensions            PK (namespace, container_id, name)
+    │         namespace, container_id  → containers(namespace, id)  ON DELETE CASCADE
+    │         name          TEXT            non-empty
+    │         type_url      TEXT
+    │         value         BLOB
+    │
+    └── leases                              PK (namespace, id)
+        │ namespace     TEXT  → namespaces(name)  ON DELETE CASCADE (as in containerd, a
+        │                                          namespace's leases go with it)
+        │ id            TEXT
+        │ labels        TEXT  JSON object
+        │ created_at    REAL
+        │
+        └── lease_resources                 PK (namespace, lease_id, type, id)
+              namespace, lease_id  → leases(namespace, id)  ON DELETE CASCADE
+              type          TEXT            "content" | "ingests" | "snapshots/<snapshotter>"
+              id            TEXT            digest | ingest ref | snapshot key
+
+Text compares as bytes (SQLite's BINARY collation), so ``ORDER BY`` gives containerd's order
+(bolt iterates keys bytewise).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Sequence
+
+from ketch.errdefs import FailedPrecondition
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "migrate", "version"]
+
+Migration = Callable[[sqlite3.Connection], None]
+
+
+def _run(conn: sqlite3.Connection, script: str) -> None:
+    # executescript() would COMMIT the open transaction first: run statement by statement.
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+def _v1_initial(conn: sqlite3.Connection) -> None:
+    """Namespaces, containers (with extensions), leases (with resources)."""
+    _run(
+        conn,
+        """
+        CREATE TABLE namespaces (
+            name    TEXT NOT NULL PRIMARY KEY,
+            labels  TEXT NOT NULL DEFAULT '{}'
+        );
+        CREATE TABLE containers (
+            namespace             TEXT NOT NULL REFERENCES namespaces(name) ON DELETE RESTRICT,
+            id                    TEXT NOT NULL,
+            labels                TEXT NOT NULL DEFAULT '{}',
+            image                 TEXT NOT NULL DEFAULT '',
+            runtime_name          TEXT NOT NULL CHECK (runtime_name <> ''),
+            runtime_options_type  TEXT,
+            runtime_options       BLOB,
+            spec_type             TEXT,
+            spec                  BLOB,
+            snapshotter           TEXT NOT NULL DEFAULT '',
+            snapshot_key          TEXT NOT NULL DEFAULT '',
+            created_at            REAL NOT NULL,
+            updated_at            REAL NOT NULL,
+            PRIMARY KEY (namespace, id)
+        );
+        CREATE TABLE container_extensions (
+            namespace     TEXT NOT NULL,
+            container_id  TEXT NOT NULL,
+            name          TEXT NOT NULL CHECK (name <> ''),
+            type_url      TEXT NOT NULL,
+            value         BLOB NOT NULL,
+            PRIMARY KEY (namespace, container_id, name),
+            FOREIGN KEY (namespace, container_id)
+                REFERENCES containers(namespace, id) ON DELETE CASCADE
+        );
+        CREATE TABLE leases (
+            namespace   TEXT NOT NULL REFERENCES namespaces(name) ON DELETE CASCADE,
+            id          TEXT NOT NULL,
+            labels      TEXT NOT NULL DEFAULT '{}',
+            created_at  REAL NOT NULL,
+            PRIMARY KEY (namespace, id)
+        );
+        CREATE TABLE lease_resources (
+            namespace  TEXT NOT NULL,
+            lease_id   TEXT NOT NULL,
+            type       TEXT NOT NULL,
+            id         TEXT NOT NULL,
+            PRIMARY KEY (namespace, lease_id, type, id),
+            FOREIGN KEY (namespace, lease_id) REFERENCES leases(namespace, id) ON DELETE CASCADE
+        );
+        """
+    )
+
+
+#: every migration, in order; migration ``i`` takes a file from version ``i`` to ``i + 1``
+MIGRATIONS: Sequence[Migration] = (_v1_initial,)
+
+#: the version this code reads and writes
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def version(conn: sqlite3.Connection) -> int:
+    """The schema version recorded in the open file (0 for a new file)."""
+    row = conn.execute("PRAGMA user_version").fetchone()
+    return int(row[0])
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the file up to :data:`SCHEMA_VERSION` in one transaction; return the old version.
+
+    ``conn`` must be in autocommit mode (``isolation_level=None``) with no transaction open.
+    A file written by a newer ketch is refused with FailedPrecondition rather than guessed at.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        current = version(conn)
+        if current > SCHEMA_VERSION:
+            raise FailedPrecondition(
+                f"metadata schema version {current} is newer than this ketch supports ({SCHEMA_VERSION})"
+            )
+        for step in MIGRATIONS[current:]:
+            step(conn)
+        if current != SCHEMA_VERSION:
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return current

@@ -1,0 +1,117 @@
+"""A task's bundle: the directory a shim runs in, one per task.
+
+    <state>/runtime/v2/<namespace>/<id>/     mode 0700
+        config.json      the OCI spec (the container's spec, as stored)
+        rootfs/          mount point for the task's rootfs mounts (0711)
+        log              FIFO the shim writes its log to; ketchd copies it into its own log
+        work -> <root>/runtime/v2/<namespace>/<id>   persistent scratch space for the shim
+        ketch.json       what ketchd needs to reload the task: runtime name, shim binary
+        address          the shim's ttrpc address (written by the shim's start)
+        exited.json      written when the shim died: the task is a tombstone until deleted
+
+Namespace and id are validated before any path is built from them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from ketch import errdefs, identifiers, mount
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class Bundle:
+    namespace: str
+    id: str
+    path: Path
+    work: Path
+
+    @classmethod
+    def at(cls, state: str, root: str, namespace: str, id: str) -> Bundle:
+        identifiers.validate(namespace)
+        identifiers.validate(id)
+        return cls(namespace, id, Path(state, "runtime", "v2", namespace, id),
+                   Path(root, "runtime", "v2", namespace, id))
+
+    def create(self, spec: bytes, info: dict[str, str]) -> None:
+        """Make the bundle; AlreadyExists if one is there (a task of that id exists)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
+        try:
+            self.path.mkdir(mode=0o700)
+        except FileExistsError:
+            raise errdefs.AlreadyExists(f"bundle for task {self.id} in namespace {self.namespace}") from None
+        try:
+            self.work.mkdir(parents=True, exist_ok=True, mode=0o711)
+            (self.path / "work").symlink_to(self.work)
+            (self.path / "rootfs").mkdir(mode=0o711)
+            write_atomic(self.path / "config.json", spec)
+            write_atomic(self.path / "ketch.json", json.dumps(info).encode())
+            os.mkfifo(self.path / "log", 0o700)
+        except BaseException:
+            self.delete()
+            raise
+
+    @property
+    def info(self) -> dict[str, str]:
+        try:
+            data: dict[str, str] = json.loads((self.path / "ketch.json").read_text())
+            return data
+        except (OSError, ValueError):
+            return {}
+
+    def address(self) -> str:
+        try:
+            return (self.path / "address").read_text().strip()
+        except OSError:
+            return ""
+
+    def read_exit(self) -> dict[str, float] | None:
+        try:
+            data: dict[str, float] = json.loads((self.path / "exited.json").read_text())
+            return data
+        except (OSError, ValueError):
+            return None
+
+    def write_exit(self, pid: int, exit_status: int, exited_at: float) -> None:
+        write_atomic(self.path / "exited.json",
+                     json.dumps({"pid": pid, "exit_status": exit_status, "exited_at": exited_at}).encode())
+
+    def delete(self) -> None:
+        """Remove the bundle and its work directory, unmounting a rootfs left mounted."""
+        with contextlib.suppress(OSError):
+            mount.unmount_all(str(self.path / "rootfs"))
+        shutil.rmtree(self.path, ignore_errors=True)
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def walk(state: str, root: str) -> list[Bundle]:
+    """Every bundle on disk, for reloading after a restart (invalid names are skipped)."""
+    base = Path(state, "runtime", "v2")
+    found = []
+    if not base.is_dir():
+        return found
+    for ns_dir in sorted(base.iterdir()):
+        if not ns_dir.is_dir():
+            continue
+        for task_dir in sorted(ns_dir.iterdir()):
+            try:
+                found.append(Bundle.at(state, root, ns_dir.name, task_dir.name))
+            except errdefs.InvalidArgument:
+                continue
+    return found

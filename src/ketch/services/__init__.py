@@ -1,0 +1,38 @@
+"""gRPC servicers for containerd's API v1: thin, each delegating to ketch's core parts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from ketch import config, metadata
+from ketch.api.containerd.services.containers.v1 import containers_pb2_grpc
+from ketch.api.containerd.services.events.v1 import events_pb2_grpc
+from ketch.api.containerd.services.introspection.v1 import introspection_pb2_grpc
+from ketch.api.containerd.services.leases.v1 import leases_pb2_grpc
+from ketch.api.containerd.services.namespaces.v1 import namespace_pb2_grpc
+from ketch.api.containerd.services.tasks.v1 import tasks_pb2_grpc
+from ketch.api.containerd.services.version.v1 import version_pb2_grpc
+from ketch.api.grpc.health.v1 import health_pb2_grpc
+from ketch.events import Exchange
+from ketch.runtime.manager import TaskManager
+from ketch.services.events import Events
+from ketch.services.metadata import Containers, Leases, Namespaces
+from ketch.services.system import Health, Introspection, Version
+from ketch.services.tasks import Tasks
+
+
+def register_all(server: grpc.aio.Server, *, cfg: config.Config, store: metadata.Store, exchange: Exchange,
+                 manager: TaskManager) -> None:
+    def publish(namespace: str, topic: str, event: Any) -> None:
+        exchange.publish(namespace, topic, event.DESCRIPTOR.full_name, event.SerializeToString())
+
+    version_pb2_grpc.add_VersionServicer_to_server(Version(), server)
+    introspection_pb2_grpc.add_IntrospectionServicer_to_server(Introspection(cfg.root), server)
+    health_pb2_grpc.add_HealthServicer_to_server(Health(), server)
+    namespace_pb2_grpc.add_NamespacesServicer_to_server(Namespaces(store, publish), server)
+    containers_pb2_grpc.add_ContainersServicer_to_server(Containers(store, publish, manager.exists), server)
+    leases_pb2_grpc.add_LeasesServicer_to_server(Leases(store), server)
+    events_pb2_grpc.add_EventsServicer_to_server(Events(exchange), server)
+    tasks_pb2_grpc.add_TasksServicer_to_server(Tasks(manager, store.containers.get), server)

@@ -1,0 +1,80 @@
+"""What every gRPC servicer shares: the namespace of a call, and errdefs → gRPC status.
+
+Servicers are thin: decode, call the core, encode. A core error (errdefs.KetchError) becomes
+the gRPC status containerd would send, once, here; any other exception is Unknown and logged.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from ketch import errdefs, identifiers
+
+log = logging.getLogger("ketch.services")
+
+NAMESPACE_HEADER = "containerd-namespace"
+_STATUS = {code.value[0]: code for code in grpc.StatusCode}
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+G = TypeVar("G", bound=Callable[..., AsyncIterator[Any]])
+
+
+def namespace(context: grpc.aio.ServicerContext) -> str:
+    """The namespace of the call, validated; FailedPrecondition when there is none."""
+    for key, value in context.invocation_metadata() or ():
+        if key == NAMESPACE_HEADER:
+            try:
+                identifiers.validate(value)
+            except errdefs.InvalidArgument as e:
+                raise errdefs.InvalidArgument(f"namespace validation: {e.message}") from None
+            return str(value)
+    raise errdefs.FailedPrecondition("namespace is required")
+
+
+def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    code, message = errdefs.to_status(exc)
+    return _STATUS.get(code, grpc.StatusCode.UNKNOWN), message
+
+
+def unary(fn: F) -> F:
+    """Map errors of a unary method to gRPC statuses."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(self, request, context)
+        except errdefs.KetchError as e:
+            code, message = _status(e)
+            await context.abort(code, message)
+        except (grpc.aio.AbortError, grpc.RpcError):
+            raise
+        except Exception as e:  # noqa: BLE001 - the one place where the unexpected becomes Unknown
+            log.exception("%s failed", fn.__qualname__)
+            await context.abort(grpc.StatusCode.UNKNOWN, str(e) or type(e).__name__)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def stream(fn: G) -> G:
+    """Map errors of a server-streaming method to gRPC statuses."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for item in fn(self, request, context):
+                yield item
+        except errdefs.KetchError as e:
+            code, message = _status(e)
+            await context.abort(code, message)
+        except (grpc.aio.AbortError, grpc.RpcError):
+            raise
+        except Exception as e:  # noqa: BLE001
+            log.exception("%s failed", fn.__qualname__)
+            await context.abort(grpc.StatusCode.UNKNOWN, str(e) or type(e).__name__)
+
+    return wrapper  # type: ignore[return-value]

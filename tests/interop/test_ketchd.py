@@ -1,0 +1,251 @@
+"""ketchd itself, driven by Debian's ctr and by a plain gRPC client (status codes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from ketch.api.containerd.services.containers.v1 import containers_pb2, containers_pb2_grpc
+from ketch.api.containerd.services.namespaces.v1 import namespace_pb2, namespace_pb2_grpc
+from ketch.api.containerd.services.tasks.v1 import tasks_pb2, tasks_pb2_grpc
+from tests import support
+from tests.interop.conftest import KETCH_RUNTIME, Env
+from tests.interop.test_ctr_shim import PATH, Events, _task_status, _wait_status
+
+SPEC_TYPE = "types.containerd.io/opencontainers/runtime-spec/1/Spec"
+
+
+@pytest.fixture
+def channel(kenv: Env) -> Iterator[grpc.Channel]:
+    ch = grpc.insecure_channel(f"unix://{kenv.cd.address}")
+    try:
+        yield ch
+    finally:
+        ch.close()
+
+
+def md(ns: str) -> list[tuple[str, str]]:
+    return [("containerd-namespace", ns)]
+
+
+def spec_for(env: Env, *args: str) -> bytes:
+    """The OCI spec ctr would make for a --rootfs container, taken from a real ctr-made one."""
+    ns = env.ns()
+    env.ctr(ns, "containers", "create", *PATH, "--rootfs", env.rootfs, "template", *args)
+    info = json.loads(env.ctr(ns, "containers", "info", "template").stdout)
+    env.ctr(ns, "containers", "rm", "template")
+    return json.dumps(info["Spec"]).encode()
+
+
+def code_of(call, *args, **kw) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.RpcError) as info:
+        call(*args, **kw)
+    return info.value.code()
+
+
+def test_version_and_plugins(kenv: Env) -> None:
+    out = kenv.ctr("default", "version").stdout
+    assert "Server:" in out and "ketch" in out and "UUID:" in out
+    uuid1 = [line for line in out.splitlines() if "UUID" in line][0]
+    plugins = kenv.ctr("default", "plugins", "ls").stdout
+    assert "io.containerd.runtime.v2" in plugins and "io.containerd.grpc.v1" in plugins
+    # the server's uuid is stable across restarts
+    kenv.cd.kill(signal.SIGTERM)
+    kenv.cd.start()
+    assert [line for line in kenv.ctr("default", "version").stdout.splitlines() if "UUID" in line][0] == uuid1
+
+
+def test_namespaces(kenv: Env) -> None:
+    ns = kenv.ns()
+    kenv.ctr("default", "namespaces", "create", ns, "team=blue")
+    listed = kenv.ctr("default", "namespaces", "ls").stdout
+    assert ns in listed and "team=blue" in listed
+    kenv.ctr("default", "namespaces", "label", ns, "team=red")
+    assert "team=red" in kenv.ctr("default", "namespaces", "ls").stdout
+    # a namespace that holds a container cannot be removed
+    kenv.ctr(ns, "containers", "create", *PATH, "--rootfs", kenv.rootfs, "c1", "true")
+    r = kenv.ctr("default", "namespaces", "rm", ns, check=False)
+    assert r.returncode != 0 and "must be empty" in r.stderr, r.stderr
+    kenv.ctr(ns, "containers", "rm", "c1")
+    assert kenv.ctr("default", "namespaces", "rm", ns).stdout.strip() == ns
+    assert ns not in kenv.ctr("default", "namespaces", "ls").stdout
+
+
+def test_containers_create_info_ls_rm(kenv: Env) -> None:
+    ns = kenv.ns()
+    kenv.ctr(ns, "containers", "create", *PATH, "--label", "tier=web", "--rootfs", kenv.rootfs, "web1", "true")
+    kenv.ctr(ns, "containers", "create", *PATH, "--label", "tier=db", "--rootfs", kenv.rootfs, "db1", "true")
+    info = json.loads(kenv.ctr(ns, "containers", "info", "web1").stdout)
+    assert info["ID"] == "web1" and info["Labels"]["tier"] == "web"
+    assert info["Runtime"]["Name"] == "io.containerd.runc.v2"
+    assert info["Spec"]["root"]["path"] == kenv.rootfs
+    assert set(kenv.ctr(ns, "containers", "ls", "-q").stdout.split()) == {"web1", "db1"}
+    assert kenv.ctr(ns, "containers", "ls", "-q", "labels.tier==web").stdout.split() == ["web1"]
+    assert kenv.ctr(ns, "containers", "ls", "-q", 'labels."tier"~=^d').stdout.split() == ["db1"]
+    kenv.ctr(ns, "containers", "rm", "web1", "db1")
+    assert kenv.ctr(ns, "containers", "ls", "-q").stdout.strip() == ""
+
+
+def test_events_stream(kenv: Env) -> None:
+    ns = kenv.ns()
+    events = Events(kenv, ns)
+    try:
+        kenv.ctr(ns, "run", "--rm", *kenv.fifo, "--runtime", KETCH_RUNTIME, *PATH, "--rootfs", kenv.rootfs, "ev", "true")
+        events.wait_for("/containers/delete")
+        assert events.topics(ns) == ["/containers/create", "/tasks/create", "/tasks/start", "/tasks/exit",
+                                     "/tasks/delete", "/containers/delete"]
+    finally:
+        events.close()
+
+
+def test_status_codes(kenv: Env, channel: grpc.Channel) -> None:
+    ns = kenv.ns()
+    containers = containers_pb2_grpc.ContainersStub(channel)
+    tasks = tasks_pb2_grpc.TasksStub(channel)
+    assert code_of(containers.Get, containers_pb2.GetContainerRequest(id="nope"), metadata=md(ns)) == \
+        grpc.StatusCode.NOT_FOUND
+    assert code_of(tasks.Get, tasks_pb2.GetRequest(container_id="nope"), metadata=md(ns)) == grpc.StatusCode.NOT_FOUND
+    for bad in ("../x", "a/b", "a" * 77):
+        c = containers_pb2.Container(id=bad, runtime=containers_pb2.Container.Runtime(name=KETCH_RUNTIME))
+        c.spec.type_url, c.spec.value = SPEC_TYPE, b"{}"
+        assert code_of(containers.Create, containers_pb2.CreateContainerRequest(container=c), metadata=md(ns)) == \
+            grpc.StatusCode.INVALID_ARGUMENT, bad
+    # no namespace at all
+    assert code_of(containers.List, containers_pb2.ListContainersRequest()) == grpc.StatusCode.FAILED_PRECONDITION
+
+    kenv.ctr(ns, "run", "-d", *kenv.fifo, "--runtime", KETCH_RUNTIME, *PATH, "--rootfs", kenv.rootfs, "busy", "sleep", "1000")
+    spec = json.loads(kenv.ctr(ns, "containers", "info", "busy").stdout)["Spec"]
+    dup = containers_pb2.Container(id="busy", runtime=containers_pb2.Container.Runtime(name=KETCH_RUNTIME))
+    dup.spec.type_url, dup.spec.value = SPEC_TYPE, json.dumps(spec).encode()
+    assert code_of(containers.Create, containers_pb2.CreateContainerRequest(container=dup), metadata=md(ns)) == \
+        grpc.StatusCode.ALREADY_EXISTS
+    assert code_of(tasks.Create, tasks_pb2.CreateTaskRequest(container_id="busy"), metadata=md(ns)) == \
+        grpc.StatusCode.ALREADY_EXISTS
+    # the daemon itself refuses to delete a running task (ctr checks on the client side too)
+    assert code_of(tasks.Delete, tasks_pb2.DeleteTaskRequest(container_id="busy"), metadata=md(ns)) == \
+        grpc.StatusCode.FAILED_PRECONDITION
+    assert _task_status(kenv, ns, "busy") == "RUNNING"
+
+
+def test_malformed_requests_leave_nothing(kenv: Env, channel: grpc.Channel) -> None:
+    ns = kenv.ns()
+    containers = containers_pb2_grpc.ContainersStub(channel)
+    tasks = tasks_pb2_grpc.TasksStub(channel)
+    # a spec that is not a JSON OCI spec
+    c = containers_pb2.Container(id="badspec", runtime=containers_pb2.Container.Runtime(name=KETCH_RUNTIME))
+    c.spec.type_url, c.spec.value = SPEC_TYPE, b"\x00not json"
+    with pytest.raises(grpc.RpcError) as info:
+        containers.Create(containers_pb2.CreateContainerRequest(container=c), metadata=md(ns))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "spec" in (info.value.details() or "")
+    assert code_of(containers.Get, containers_pb2.GetContainerRequest(id="badspec"), metadata=md(ns)) == \
+        grpc.StatusCode.NOT_FOUND
+    # an unknown runtime: the container is stored, the task cannot be made, nothing stays behind
+    good = containers_pb2.Container(id="norun", runtime=containers_pb2.Container.Runtime(name="io.containerd.nosuch.v9"))
+    good.spec.type_url, good.spec.value = SPEC_TYPE, spec_for(kenv, "true")
+    containers.Create(containers_pb2.CreateContainerRequest(container=good), metadata=md(ns))
+    with pytest.raises(grpc.RpcError) as info:
+        tasks.Create(tasks_pb2.CreateTaskRequest(container_id="norun"), metadata=md(ns))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "containerd-shim-nosuch-v9" in (info.value.details() or "")
+    assert not kenv.cd.bundle(ns, "norun").exists()
+    assert code_of(tasks.Get, tasks_pb2.GetRequest(container_id="norun"), metadata=md(ns)) == grpc.StatusCode.NOT_FOUND
+    # an oversize message is refused by the transport
+    huge = containers_pb2.Container(id="huge", runtime=containers_pb2.Container.Runtime(name=KETCH_RUNTIME))
+    huge.spec.type_url, huge.spec.value = SPEC_TYPE, b"{" + b" " * (20 << 20) + b"}"
+    assert code_of(containers.Create, containers_pb2.CreateContainerRequest(container=huge), metadata=md(ns)) == \
+        grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert code_of(containers.Get, containers_pb2.GetContainerRequest(id="huge"), metadata=md(ns)) == \
+        grpc.StatusCode.NOT_FOUND
+
+
+def test_namespace_get_of_unused_namespace_is_ok(kenv: Env, channel: grpc.Channel) -> None:
+    """dockerd asks for "moby" and "plugins.moby" at start and treats any error as fatal."""
+    stub = namespace_pb2_grpc.NamespacesStub(channel)
+    resp = stub.Get(namespace_pb2.GetNamespaceRequest(name="plugins.moby"))
+    assert resp.namespace.name == "plugins.moby" and not resp.namespace.labels
+
+
+def _run_detached(env: Env, ns: str, names: list[str]) -> None:
+    procs = [subprocess.Popen(["ctr", "--address", env.cd.address, "--namespace", ns, "run", "-d", *env.fifo,
+                               "--runtime", env.runtime, *PATH, "--rootfs", env.rootfs, n, "sleep", "1000"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in names]
+    for p in procs:
+        _, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err
+
+
+def _pids(env: Env, ns: str) -> dict[str, tuple[str, str]]:
+    out = {}
+    for line in env.ctr(ns, "tasks", "ls").stdout.splitlines()[1:]:
+        task, pid, status = line.split()
+        out[task] = (pid, status)
+    return out
+
+
+def test_restart_with_twenty_running_and_one_dead_shim(kenv: Env) -> None:
+    ns = kenv.ns()
+    names = [f"r{i}" for i in range(20)]
+    _run_detached(kenv, ns, names + ["victim"])
+    before = _pids(kenv, ns)
+    assert all(status == "RUNNING" for _, status in before.values())
+
+    kenv.cd.kill(signal.SIGKILL)
+    os.kill(support.shim_pid(ns, "victim"), signal.SIGKILL)  # dies while ketchd is down
+    kenv.cd.start()
+    events = Events(kenv, ns)
+    try:
+        after = _pids(kenv, ns)
+        for n in names:
+            assert after[n] == before[n], (n, before[n], after[n])
+        exit_line = events.wait_for("/tasks/exit")[0]
+        assert '"container_id":"victim"' in exit_line and '"exit_status":255' in exit_line
+        _wait_status(kenv, ns, "victim", "STOPPED")
+        r = kenv.ctr(ns, "tasks", "exec", *kenv.fifo, "--exec-id", "x", "r7", "echo", "alive")
+        assert r.stdout == "alive\n"
+        kenv.ctr(ns, "tasks", "rm", "victim")
+        events.wait_for("/tasks/delete")
+        kenv.ctr(ns, "tasks", "kill", "-s", "SIGKILL", "r3")
+        _wait_status(kenv, ns, "r3", "STOPPED")
+        kenv.ctr(ns, "tasks", "rm", "r3")
+    finally:
+        events.close()
+
+
+def test_shim_dying_while_ketchd_runs(kenv: Env) -> None:
+    ns = kenv.ns()
+    events = Events(kenv, ns)
+    try:
+        _run_detached(kenv, ns, ["lonely"])
+        os.kill(support.shim_pid(ns, "lonely"), signal.SIGKILL)
+        exit_line = events.wait_for("/tasks/exit")[0]
+        assert '"exit_status":255' in exit_line
+        _wait_status(kenv, ns, "lonely", "STOPPED")
+        kenv.ctr(ns, "tasks", "rm", "lonely")
+        kenv.ctr(ns, "containers", "rm", "lonely")
+        assert not kenv.cd.bundle(ns, "lonely").exists()
+    finally:
+        events.close()
+
+
+def test_fifty_concurrent_runs(kenv: Env) -> None:
+    ns = kenv.ns()
+    procs = [subprocess.Popen(["ctr", "--address", kenv.cd.address, "--namespace", ns, "run", "--rm", *kenv.fifo,
+                               "--runtime", KETCH_RUNTIME, *PATH, "--rootfs", kenv.rootfs, f"f{i}", "echo", f"x{i}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(50)]
+    results = [p.communicate(timeout=300) for p in procs]
+    for i, (p, (out, err)) in enumerate(zip(procs, results)):
+        assert p.returncode == 0, err
+        assert out == f"x{i}\n"
+    assert kenv.ctr(ns, "containers", "ls", "-q").stdout.strip() == ""
+    assert kenv.ctr(ns, "tasks", "ls", "-q").stdout.strip() == ""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and list((kenv.cd.base / "state" / "runtime" / "v2" / ns).iterdir()):
+        time.sleep(0.1)
+    assert list((kenv.cd.base / "state" / "runtime" / "v2" / ns).iterdir()) == []
