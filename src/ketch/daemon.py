@@ -97,7 +97,7 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
         ("grpc.max_receive_message_length", cfg.grpc.max_recv_message_size),
         ("grpc.max_send_message_length", cfg.grpc.max_send_message_size),
     ])
-    register_all(server, cfg=cfg, store=store, exchange=exchange, manager=manager)
+    register_all(server, cfg=cfg, store=store, exchange=exchange, manager=manager, publish=publish)
     _prepare_socket_dir(cfg.grpc.address)
     server.add_insecure_port(f"unix://{cfg.grpc.address}")
     await server.start()

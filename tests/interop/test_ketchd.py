@@ -249,3 +249,64 @@ def test_fifty_concurrent_runs(kenv: Env) -> None:
     while time.monotonic() < deadline and list((kenv.cd.base / "state" / "runtime" / "v2" / ns).iterdir()):
         time.sleep(0.1)
     assert list((kenv.cd.base / "state" / "runtime" / "v2" / ns).iterdir()) == []
+
+
+def test_sigterm_leaves_containers_running(kenv: Env) -> None:
+    ns = kenv.ns()
+    _run_detached(kenv, ns, ["keeper"])
+    pid = _pids(kenv, ns)["keeper"][0]
+    shim = support.shim_pid(ns, "keeper")
+    kenv.cd.kill(signal.SIGTERM)
+    assert os.path.exists(f"/proc/{pid}") and os.path.exists(f"/proc/{shim}")
+    assert not os.path.exists(kenv.cd.address)
+    kenv.cd.start()
+    assert _pids(kenv, ns)["keeper"] == (pid, "RUNNING")
+
+
+def test_health_events_filter_and_container_update(kenv: Env, channel: grpc.Channel) -> None:
+    from ketch.api.containerd.services.events.v1 import events_pb2, events_pb2_grpc
+    from ketch.api.grpc.health.v1 import health_pb2, health_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+    ns = kenv.ns()
+    stream = events_pb2_grpc.EventsStub(channel).Subscribe(
+        events_pb2.SubscribeRequest(filters=[f"namespace=={ns},topic~=|^/containers/|"]))
+    try:
+        kenv.ctr(ns, "containers", "create", *PATH, "--rootfs", kenv.rootfs, "lab", "true")
+        kenv.ctr(ns, "containers", "label", "lab", "color=green")
+        info = json.loads(kenv.ctr(ns, "containers", "info", "lab").stdout)
+        assert info["Labels"] == {"color": "green"}
+        kenv.ctr(ns, "containers", "rm", "lab")
+        topics = [next(stream).topic for _ in range(3)]
+        assert topics == ["/containers/create", "/containers/update", "/containers/delete"]
+    finally:
+        stream.cancel()
+
+
+def test_task_update_sets_the_memory_limit(kenv: Env, channel: grpc.Channel) -> None:
+    ns = kenv.ns()
+    _run_detached(kenv, ns, ["upd"])
+    req = tasks_pb2.UpdateTaskRequest(container_id="upd")
+    req.resources.type_url = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
+    req.resources.value = json.dumps({"memory": {"limit": 64 << 20}}).encode()
+    tasks_pb2_grpc.TasksStub(channel).Update(req, metadata=md(ns))
+    pid = _pids(kenv, ns)["upd"][0]
+    from ketch.cgroups import Cgroup
+
+    mem = Cgroup.of_pid(int(pid)).path("memory")
+    assert mem is not None
+    limit_file = "memory.max" if os.path.exists(os.path.join(mem, "memory.max")) else "memory.limit_in_bytes"
+    with open(os.path.join(mem, limit_file)) as f:
+        assert int(f.read()) == 64 << 20
+
+
+def test_config_default_and_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    ketchd = f"{support.VENV_BIN}/ketchd"
+    default = subprocess.run([ketchd, "config", "default"], check=True, capture_output=True, text=True).stdout
+    assert 'root = "/var/lib/ketch"' in default and "[grpc]" in default and "shim_call_timeout" in default
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[grpc]\naddres = 'x'\n")
+    r = subprocess.run([ketchd, "--config", str(bad)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "unknown key grpc.addres" in r.stderr

@@ -42,6 +42,11 @@ RULES = [
     ("ttrpc", ("ketch",), ("ketch.errdefs", "ketch.api", "ketch.ttrpc")),
     ("oci", ("ketch.services", "ketch.daemon", "ketch.shim", "grpc"), ()),
     ("cgroups", ("ketch.services", "ketch.daemon", "ketch.shim", "grpc"), ()),
+    ("runtime", ("ketch.services", "ketch.daemon", "ketch.shim", "grpc"), ()),
+    ("metadata", ("ketch.services", "ketch.daemon", "grpc"), ()),
+    ("events", ("ketch.services", "ketch.daemon", "grpc"), ()),
+    ("filters.py", ("ketch.services", "ketch.daemon", "grpc"), ()),
+    ("identifiers.py", ("ketch",), ("ketch.errdefs",)),
 ]
 
 

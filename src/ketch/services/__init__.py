@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -24,10 +25,7 @@ from ketch.services.tasks import Tasks
 
 
 def register_all(server: grpc.aio.Server, *, cfg: config.Config, store: metadata.Store, exchange: Exchange,
-                 manager: TaskManager) -> None:
-    def publish(namespace: str, topic: str, event: Any) -> None:
-        exchange.publish(namespace, topic, event.DESCRIPTOR.full_name, event.SerializeToString())
-
+                 manager: TaskManager, publish: Callable[[str, str, Any], None]) -> None:
     version_pb2_grpc.add_VersionServicer_to_server(Version(), server)
     introspection_pb2_grpc.add_IntrospectionServicer_to_server(Introspection(cfg.root), server)
     health_pb2_grpc.add_HealthServicer_to_server(Health(), server)

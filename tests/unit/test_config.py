@@ -1,0 +1,46 @@
+"""ketchd's configuration: defaults, overrides, and clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ketch import config, errdefs
+
+
+def test_defaults_are_the_printed_defaults() -> None:
+    cfg = config.load()
+    assert cfg.root == "/var/lib/ketch" and cfg.state == "/run/ketch"
+    assert cfg.grpc.address == "/run/ketch/ketchd.sock"
+    assert cfg.ttrpc_address == "/run/ketch/ketchd.sock.ttrpc"
+    assert cfg.runtime.shim_call_timeout == 30.0 and cfg.log.level == "info"
+
+
+def test_file_overrides(tmp_path: Path) -> None:
+    f = tmp_path / "k.toml"
+    f.write_text('root = "/srv/k"\n[grpc]\naddress = "/tmp/k.sock"\n[ttrpc]\naddress = "/tmp/t.sock"\n'
+                 "[runtime]\nshim_call_timeout = 5\n")
+    cfg = config.load(str(f))
+    assert cfg.root == "/srv/k" and cfg.state == "/run/ketch"
+    assert cfg.grpc.address == "/tmp/k.sock" and cfg.ttrpc_address == "/tmp/t.sock"
+    assert cfg.runtime.shim_call_timeout == 5.0
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("nope = 1\n", "unknown key nope"),
+    ("[grpc]\nuid = 'root'\n", "grpc.uid must be int"),
+    ("grpc = 3\n", "grpc must be a table"),
+    ("[log]\nlevel = 'loud'\n", "log.level"),
+    ("root = [\n", "config file"),
+])
+def test_bad_files_are_invalid_arguments(tmp_path: Path, text: str, words: str) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_text(text)
+    with pytest.raises(errdefs.InvalidArgument, match=words):
+        config.load(str(f))
+
+
+def test_missing_file_is_not_found(tmp_path: Path) -> None:
+    with pytest.raises(errdefs.NotFound):
+        config.load(str(tmp_path / "absent.toml"))
