@@ -22,17 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ketch import errdefs, identifiers, mount
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+from ketch.files import write_atomic
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ import os
 import socket
 import sys
 
+from ketch.files import write_atomic
+
 _BOOL_FLAGS = {"debug", "v", "version"}
 _FLAGS = {"namespace", "id", "address", "publish-binary", "bundle", "socket"} | _BOOL_FLAGS
 #: room for "/<32 hex>" in sun_path (108 bytes with the terminating NUL)
@@ -78,17 +80,6 @@ def socket_path(address: str, namespace: str, group: str) -> str:
         raise UsageError(f"shim socket path {path!r} is longer than a unix socket allows; "
                          "set KETCH_SHIM_STATE_DIR to a shorter directory")
     return path
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def _connectable(path: str) -> bool:

@@ -34,6 +34,7 @@ from ketch.api.containerd.events import task_pb2 as events
 from ketch.api.containerd.task.v2 import shim_pb2 as api
 from ketch.api.containerd.types.task import task_pb2 as task_types
 from ketch.cgroups import Cgroup, OOMWatch
+from ketch.files import write_atomic
 from ketch.oci.runc import Runc
 from ketch.shim.process import Process, State
 from ketch.shim.publisher import Publisher
@@ -86,7 +87,7 @@ class RuntimeOptions:
 
     def save(self, bundle: str) -> None:
         """options.json in the bundle: what the ``delete`` action needs to find runc's state."""
-        _write_atomic(os.path.join(bundle, "options.json"), json.dumps(self.__dict__).encode())
+        write_atomic(os.path.join(bundle, "options.json"), json.dumps(self.__dict__).encode())
 
     @classmethod
     def load(cls, bundle: str, default_root: str) -> RuntimeOptions:
@@ -115,15 +116,6 @@ class Container:
             return self.execs[exec_id]
         except KeyError:
             raise errdefs.NotFound(f"exec {exec_id!r} of task {self.id!r}") from None
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _set_ts(ts: timestamp_pb2.Timestamp, t: float) -> None:
