@@ -48,6 +48,11 @@ shim_call_timeout = 30.0
 shim_delete_timeout = 30.0
 # start shims with -debug
 shim_debug = false
+
+[runtime.aliases]
+# runtime name asked for = runtime ketchd runs instead. dockerd 20.10 always asks for
+# io.containerd.runc.v2; to run its containers with the ketch shim, set:
+# "io.containerd.runc.v2" = "io.containerd.ketch.v2"
 """
 
 
@@ -77,6 +82,7 @@ class Runtime:
     shim_call_timeout: float = 0.0
     shim_delete_timeout: float = 0.0
     shim_debug: bool = False
+    aliases: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -104,6 +110,11 @@ def _apply(obj: Any, data: dict[str, Any], where: str) -> None:
             if not isinstance(value, dict):
                 raise errdefs.InvalidArgument(f"config: {where}{key} must be a table")
             _apply(current, value, f"{where}{key}.")
+            continue
+        if isinstance(current, dict):
+            if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+                raise errdefs.InvalidArgument(f"config: {where}{key} must be a table of strings")
+            setattr(obj, key, dict(value))
             continue
         want = type(current)
         if want is float and isinstance(value, int) and not isinstance(value, bool):

@@ -44,3 +44,12 @@ def test_bad_files_are_invalid_arguments(tmp_path: Path, text: str, words: str) 
 def test_missing_file_is_not_found(tmp_path: Path) -> None:
     with pytest.raises(errdefs.NotFound):
         config.load(str(tmp_path / "absent.toml"))
+
+
+def test_runtime_aliases(tmp_path: Path) -> None:
+    f = tmp_path / "k.toml"
+    f.write_text('[runtime.aliases]\n"io.containerd.runc.v2" = "io.containerd.ketch.v2"\n')
+    assert config.load(str(f)).runtime.aliases == {"io.containerd.runc.v2": "io.containerd.ketch.v2"}
+    f.write_text('[runtime]\naliases = { x = 1 }\n')
+    with pytest.raises(errdefs.InvalidArgument, match="table of strings"):
+        config.load(str(f))

@@ -86,6 +86,7 @@ class TaskManager:
         publish: Publish,
         extra_dirs: list[str] | None = None,
         call_timeout: float = 30.0,
+        aliases: dict[str, str] | None = None,
     ) -> None:
         self.state_dir = state
         self.root_dir = root
@@ -93,6 +94,8 @@ class TaskManager:
         self.publish = publish
         self.extra_dirs = extra_dirs or []
         self.call_timeout = call_timeout
+        #: runtime name asked for → runtime run instead (dockerd 20.10 can only ask for runc.v2)
+        self.aliases = aliases or {}
         self._tasks: dict[tuple[str, str], Task] = {}
         self._pending: set[tuple[str, str]] = set()
         self._background: set[asyncio.Task[None]] = set()
@@ -119,7 +122,7 @@ class TaskManager:
         key = (namespace, id)
         if self.exists(namespace, id):
             raise errdefs.AlreadyExists(f"task {id}")
-        binary = shims.resolve(opts.runtime, self.extra_dirs)
+        binary = shims.resolve(self.aliases.get(opts.runtime, opts.runtime), self.extra_dirs)
         bundle = Bundle.at(self.state_dir, self.root_dir, namespace, id)
         self._pending.add(key)
         task = Task(namespace, id, opts.runtime, binary, bundle)
