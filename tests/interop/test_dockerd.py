@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from tests import support
-from tests.interop.conftest import KETCH_RUNTIME, Ketchd, _cleanup
+from ketch.testing import system as support
+from ketch.testing.daemons import KETCH_RUNTIME, Ketchd, cleanup
 from tests.interop.test_ctr_shim import _read_until
 
 DOCKER = "/usr/bin/docker"
@@ -124,7 +124,7 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         ketchd.kill(signal.SIGTERM)
         # dockerd bind-mounts its data root onto itself (for mount propagation) and may leave it
         subprocess.run(["umount", str(base / "data")], capture_output=True, check=False)
-        left = _cleanup(base, ["moby"])
+        left = cleanup(base, ["moby"])
         for d in support.cgroup_dirs("docker"):
             with contextlib.suppress(OSError):
                 os.rmdir(d)
@@ -193,9 +193,14 @@ def test_tty_with_resize_and_attach(stack: Stack) -> None:
         assert b"33 99" in _read_until(master, b"33 99", 10)
         fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 44, 111, 0, 0))
         proc.send_signal(signal.SIGWINCH)
-        time.sleep(0.5)
-        os.write(master, b"stty size\n")
-        assert b"44 111" in _read_until(master, b"44 111", 10)
+        # the resize travels docker → dockerd → ketchd → shim asynchronously: ask until it shows
+        seen = b""
+        for _ in range(20):
+            os.write(master, b"stty size\n")
+            seen += _read_until(master, b"44 111", 0.5)
+            if b"44 111" in seen:
+                break
+        assert b"44 111" in seen, seen
         os.write(master, b"exit 4\n")
         assert proc.wait(timeout=30) == 4
     finally:

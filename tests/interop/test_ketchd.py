@@ -15,8 +15,9 @@ import pytest
 from ketch.api.containerd.services.containers.v1 import containers_pb2, containers_pb2_grpc
 from ketch.api.containerd.services.namespaces.v1 import namespace_pb2, namespace_pb2_grpc
 from ketch.api.containerd.services.tasks.v1 import tasks_pb2, tasks_pb2_grpc
-from tests import support
-from tests.interop.conftest import KETCH_RUNTIME, Env
+from ketch.testing import system as support
+from ketch.testing.daemons import KETCH_RUNTIME
+from tests.interop.conftest import Env
 from tests.interop.test_ctr_shim import PATH, Events, _task_status, _wait_status
 
 SPEC_TYPE = "types.containerd.io/opencontainers/runtime-spec/1/Spec"

@@ -47,6 +47,11 @@ RULES = [
     ("events", ("ketch.services", "ketch.daemon", "grpc"), ()),
     ("filters.py", ("ketch.services", "ketch.daemon", "grpc"), ()),
     ("identifiers.py", ("ketch",), ("ketch.errdefs",)),
+    ("content", ("ketch.services", "ketch.daemon", "grpc"), ()),
+    ("images", ("ketch.services", "ketch.daemon", "grpc"), ()),
+    ("snapshots", ("ketch.services", "ketch.daemon", "grpc"), ()),
+    ("diff", ("ketch.services", "ketch.daemon", "grpc"), ()),
+    ("gc.py", ("ketch.services", "ketch.daemon", "grpc"), ()),
 ]
 
 

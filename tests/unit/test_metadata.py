@@ -100,12 +100,12 @@ def test_a_failing_migration_changes_nothing(db_path: Path, monkeypatch: pytest.
         raise RuntimeError("migration failed")
 
     monkeypatch.setattr(schema, "MIGRATIONS", (*schema.MIGRATIONS, broken))
-    monkeypatch.setattr(schema, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(schema, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
     with pytest.raises(RuntimeError):
         Store(db_path)
     monkeypatch.undo()
     with Store(db_path) as s:
-        assert s.schema_version == 1
+        assert s.schema_version == SCHEMA_VERSION
         with s.transaction(write=False) as conn:
             assert conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'half_done'").fetchone() is None
 

@@ -1,4 +1,4 @@
-"""ketchd's metadata: namespaces, containers and leases in one SQLite file.
+"""ketchd's metadata: namespaces, containers, leases, images and content records in one SQLite file.
 
 Open it with :class:`Store`; the records are the dataclasses in :mod:`ketch.metadata.types`;
 the schema and its migrations are drawn in :mod:`ketch.metadata.schema`. Errors are
@@ -12,6 +12,12 @@ from ketch.metadata.store import Store
 from ketch.metadata.types import (
     Container,
     ContainerStore,
+    ContentInfo,
+    ContentRecordStore,
+    Descriptor,
+    Image,
+    ImageStore,
+    Ingest,
     Lease,
     LeaseResource,
     LeaseStore,
@@ -25,6 +31,12 @@ __all__ = [
     "SCHEMA_VERSION",
     "Container",
     "ContainerStore",
+    "ContentInfo",
+    "ContentRecordStore",
+    "Descriptor",
+    "Image",
+    "ImageStore",
+    "Ingest",
     "Lease",
     "LeaseResource",
     "LeaseStore",

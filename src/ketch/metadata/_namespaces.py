@@ -16,9 +16,9 @@ from ketch.metadata.types import Namespace
 if TYPE_CHECKING:
     from ketch.metadata.store import Store
 
-# What keeps a namespace from being deleted: (table, the words containerd uses for it).
-# Later schema versions add images, blobs and snapshots here.
-_CONTENTS: tuple[tuple[str, str], ...] = (("containers", "containers"),)
+# What keeps a namespace from being deleted: (table, the words containerd uses for it), in
+# containerd's order. Snapshots live in the snapshotters' own files, not here.
+_CONTENTS: tuple[tuple[str, str], ...] = (("images", "images"), ("content", "blobs"), ("containers", "containers"))
 
 
 def require(namespace: str) -> None:

@@ -4,7 +4,8 @@ RULE: to change the schema, update this drawing **and** append a migration to
 :data:`MIGRATIONS` (never edit one that has shipped). :data:`SCHEMA_VERSION` is the number of
 migrations; a file records the version it has reached in ``PRAGMA user_version``.
 
-Schema version 1::
+Schema version 2 (version 1 is the same without ``content``, ``content_ingests`` and
+``images``)::
 
     meta.db            PRAGMA journal_mode=WAL, foreign_keys=ON, user_version=SCHEMA_VERSION
     │
@@ -33,17 +34,52 @@ Schema version 1::
     │         type_url      TEXT
     │         value         BLOB
     │
-    └── leases                              PK (namespace, id)
-        │ namespace     TEXT  → namespaces(name)  ON DELETE CASCADE (as in containerd, a
-        │                                          namespace's leases go with it)
-        │ id            TEXT
-        │ labels        TEXT  JSON object
-        │ created_at    REAL
-        │
-        └── lease_resources                 PK (namespace, lease_id, type, id)
-              namespace, lease_id  → leases(namespace, id)  ON DELETE CASCADE
-              type          TEXT            "content" | "ingests" | "snapshots/<snapshotter>"
-              id            TEXT            digest | ingest ref | snapshot key
+    ├── leases                              PK (namespace, id)
+    │   │ namespace     TEXT  → namespaces(name)  ON DELETE CASCADE (as in containerd, a
+    │   │                                          namespace's leases go with it)
+    │   │ id            TEXT
+    │   │ labels        TEXT  JSON object
+    │   │ created_at    REAL
+    │   │
+    │   └── lease_resources                 PK (namespace, lease_id, type, id)
+    │         namespace, lease_id  → leases(namespace, id)  ON DELETE CASCADE
+    │         type          TEXT            "content" | "ingests" | "snapshots/<snapshotter>"
+    │         id            TEXT            digest | ingest ref | snapshot key
+    │
+    ├── content                             PK (namespace, digest)   [v2]
+    │     namespace     TEXT  → namespaces(name)  ON DELETE RESTRICT ("blobs" keep it)
+    │     digest        TEXT                "sha256:<64 hex>"; the file is
+    │                                       <content root>/blobs/sha256/<hex>, shared by every
+    │                                       namespace; a namespace sees a blob only by its row
+    │     size          INTEGER             bytes, >= 0
+    │     labels        TEXT  JSON object   containerd.io/gc.* references among them
+    │     created_at    REAL
+    │     updated_at    REAL
+    │     INDEX content_by_digest (digest)  "does any namespace still hold this blob?"
+    │
+    ├── content_ingests                     one row per write in progress   [v2]
+    │     seq           INTEGER PK AUTOINCREMENT   never reused, so a stale ingest directory
+    │                                       can never be taken for a new write
+    │     namespace     TEXT  → namespaces(name)  ON DELETE CASCADE (ingests hold no namespace)
+    │     ref           TEXT                the client's ref, non-empty; UNIQUE (namespace, ref)
+    │     bref          TEXT  UNIQUE        "<namespace>/<seq>/<ref>"; the ingest directory is
+    │                                       <content root>/ingest/<sha256 hex of bref>/
+    │     expected      TEXT                a blob already on disk (from another namespace)
+    │                                       that this write may take without data; "" if none
+    │     expires_at    REAL  NULL          set for an ingest no lease holds (24 h after it
+    │                                       was opened); NULL when a lease holds it
+    │
+    └── images                              PK (namespace, name)   [v2]
+          namespace     TEXT  → namespaces(name)  ON DELETE RESTRICT ("images" keep it)
+          name          TEXT                a reference ("docker.io/library/busybox:latest"),
+                                            non-empty; not an identifier
+          labels        TEXT  JSON object
+          target_media_type  TEXT           non-empty
+          target_digest      TEXT           a digest (go-digest syntax)
+          target_size        INTEGER        > 0
+          target_annotations TEXT JSON object
+          created_at    REAL
+          updated_at    REAL
 
 Text compares as bytes (SQLite's BINARY collation), so ``ORDER BY`` gives containerd's order
 (bolt iterates keys bytewise).
@@ -122,8 +158,48 @@ def _v1_initial(conn: sqlite3.Connection) -> None:
     )
 
 
+def _v2_content_images(conn: sqlite3.Connection) -> None:
+    """Content (per-namespace blob rows and ingests) and images."""
+    _run(
+        conn,
+        """
+        CREATE TABLE content (
+            namespace   TEXT NOT NULL REFERENCES namespaces(name) ON DELETE RESTRICT,
+            digest      TEXT NOT NULL,
+            size        INTEGER NOT NULL CHECK (size >= 0),
+            labels      TEXT NOT NULL DEFAULT '{}',
+            created_at  REAL NOT NULL,
+            updated_at  REAL NOT NULL,
+            PRIMARY KEY (namespace, digest)
+        );
+        CREATE INDEX content_by_digest ON content (digest);
+        CREATE TABLE content_ingests (
+            seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+            namespace   TEXT NOT NULL REFERENCES namespaces(name) ON DELETE CASCADE,
+            ref         TEXT NOT NULL CHECK (ref <> ''),
+            bref        TEXT NOT NULL UNIQUE,
+            expected    TEXT NOT NULL DEFAULT '',
+            expires_at  REAL,
+            UNIQUE (namespace, ref)
+        );
+        CREATE TABLE images (
+            namespace           TEXT NOT NULL REFERENCES namespaces(name) ON DELETE RESTRICT,
+            name                TEXT NOT NULL CHECK (name <> ''),
+            labels              TEXT NOT NULL DEFAULT '{}',
+            target_media_type   TEXT NOT NULL,
+            target_digest       TEXT NOT NULL,
+            target_size         INTEGER NOT NULL,
+            target_annotations  TEXT NOT NULL DEFAULT '{}',
+            created_at          REAL NOT NULL,
+            updated_at          REAL NOT NULL,
+            PRIMARY KEY (namespace, name)
+        );
+        """
+    )
+
+
 #: every migration, in order; migration ``i`` takes a file from version ``i`` to ``i + 1``
-MIGRATIONS: Sequence[Migration] = (_v1_initial,)
+MIGRATIONS: Sequence[Migration] = (_v1_initial, _v2_content_images)
 
 #: the version this code reads and writes
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -27,19 +27,24 @@ from collections.abc import Iterator
 
 from ketch.metadata import schema
 from ketch.metadata._containers import Containers
+from ketch.metadata._content import ContentRecords
+from ketch.metadata._images import Images
 from ketch.metadata._leases import Leases
 from ketch.metadata._namespaces import Namespaces
-from ketch.metadata.types import ContainerStore, LeaseStore, NamespaceStore
+from ketch.metadata.types import ContainerStore, ContentRecordStore, ImageStore, LeaseStore, NamespaceStore
 
 __all__ = ["Store"]
 
 
 class Store:
-    """The metadata database; ``namespaces``, ``containers`` and ``leases`` are its nouns."""
+    """The metadata database; ``namespaces``, ``containers``, ``leases``, ``images`` and
+    ``content`` (blob and ingest records; the bytes are :mod:`ketch.content`'s) are its nouns."""
 
     namespaces: NamespaceStore
     containers: ContainerStore
     leases: LeaseStore
+    images: ImageStore
+    content: ContentRecordStore
 
     def __init__(self, path: str | os.PathLike[str], *, timeout: float = 5.0) -> None:
         """Open or create the database at ``path`` and bring its schema up to date."""
@@ -59,6 +64,8 @@ class Store:
         self.namespaces = Namespaces(self)
         self.containers = Containers(self)
         self.leases = Leases(self)
+        self.images = Images(self)
+        self.content = ContentRecords(self)
 
     @property
     def schema_version(self) -> int:

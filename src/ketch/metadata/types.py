@@ -18,6 +18,12 @@ from typing import Protocol
 __all__ = [
     "Container",
     "ContainerStore",
+    "ContentInfo",
+    "ContentRecordStore",
+    "Descriptor",
+    "Image",
+    "ImageStore",
+    "Ingest",
     "Lease",
     "LeaseResource",
     "LeaseStore",
@@ -107,6 +113,69 @@ class LeaseResource:
     """``content``, ``ingests`` or ``snapshots/<snapshotter>``."""
 
 
+@dataclass(slots=True)
+class ContentInfo:
+    """A blob as one namespace sees it: the shared bytes, and this namespace's labels."""
+
+    digest: str
+    """Required, immutable: ``sha256:<64 lowercase hex>``."""
+    size: int = 0
+    """Set when the blob is committed; immutable."""
+    labels: dict[str, str] = field(default_factory=dict)
+    """Optional, mutable (``labels``, ``labels.<key>``). An empty value removes the label.
+    ``containerd.io/gc.ref.content*`` values must be digests."""
+    created_at: float = 0.0
+    """Set by the store when the namespace first holds the blob."""
+    updated_at: float = 0.0
+    """Set by the store on create and on each update."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ingest:
+    """The record of a write in progress (the bytes live in the content store's ingest dir)."""
+
+    ref: str
+    """The client's ref, unique within the namespace."""
+    bref: str
+    """``<namespace>/<seq>/<ref>``: unique across namespaces and never reused; the ingest
+    directory is named after its sha256."""
+    expected: str = ""
+    """A blob already on disk that this write may take without data ("" when none)."""
+    expires_at: float | None = None
+    """When garbage collection may drop an ingest that no lease holds; None when leased."""
+
+
+@dataclass(slots=True)
+class Descriptor:
+    """An OCI descriptor: what an image points at."""
+
+    media_type: str = ""
+    """Required (non-empty)."""
+    digest: str = ""
+    """Required: a valid digest."""
+    size: int = 0
+    """Required: greater than zero."""
+    annotations: dict[str, str] = field(default_factory=dict)
+    """Optional, mutable (``annotations``, ``annotations.<key>``); empty values are dropped."""
+
+
+@dataclass(slots=True)
+class Image:
+    """An image record: a name pointing at a target descriptor (a manifest or an index)."""
+
+    name: str
+    """Required, immutable: a reference such as ``docker.io/library/busybox:latest``. Any
+    non-empty string; images are *not* restricted to identifiers."""
+    labels: dict[str, str] = field(default_factory=dict)
+    """Optional, mutable (``labels``, ``labels.<key>``). Empty values are dropped."""
+    target: Descriptor = field(default_factory=Descriptor)
+    """Required, mutable as a whole (``target``); its annotations also one by one."""
+    created_at: float = 0.0
+    """Set by the store on create; kept by updates."""
+    updated_at: float = 0.0
+    """Set by the store on create and on each update."""
+
+
 class NamespaceStore(Protocol):
     """Namespaces. Namespaced calls on other stores create their namespace on first use."""
 
@@ -184,4 +253,84 @@ class LeaseStore(Protocol):
 
     def list(self, namespace: str, filters: Sequence[str] = ()) -> builtins.list[Lease]:
         """Leases matching any of ``filters`` (fields ``id``, ``labels.<key>``), by id."""
+        ...
+
+
+class ContentRecordStore(Protocol):
+    """Which namespaces hold which blobs, with their labels, and the ingests in progress.
+
+    Records only: :class:`ketch.content.ContentStore` owns the files and calls these inside
+    its transactions. Digests are checked (``sha256:`` + 64 lowercase hex) before use.
+    """
+
+    def get(self, namespace: str, digest: str) -> ContentInfo:
+        """The blob's record; NotFound ``content digest sha256:...`` if the namespace lacks it."""
+        ...
+
+    def list(self, namespace: str, filters: Sequence[str] = ()) -> builtins.list[ContentInfo]:
+        """Records matching any filter (``digest``, ``size``, ``labels.<key>``), by digest."""
+        ...
+
+    def add(self, namespace: str, info: ContentInfo) -> ContentInfo:
+        """Record a committed blob in the namespace; AlreadyExists ``content sha256:...``."""
+        ...
+
+    def update(self, namespace: str, info: ContentInfo, fieldpaths: Sequence[str] = ()) -> ContentInfo:
+        """Set labels: all of them without field paths, else ``labels`` / ``labels.<key>``."""
+        ...
+
+    def delete(self, namespace: str, digest: str) -> None:
+        """Drop the namespace's record (the file stays until garbage collection); NotFound."""
+        ...
+
+    def referenced(self) -> set[str]:
+        """Every digest some namespace holds or some ingest expects: the blobs to keep."""
+        ...
+
+    def open_ingest(self, namespace: str, ref: str, expected: str = "",
+                    expires_at: float | None = None) -> Ingest:
+        """Create the ingest record of ``ref`` or take the existing one (keeping its bref),
+        setting ``expected`` and ``expires_at``."""
+        ...
+
+    def get_ingest(self, namespace: str, ref: str) -> Ingest:
+        """The ingest record of ``ref``; NotFound ``reference <ref>`` if there is none."""
+        ...
+
+    def delete_ingest(self, namespace: str, ref: str) -> Ingest:
+        """Drop the ingest record and return it; NotFound ``reference <ref>``."""
+        ...
+
+    def list_ingests(self, namespace: str) -> builtins.list[Ingest]:
+        """The namespace's ingest records, by ref."""
+        ...
+
+    def ingest_brefs(self) -> set[str]:
+        """The brefs of every ingest record, all namespaces: the ingest dirs to keep."""
+        ...
+
+
+class ImageStore(Protocol):
+    """Image records, per namespace (containerd ``metadata/images.go``)."""
+
+    def create(self, namespace: str, image: Image) -> Image:
+        """Store a new image; AlreadyExists ``image "name"``. Returns it as stored."""
+        ...
+
+    def get(self, namespace: str, name: str) -> Image:
+        """The image ``name``; NotFound ``image "name"``."""
+        ...
+
+    def list(self, namespace: str, filters: Sequence[str] = ()) -> builtins.list[Image]:
+        """Images matching any filter (``name``, ``target.digest``, ``target.mediatype``,
+        ``labels.<key>``, ``annotations.<key>``), by name."""
+        ...
+
+    def update(self, namespace: str, image: Image, fieldpaths: Sequence[str] = ()) -> Image:
+        """Apply the fields named by ``fieldpaths`` (``labels``, ``labels.<key>``, ``target``,
+        ``annotations``, ``annotations.<key>``); none replaces every field but the name."""
+        ...
+
+    def delete(self, namespace: str, name: str) -> None:
+        """Remove the record; NotFound ``image "name"``."""
         ...

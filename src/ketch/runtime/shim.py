@@ -187,11 +187,12 @@ class ShimClient:
 
     async def call(self, method: str, request: _message.Message, response_type: type[M], *,
                    timeout: float | None = -1.0) -> M:
-        """Call Task/<method>; ``timeout=None`` waits as long as it takes (Wait)."""
+        """Call Task/<method>; ``timeout=None`` waits as long as it takes (Wait). The timeout
+        is ours only: like containerd, we send shims no deadline (see ttrpc.Client.call)."""
         return await self._client.call(
             SERVICE, method, request, response_type,
             timeout=self.timeout if timeout == -1.0 else timeout,
-            metadata={NAMESPACE_KEY: self.namespace})
+            metadata={NAMESPACE_KEY: self.namespace}, send_timeout=False)
 
     async def close(self) -> None:
         await self._client.close()

@@ -32,7 +32,6 @@ from google.protobuf import empty_pb2, timestamp_pb2
 from ketch import __version__, errdefs, mount, ttrpc
 from ketch.api.containerd.events import task_pb2 as events
 from ketch.api.containerd.task.v2 import shim_pb2 as api
-from ketch.api.containerd.types.task import task_pb2 as task_types
 from ketch.cgroups import Cgroup, OOMWatch
 from ketch.files import write_atomic
 from ketch.oci.runc import Runc

@@ -399,10 +399,16 @@ class Client:
         *,
         timeout: float | None = None,
         metadata: dict[str, str | list[str]] | None = None,
+        send_timeout: bool = True,
     ) -> M:
         """Call ``service/method`` and return its decoded response; a non-OK status raises
-        the errdefs error for its code. ``timeout`` (seconds) travels with the call and is
-        enforced here as well (DeadlineExceeded)."""
+        the errdefs error for its code. ``timeout`` (seconds) is enforced here
+        (DeadlineExceeded) and, unless ``send_timeout`` is false, travels with the call.
+
+        Keep it off the wire where the server's handler leaves work running on the call's
+        context after answering: a Go ttrpc server cancels a deadline-carrying context when
+        the handler returns (containerd's runc shim then loses the stdio FIFO it was still
+        opening for Create and Start)."""
         p = self._protocol
         if p.close_reason is not None:
             raise errdefs.Unavailable(p.close_reason)
@@ -417,7 +423,7 @@ class Client:
                 service,
                 method,
                 request.SerializeToString(),
-                timeout_nano=0 if timeout is None else max(1, int(timeout * 1e9)),
+                timeout_nano=0 if timeout is None or not send_timeout else max(1, int(timeout * 1e9)),
                 metadata=pairs,
             )
         except LocalProtocolError as exc:

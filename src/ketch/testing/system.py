@@ -1,5 +1,5 @@
-"""Helpers the integration and interop tests share: a busybox rootfs, and cleanup of
-everything a test left under its private directory (processes by PID, mounts, cgroups)."""
+"""What tests and benchmarks need from the host: a busybox rootfs, and finding and ending
+what a run left under its private directory (processes by PID, mounts, cgroups)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
 
 BUSYBOX = "/bin/busybox"
-VENV_BIN = str(Path(__file__).resolve().parent.parent / ".venv" / "bin")
+#: where ketch's console scripts are: beside the interpreter running ketch
+VENV_BIN = os.path.dirname(sys.executable)
 
 
 def need_root() -> str | None:

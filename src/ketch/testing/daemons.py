@@ -1,0 +1,161 @@
+"""Private daemons speaking containerd's API, for tests and benchmarks: Debian's containerd
+(its own root, state, sockets and config with CRI disabled; never /run/containerd) and ketchd,
+each with ketch's bin directory on PATH so that ``io.containerd.ketch.v2`` finds our shim."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from ketch.testing import system
+
+KETCH_RUNTIME = "io.containerd.ketch.v2"
+RUNC_RUNTIME = "io.containerd.runc.v2"
+
+
+class Daemon:
+    """A private daemon speaking containerd's API: its own root, state and sockets under ``base``."""
+
+    name = ""
+    socket_name = ""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.address = str(base / self.socket_name)
+        self.log = base / f"{self.name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def argv(self) -> list[str]:
+        raise NotImplementedError
+
+    def bundle(self, ns: str, id: str) -> Path:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        env = dict(os.environ, PATH=f"{system.VENV_BIN}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}")
+        logf = open(self.log, "ab")
+        self.proc = subprocess.Popen(self.argv(), stdout=logf, stderr=logf, env=env, start_new_session=True)
+        logf.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited: {self.log.read_text()[-3000:]}")
+            if os.path.exists(self.address):
+                r = subprocess.run(["ctr", "--address", self.address, "version"], capture_output=True)
+                if r.returncode == 0:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} did not come up: {self.log.read_text()[-3000:]}")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def ctr(self, ns: str, *args: str, input: bytes | None = None, timeout: float = 60,
+            check: bool = True) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run(["ctr", "--address", self.address, "--namespace", ns, *args],
+                           input=input.decode() if input is not None else None, capture_output=True,
+                           text=True, timeout=timeout)
+        if check and r.returncode != 0:
+            raise AssertionError(f"ctr {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
+        return r
+
+    def clean_namespace(self, ns: str) -> None:
+        """Kill and remove every task and container of ``ns`` (best effort)."""
+        if self.proc is None:
+            return
+        for line in self.ctr(ns, "tasks", "ls", "-q", check=False).stdout.split():
+            self.ctr(ns, "tasks", "kill", "-s", "SIGKILL", "--all", line, check=False)
+        for _ in range(50):
+            if not self.ctr(ns, "tasks", "ls", "-q", check=False).stdout.split():
+                break
+            for line in self.ctr(ns, "tasks", "ls", "-q", check=False).stdout.split():
+                self.ctr(ns, "tasks", "rm", "-f", line, check=False)
+            time.sleep(0.1)
+        for line in self.ctr(ns, "containers", "ls", "-q", check=False).stdout.split():
+            self.ctr(ns, "containers", "rm", line, check=False)
+        self.ctr("default", "namespaces", "rm", ns, check=False)
+
+
+class Containerd(Daemon):
+    name = "containerd"
+    socket_name = "containerd.sock"
+
+    def __init__(self, base: Path) -> None:
+        super().__init__(base)
+        self.config = base / "config.toml"
+        self.config.write_text(
+            f"""version = 2
+root = "{base}/root"
+state = "{base}/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.aufs", "io.containerd.tracing.processor.v1.otlp",
+  "io.containerd.internal.v1.tracing"]
+[grpc]
+  address = "{self.address}"
+[ttrpc]
+  address = "{self.address}.ttrpc"
+[debug]
+  address = ""
+[metrics]
+  address = ""
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{base}/opt"
+"""
+        )
+
+    def argv(self) -> list[str]:
+        return ["containerd", "--config", str(self.config), "--log-level", "info"]
+
+    def bundle(self, ns: str, id: str) -> Path:
+        return self.base / "state" / "io.containerd.runtime.v2.task" / ns / id
+
+
+class Ketchd(Daemon):
+    name = "ketchd"
+    socket_name = "ketchd.sock"
+
+    def argv(self) -> list[str]:
+        return [f"{system.VENV_BIN}/ketchd", "--root", str(self.base / "root"), "--state", str(self.base / "state"),
+                "--address", self.address, "--log-level", "debug"]
+
+    def bundle(self, ns: str, id: str) -> Path:
+        return self.base / "state" / "runtime" / "v2" / ns / id
+
+
+def cleanup(base: Path, namespaces: list[str]) -> list[str]:
+    """End what the test left under ``base`` (by PID), unmount, remove cgroups; what was left."""
+    left = []
+    pids = system.pids_referencing(str(base))
+    if pids:
+        left.append(f"processes {pids}")
+        system.kill_pids(pids)
+    runc_state = base / "runc"
+    roots = list(runc_state.glob("*")) if runc_state.is_dir() else []
+    roots += [Path("/run/containerd/runc", ns) for ns in namespaces if Path("/run/containerd/runc", ns).is_dir()]
+    for root in roots:
+        ids = subprocess.run(["runc", "--root", str(root), "list", "-q"], capture_output=True, text=True).stdout.split()
+        if ids:
+            left.append(f"runc containers {ids}")
+        for cid in ids:
+            subprocess.run(["runc", "--root", str(root), "delete", "--force", cid], capture_output=True)
+    mounts = system.mounts_under(str(base))
+    if mounts:
+        left.append(f"mounts {mounts}")
+        system.unmount_under(str(base))
+    for ns in namespaces:
+        system.remove_cgroups(ns)
+        with contextlib.suppress(OSError):
+            os.rmdir(Path("/run/containerd/runc", ns))
+    return left
