@@ -58,11 +58,15 @@ def _prepare_socket_dir(path: str) -> None:
 async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None) -> None:
     import grpc
 
+    from ketch.content import ContentStore
     from ketch.events import Exchange
+    from ketch.images import ImageService
     from ketch.metadata import Store
+    from ketch.snapshots import NativeSnapshotter, OverlaySnapshotter, Snapshotter, supported
     from ketch.runtime.manager import TaskManager
     from ketch.runtime.shim import ShimParams
     from ketch.services import register_all
+    from ketch.services.images import Collector
     from ketch.services.events import forward_service
 
     for d in (cfg.root, cfg.state):
@@ -72,6 +76,17 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
 
     def publish(namespace: str, topic: str, event: Any) -> None:
         exchange.publish(namespace, topic, event.DESCRIPTOR.full_name, event.SerializeToString())
+
+    content = ContentStore(os.path.join(cfg.root, "content"), store, publish=publish)
+    snapshotters: dict[str, Snapshotter] = {"native": NativeSnapshotter(os.path.join(cfg.root, "snapshots", "native"))}
+    overlay_root = os.path.join(cfg.root, "snapshots", "overlayfs")
+    os.makedirs(overlay_root, mode=0o700, exist_ok=True)
+    if supported(overlay_root):
+        snapshotters["overlayfs"] = OverlaySnapshotter(overlay_root)
+    else:
+        log.warning("overlayfs is not supported under %s; only the native snapshotter is loaded", overlay_root)
+    collector = Collector(store, content, snapshotters)
+    images = ImageService(store, publish=publish)
 
     params = ShimParams(
         grpc_address=cfg.grpc.address, ttrpc_address=cfg.ttrpc_address,
@@ -98,7 +113,8 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
         ("grpc.max_receive_message_length", cfg.grpc.max_recv_message_size),
         ("grpc.max_send_message_length", cfg.grpc.max_send_message_size),
     ])
-    register_all(server, cfg=cfg, store=store, exchange=exchange, manager=manager, publish=publish)
+    register_all(server, cfg=cfg, store=store, exchange=exchange, manager=manager, publish=publish,
+                 content=content, images=images, snapshotters=snapshotters, collector=collector)
     _prepare_socket_dir(cfg.grpc.address)
     server.add_insecure_port(f"unix://{cfg.grpc.address}")
     await server.start()
@@ -122,6 +138,9 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
         await events_server.shutdown(grace=0.5)
         ttrpc_task.cancel()
         await manager.close()
+        collector.close()
+        for snapshotter in snapshotters.values():
+            snapshotter.close()
         store.close()
         for path in (cfg.grpc.address,):
             try:

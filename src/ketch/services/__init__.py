@@ -9,6 +9,10 @@ import grpc
 
 from ketch import config, metadata
 from ketch.api.containerd.services.containers.v1 import containers_pb2_grpc
+from ketch.api.containerd.services.content.v1 import content_pb2_grpc
+from ketch.api.containerd.services.diff.v1 import diff_pb2_grpc
+from ketch.api.containerd.services.images.v1 import images_pb2_grpc
+from ketch.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc
 from ketch.api.containerd.services.events.v1 import events_pb2_grpc
 from ketch.api.containerd.services.introspection.v1 import introspection_pb2_grpc
 from ketch.api.containerd.services.leases.v1 import leases_pb2_grpc
@@ -16,21 +20,30 @@ from ketch.api.containerd.services.namespaces.v1 import namespace_pb2_grpc
 from ketch.api.containerd.services.tasks.v1 import tasks_pb2_grpc
 from ketch.api.containerd.services.version.v1 import version_pb2_grpc
 from ketch.api.grpc.health.v1 import health_pb2_grpc
+from ketch.content import ContentStore
 from ketch.events import Exchange
+from ketch.images import ImageService
 from ketch.runtime.manager import TaskManager
 from ketch.services.events import Events
+from ketch.services.images import Collector, Content, Diff, Images, Snapshots
 from ketch.services.metadata import Containers, Leases, Namespaces
 from ketch.services.system import Health, Introspection, Version
 from ketch.services.tasks import Tasks
+from ketch.snapshots import Snapshotter
 
 
 def register_all(server: grpc.aio.Server, *, cfg: config.Config, store: metadata.Store, exchange: Exchange,
-                 manager: TaskManager, publish: Callable[[str, str, Any], None]) -> None:
+                 manager: TaskManager, publish: Callable[[str, str, Any], None], content: ContentStore,
+                 images: ImageService, snapshotters: dict[str, Snapshotter], collector: Collector) -> None:
     version_pb2_grpc.add_VersionServicer_to_server(Version(), server)
     introspection_pb2_grpc.add_IntrospectionServicer_to_server(Introspection(cfg.root), server)
     health_pb2_grpc.add_HealthServicer_to_server(Health(), server)
     namespace_pb2_grpc.add_NamespacesServicer_to_server(Namespaces(store, publish), server)
     containers_pb2_grpc.add_ContainersServicer_to_server(Containers(store, publish, manager.exists), server)
-    leases_pb2_grpc.add_LeasesServicer_to_server(Leases(store), server)
+    leases_pb2_grpc.add_LeasesServicer_to_server(Leases(store, collector), server)
+    content_pb2_grpc.add_ContentServicer_to_server(Content(content, collector), server)
+    images_pb2_grpc.add_ImagesServicer_to_server(Images(images, collector), server)
+    snapshots_pb2_grpc.add_SnapshotsServicer_to_server(Snapshots(snapshotters, store, publish, collector), server)
+    diff_pb2_grpc.add_DiffServicer_to_server(Diff(content), server)
     events_pb2_grpc.add_EventsServicer_to_server(Events(exchange), server)
     tasks_pb2_grpc.add_TasksServicer_to_server(Tasks(manager, store.containers.get), server)

@@ -41,6 +41,12 @@ def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return _STATUS.get(code, grpc.StatusCode.UNKNOWN), message
 
 
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    """End the call with the status for ``exc`` (raises grpc's AbortError)."""
+    code, message = _status(exc)
+    await context.abort(code, message)
+
+
 def unary(fn: F) -> F:
     """Map errors of a unary method to gRPC statuses."""
 
@@ -49,8 +55,7 @@ def unary(fn: F) -> F:
         try:
             return await fn(self, request, context)
         except errdefs.KetchError as e:
-            code, message = _status(e)
-            await context.abort(code, message)
+            await abort(context, e)
         except (grpc.aio.AbortError, grpc.RpcError):
             raise
         except Exception as e:  # noqa: BLE001 - the one place where the unexpected becomes Unknown
@@ -69,8 +74,7 @@ def stream(fn: G) -> G:
             async for item in fn(self, request, context):
                 yield item
         except errdefs.KetchError as e:
-            code, message = _status(e)
-            await context.abort(code, message)
+            await abort(context, e)
         except (grpc.aio.AbortError, grpc.RpcError):
             raise
         except Exception as e:  # noqa: BLE001

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, empty_pb2
@@ -185,8 +186,9 @@ def _lease(lease: metadata.Lease) -> lapi.Lease:
 
 
 class Leases(leases_pb2_grpc.LeasesServicer):
-    def __init__(self, store: metadata.Store) -> None:
+    def __init__(self, store: metadata.Store, collector: Any) -> None:
         self.store = store
+        self.collector = collector
 
     @unary
     async def Create(self, request: lapi.CreateRequest, context: grpc.aio.ServicerContext) -> lapi.CreateResponse:
@@ -196,6 +198,10 @@ class Leases(leases_pb2_grpc.LeasesServicer):
     @unary
     async def Delete(self, request: lapi.DeleteRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
         self.store.leases.delete(namespace(context), request.id)
+        if request.sync:
+            await self.collector.now()
+        else:
+            self.collector.schedule()
         return empty_pb2.Empty()
 
     @unary

@@ -5,8 +5,9 @@ the client's FIFOs with ``splice`` (kernel to kernel, no per-byte Python). Termi
 get a pty whose master runc hands us through a console socket; its bytes are copied with large
 reads. Rules that clients rely on:
 
-* stdout/stderr FIFOs are opened read-write, so opening never blocks on a reader that has not
-  come yet and a client that goes away never makes the process die of EPIPE.
+* stdout/stderr FIFOs are opened for writing once the client has opened them for reading
+  (see _FifoWriter), then also for reading, so a client that goes away never makes the
+  process die of EPIPE.
 * stdin: we hold a writer on the client's stdin FIFO so that a client closing its end (or
   reattaching) is not EOF; ``close_stdin`` (CloseIO) drops our writer, and once the client's
   writer is gone too the copy sees EOF and closes the process's stdin.
@@ -21,12 +22,14 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
 import os
 import socket
 import struct
 import tempfile
 import termios
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ketch import errdefs
@@ -52,12 +55,49 @@ def _path_of(uri: str) -> tuple[str, str]:
     return "fifo", uri
 
 
-def _open_output(uri: str) -> int:
-    kind, path = _path_of(uri)
-    if kind == "file":
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
-    return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+class _FifoWriter:
+    """Opens the client's output FIFO for writing once the client has opened it for reading.
+
+    Opening a FIFO's write end blocks until a reader is there, and a client may open its
+    reader late (ctr opens it from a goroutine that can run after a fast container exited).
+    Had we held the FIFO open ourselves meanwhile, our last close would throw the buffered
+    output away before the client came. So the blocking open runs in a thread and the copy
+    waits for it; :meth:`cancel` unblocks the thread by holding a reader until it returns."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._cancelled = False
+        self._future: asyncio.Future[int] | None = None
+
+    def _open(self) -> int:
+        if self._cancelled:
+            raise OSError(errno.ECANCELED, "stdio closed before the client opened it")
+        fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)  # blocks until a reader comes
+        if self._cancelled:
+            os.close(fd)
+            raise OSError(errno.ECANCELED, "stdio closed before the client opened it")
+        os.set_blocking(fd, False)
+        return fd
+
+    async def open(self) -> int:
+        self._future = asyncio.get_running_loop().run_in_executor(_executor(), self._open)
+        return await self._future
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        if self._future is None or self._future.done():
+            return
+        try:
+            unblocker = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return
+        self._future.add_done_callback(lambda _: os.close(unblocker))
+
+
+@functools.cache
+def _executor() -> ThreadPoolExecutor:
+    """Threads that wait in open(2) for clients' FIFO readers (one per stream at most)."""
+    return ThreadPoolExecutor(max_workers=256, thread_name_prefix="fifo-open")
 
 
 async def _wait_fd(fd: int, write: bool) -> None:
@@ -157,6 +197,7 @@ class ProcessIO:
     _stdin_w: int | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _output_tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _openers: list[_FifoWriter] = field(default_factory=list)
     _closed: bool = False
 
     @classmethod
@@ -177,6 +218,27 @@ class ProcessIO:
         self._held.append(fd)
         return fd
 
+    def _copy_out(self, src: int, uri: str) -> None:
+        """Copy ``src`` to the client's ``uri`` (a FIFO, opened once the client reads it, or a
+        file:// path) until EOF."""
+        kind, path = _path_of(uri)
+        if kind == "file":
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            dst = self._hold(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640))
+            self._output_tasks.append(asyncio.ensure_future(pump(src, dst)))
+            return
+        opener = _FifoWriter(path)
+        self._openers.append(opener)
+
+        async def copy() -> None:
+            dst = self._hold(await opener.open())
+            # our own reader keeps the FIFO alive if the client goes away: the process then
+            # blocks on a full pipe instead of dying of EPIPE
+            self._hold(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+            await pump(src, dst)
+
+        self._output_tasks.append(asyncio.ensure_future(copy()))
+
     def _make_pipes(self, uid: int, gid: int) -> None:
         s = self.stdio
         if s.stdin:
@@ -192,13 +254,12 @@ class ProcessIO:
         for i, uri in ((1, s.stdout), (2, s.stderr)):
             if not uri:
                 continue
-            dst = self._hold(_open_output(uri))
             r, w = os.pipe2(os.O_CLOEXEC)
             _set_pipe_size(r)
             _nonblock(r)
             self.runtime_fds[i] = w
             self._hold(r)
-            self._output_tasks.append(asyncio.ensure_future(pump(r, dst)))
+            self._copy_out(r, uri)
         if uid >= 0 or gid >= 0:
             for fd in self.runtime_fds:
                 if fd is not None:
@@ -228,8 +289,7 @@ class ProcessIO:
         master = await self.console.receive(timeout)
         s = self.stdio
         if s.stdout:
-            dst = self._hold(_open_output(s.stdout))
-            self._output_tasks.append(asyncio.ensure_future(pump(master, dst)))
+            self._copy_out(master, s.stdout)
         if s.stdin:
             kind, path = _path_of(s.stdin)
             src = self._hold(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
@@ -262,6 +322,8 @@ class ProcessIO:
         self._closed = True
         for t in self._tasks + self._output_tasks:
             t.cancel()
+        for opener in self._openers:
+            opener.cancel()
         self.after_spawn()
         self._close_stdin_pipe()
         if self._stdin_keeper is not None:

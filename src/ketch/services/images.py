@@ -1,0 +1,415 @@
+"""Content, Images, Snapshots and Diff: what ``ctr images import/pull`` and ``ctr run IMAGE`` use.
+
+Blocking work (disk IO, hashing, tar) runs in threads; the core stores are thread-safe.
+A lease named in the call's ``containerd-lease`` metadata holds what the call creates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
+
+import grpc
+from google.protobuf import empty_pb2, timestamp_pb2
+
+from ketch import diff, errdefs, gc, metadata
+from ketch.api.containerd.events import snapshot_pb2 as snapshot_events
+from ketch.api.containerd.services.content.v1 import content_pb2 as capi
+from ketch.api.containerd.services.content.v1 import content_pb2_grpc
+from ketch.api.containerd.services.diff.v1 import diff_pb2 as dapi
+from ketch.api.containerd.services.diff.v1 import diff_pb2_grpc
+from ketch.api.containerd.services.images.v1 import images_pb2 as iapi
+from ketch.api.containerd.services.images.v1 import images_pb2_grpc
+from ketch.api.containerd.services.snapshots.v1 import snapshots_pb2 as sapi
+from ketch.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc
+from ketch.api.containerd.types import descriptor_pb2, mount_pb2
+from ketch.content import ContentStore
+from ketch.images import ImageService
+from ketch.mount import Mount
+from ketch.services._common import abort, namespace, stream, unary
+from ketch.snapshots import Info as SnapshotInfo
+from ketch.snapshots import Kind, Snapshotter
+
+LEASE_HEADER = "containerd-lease"
+READ_CHUNK = 1 << 20
+
+
+def lease_of(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == LEASE_HEADER:
+            return str(value)
+    return None
+
+
+def _ts(out: timestamp_pb2.Timestamp, t: float) -> None:
+    out.FromNanoseconds(int(t * 1e9))
+
+
+def _seconds(ts: timestamp_pb2.Timestamp) -> float:
+    return ts.seconds + ts.nanos / 1e9
+
+
+class Collector:
+    """Garbage collection for the daemon: ``schedule()`` after a delete (debounced, in a
+    thread), ``now()`` for a synchronous delete."""
+
+    def __init__(self, store: metadata.Store, content: ContentStore, snapshotters: dict[str, Snapshotter],
+                 delay: float = 0.1) -> None:
+        self._store = store
+        self._content = content
+        self._snapshotters = snapshotters
+        self._delay = delay
+        self._pending: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    async def now(self) -> gc.Stats:
+        async with self._lock:
+            return await asyncio.to_thread(gc.collect, self._store, self._content, self._snapshotters)  # type: ignore[arg-type]
+
+    def schedule(self) -> None:
+        if self._pending is None or self._pending.done():
+            self._pending = asyncio.ensure_future(self._later())
+
+    async def _later(self) -> None:
+        await asyncio.sleep(self._delay)
+        await self.now()
+
+    def close(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+
+
+# -- content -------------------------------------------------------------------------------------
+
+def _content_info(info: metadata.ContentInfo) -> capi.Info:
+    out = capi.Info(digest=info.digest, size=info.size, labels=info.labels)
+    _ts(out.created_at, info.created_at)
+    _ts(out.updated_at, info.updated_at)
+    return out
+
+
+class Content(content_pb2_grpc.ContentServicer):
+    def __init__(self, content: ContentStore, collector: Collector) -> None:
+        self.content = content
+        self.collector = collector
+
+    @unary
+    async def Info(self, request: capi.InfoRequest, context: grpc.aio.ServicerContext) -> capi.InfoResponse:
+        return capi.InfoResponse(info=_content_info(self.content.info(namespace(context), request.digest)))
+
+    @unary
+    async def Update(self, request: capi.UpdateRequest, context: grpc.aio.ServicerContext) -> capi.UpdateResponse:
+        info = metadata.ContentInfo(digest=request.info.digest, size=request.info.size,
+                                    labels=dict(request.info.labels))
+        updated = self.content.update(namespace(context), info, list(request.update_mask.paths))
+        return capi.UpdateResponse(info=_content_info(updated))
+
+    @stream
+    async def List(self, request: capi.ListContentRequest,
+                   context: grpc.aio.ServicerContext) -> AsyncIterator[capi.ListContentResponse]:
+        infos = self.content.list(namespace(context), list(request.filters))
+        for start in range(0, len(infos), 100):
+            yield capi.ListContentResponse(info=[_content_info(i) for i in infos[start:start + 100]])
+
+    @unary
+    async def Delete(self, request: capi.DeleteContentRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
+        self.content.delete(namespace(context), request.digest, lease=lease_of(context))
+        self.collector.schedule()
+        return empty_pb2.Empty()
+
+    @stream
+    async def Read(self, request: capi.ReadContentRequest,
+                   context: grpc.aio.ServicerContext) -> AsyncIterator[capi.ReadContentResponse]:
+        ns = namespace(context)
+        reader = self.content.reader(ns, request.digest)
+        try:
+            size = reader.size
+            if request.offset < 0 or request.offset > size:
+                raise errdefs.OutOfRange(f"read offset {request.offset} is outside the blob ({size} bytes)")
+            end = size if request.size <= 0 else min(size, request.offset + request.size)
+            offset = request.offset
+            while offset < end:
+                data = await asyncio.to_thread(reader.read_at, offset, min(READ_CHUNK, end - offset))
+                if not data:
+                    break
+                yield capi.ReadContentResponse(offset=offset, data=data)
+                offset += len(data)
+        finally:
+            reader.close()
+
+    @unary
+    async def Status(self, request: capi.StatusRequest, context: grpc.aio.ServicerContext) -> capi.StatusResponse:
+        return capi.StatusResponse(status=_status(self.content.status(namespace(context), request.ref)))
+
+    @unary
+    async def ListStatuses(self, request: capi.ListStatusesRequest,
+                           context: grpc.aio.ServicerContext) -> capi.ListStatusesResponse:
+        statuses = self.content.list_statuses(namespace(context), list(request.filters))
+        return capi.ListStatusesResponse(statuses=[_status(s) for s in statuses])
+
+    async def Write(self, request_iterator: AsyncIterator[capi.WriteContentRequest],
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[capi.WriteContentResponse]:
+        """The bidirectional write: the first message names the ref; each request (STAT,
+        WRITE, COMMIT) gets one response with the writer's state."""
+        writer = None
+        try:
+            ns = namespace(context)
+            lease = lease_of(context)
+            async for req in request_iterator:
+                if writer is None:
+                    if not req.ref:
+                        raise errdefs.InvalidArgument("first message of a write must have a ref")
+                    writer = await asyncio.to_thread(self.content.writer, ns, req.ref, req.total, req.expected,
+                                                     lease=lease)
+                    total, expected = req.total, req.expected
+                if req.total:
+                    total = req.total
+                if req.expected:
+                    expected = req.expected
+                if req.action in (capi.WRITE, capi.COMMIT):
+                    if req.data:
+                        await asyncio.to_thread(writer.write, req.data, req.offset)
+                    elif req.action == capi.WRITE and req.offset == 0 and writer.offset:
+                        await asyncio.to_thread(writer.truncate, 0)
+                    if req.action == capi.COMMIT:
+                        await asyncio.to_thread(writer.commit, total, expected, dict(req.labels) or None)
+                elif req.action != capi.STAT:
+                    raise errdefs.InvalidArgument(f"unknown write action {req.action}")
+                st = writer.status()
+                resp = capi.WriteContentResponse(action=req.action, offset=st.offset, total=st.total or total,
+                                                 digest=writer.digest())
+                _ts(resp.started_at, st.started_at)
+                _ts(resp.updated_at, st.updated_at)
+                yield resp
+        except errdefs.KetchError as e:
+            await abort(context, e)
+        finally:
+            if writer is not None:
+                writer.close()
+
+    @unary
+    async def Abort(self, request: capi.AbortRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
+        self.content.abort(namespace(context), request.ref, lease=lease_of(context))
+        return empty_pb2.Empty()
+
+
+def _status(s: Any) -> capi.Status:
+    out = capi.Status(ref=s.ref, offset=s.offset, total=s.total, expected=s.expected)
+    _ts(out.started_at, s.started_at)
+    _ts(out.updated_at, s.updated_at)
+    return out
+
+
+# -- images ----------------------------------------------------------------------------------------
+
+def _image_to_proto(image: metadata.Image) -> iapi.Image:
+    t = image.target
+    out = iapi.Image(name=image.name, labels=image.labels, target=descriptor_pb2.Descriptor(
+        media_type=t.media_type, digest=t.digest, size=t.size, annotations=t.annotations))
+    _ts(out.created_at, image.created_at)
+    _ts(out.updated_at, image.updated_at)
+    return out
+
+
+def _image_from_proto(image: iapi.Image) -> metadata.Image:
+    t = image.target
+    return metadata.Image(name=image.name, labels=dict(image.labels), target=metadata.Descriptor(
+        media_type=t.media_type, digest=t.digest, size=t.size, annotations=dict(t.annotations)))
+
+
+class Images(images_pb2_grpc.ImagesServicer):
+    def __init__(self, images: ImageService, collector: Collector) -> None:
+        self.images = images
+        self.collector = collector
+
+    @unary
+    async def Get(self, request: iapi.GetImageRequest, context: grpc.aio.ServicerContext) -> iapi.GetImageResponse:
+        return iapi.GetImageResponse(image=_image_to_proto(self.images.get(namespace(context), request.name)))
+
+    @unary
+    async def List(self, request: iapi.ListImagesRequest, context: grpc.aio.ServicerContext) -> iapi.ListImagesResponse:
+        found = self.images.list(namespace(context), list(request.filters))
+        return iapi.ListImagesResponse(images=[_image_to_proto(i) for i in found])
+
+    @unary
+    async def Create(self, request: iapi.CreateImageRequest,
+                     context: grpc.aio.ServicerContext) -> iapi.CreateImageResponse:
+        created = self.images.create(namespace(context), _image_from_proto(request.image))
+        return iapi.CreateImageResponse(image=_image_to_proto(created))
+
+    @unary
+    async def Update(self, request: iapi.UpdateImageRequest,
+                     context: grpc.aio.ServicerContext) -> iapi.UpdateImageResponse:
+        updated = self.images.update(namespace(context), _image_from_proto(request.image),
+                                     list(request.update_mask.paths))
+        return iapi.UpdateImageResponse(image=_image_to_proto(updated))
+
+    @unary
+    async def Delete(self, request: iapi.DeleteImageRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
+        ns = namespace(context)
+        if request.sync:
+            await asyncio.to_thread(self.images.delete, ns, request.name)
+            await self.collector.now()
+        else:
+            self.images.delete(ns, request.name)
+            self.collector.schedule()
+        return empty_pb2.Empty()
+
+
+# -- snapshots ---------------------------------------------------------------------------------------
+
+def _mounts(mounts: Iterable[Mount]) -> list[mount_pb2.Mount]:
+    return [mount_pb2.Mount(type=m.type, source=m.source, options=list(m.options)) for m in mounts]
+
+
+def _from_mounts(mounts: Iterable[mount_pb2.Mount]) -> list[Mount]:
+    return [Mount(m.type, m.source, tuple(m.options)) for m in mounts]
+
+
+def _snapshot_info(info: SnapshotInfo) -> sapi.Info:
+    out = sapi.Info(name=info.name, parent=info.parent, kind=int(info.kind), labels=info.labels)
+    _ts(out.created_at, info.created_at)
+    _ts(out.updated_at, info.updated_at)
+    return out
+
+
+Publish = Callable[[str, str, Any], None]
+
+
+class Snapshots(snapshots_pb2_grpc.SnapshotsServicer):
+    def __init__(self, snapshotters: dict[str, Snapshotter], store: metadata.Store, publish: Publish,
+                 collector: Collector) -> None:
+        self.snapshotters = snapshotters
+        self.store = store
+        self.publish = publish
+        self.collector = collector
+
+    def _get(self, name: str) -> Snapshotter:
+        try:
+            return self.snapshotters[name or "overlayfs"]
+        except KeyError:
+            raise errdefs.InvalidArgument(f"snapshotter not loaded: {name}") from None
+
+    def _lease(self, context: grpc.aio.ServicerContext, ns: str, snapshotter: str, key: str) -> None:
+        lease = lease_of(context)
+        if lease:
+            self.store.leases.add_resource(ns, lease, metadata.LeaseResource(key, f"snapshots/{snapshotter}"))
+
+    @unary
+    async def Prepare(self, request: sapi.PrepareSnapshotRequest,
+                      context: grpc.aio.ServicerContext) -> sapi.PrepareSnapshotResponse:
+        ns, sn = namespace(context), request.snapshotter or "overlayfs"
+        snap = self._get(sn)
+        self._lease(context, ns, sn, request.key)
+        mounts = await asyncio.to_thread(snap.prepare, ns, request.key, request.parent, dict(request.labels))
+        self.publish(ns, "/snapshot/prepare", snapshot_events.SnapshotPrepare(key=request.key, parent=request.parent))
+        return sapi.PrepareSnapshotResponse(mounts=_mounts(mounts))
+
+    @unary
+    async def View(self, request: sapi.ViewSnapshotRequest,
+                   context: grpc.aio.ServicerContext) -> sapi.ViewSnapshotResponse:
+        ns, sn = namespace(context), request.snapshotter or "overlayfs"
+        snap = self._get(sn)
+        self._lease(context, ns, sn, request.key)
+        mounts = await asyncio.to_thread(snap.view, ns, request.key, request.parent, dict(request.labels))
+        return sapi.ViewSnapshotResponse(mounts=_mounts(mounts))
+
+    @unary
+    async def Mounts(self, request: sapi.MountsRequest, context: grpc.aio.ServicerContext) -> sapi.MountsResponse:
+        mounts = self._get(request.snapshotter).mounts(namespace(context), request.key)
+        return sapi.MountsResponse(mounts=_mounts(mounts))
+
+    @unary
+    async def Commit(self, request: sapi.CommitSnapshotRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
+        ns, sn = namespace(context), request.snapshotter or "overlayfs"
+        snap = self._get(sn)
+        self._lease(context, ns, sn, request.name)
+        await asyncio.to_thread(snap.commit, ns, request.name, request.key, dict(request.labels))
+        self.publish(ns, "/snapshot/commit", snapshot_events.SnapshotCommit(key=request.key, name=request.name))
+        return empty_pb2.Empty()
+
+    @unary
+    async def Remove(self, request: sapi.RemoveSnapshotRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
+        ns = namespace(context)
+        await asyncio.to_thread(self._get(request.snapshotter).remove, ns, request.key)
+        self.publish(ns, "/snapshot/remove", snapshot_events.SnapshotRemove(key=request.key))
+        self.collector.schedule()
+        return empty_pb2.Empty()
+
+    @unary
+    async def Stat(self, request: sapi.StatSnapshotRequest,
+                   context: grpc.aio.ServicerContext) -> sapi.StatSnapshotResponse:
+        info = self._get(request.snapshotter).stat(namespace(context), request.key)
+        return sapi.StatSnapshotResponse(info=_snapshot_info(info))
+
+    @unary
+    async def Update(self, request: sapi.UpdateSnapshotRequest,
+                     context: grpc.aio.ServicerContext) -> sapi.UpdateSnapshotResponse:
+        info = SnapshotInfo(kind=Kind(request.info.kind), name=request.info.name, parent=request.info.parent,
+                            labels=dict(request.info.labels))
+        updated = self._get(request.snapshotter).update(namespace(context), info, list(request.update_mask.paths))
+        return sapi.UpdateSnapshotResponse(info=_snapshot_info(updated))
+
+    @stream
+    async def List(self, request: sapi.ListSnapshotsRequest,
+                   context: grpc.aio.ServicerContext) -> AsyncIterator[sapi.ListSnapshotsResponse]:
+        infos = self._get(request.snapshotter).walk(namespace(context), list(request.filters))
+        for start in range(0, len(infos), 100):
+            yield sapi.ListSnapshotsResponse(info=[_snapshot_info(i) for i in infos[start:start + 100]])
+
+    @unary
+    async def Usage(self, request: sapi.UsageRequest, context: grpc.aio.ServicerContext) -> sapi.UsageResponse:
+        usage = await asyncio.to_thread(self._get(request.snapshotter).usage, namespace(context), request.key)
+        return sapi.UsageResponse(size=usage.size, inodes=usage.inodes)
+
+    @unary
+    async def Cleanup(self, request: sapi.CleanupRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
+        await asyncio.to_thread(self._get(request.snapshotter).cleanup)
+        return empty_pb2.Empty()
+
+
+# -- diff ---------------------------------------------------------------------------------------------
+
+class Diff(diff_pb2_grpc.DiffServicer):
+    def __init__(self, content: ContentStore) -> None:
+        self.content = content
+
+    @unary
+    async def Apply(self, request: dapi.ApplyRequest, context: grpc.aio.ServicerContext) -> dapi.ApplyResponse:
+        ns = namespace(context)
+        desc = request.diff
+        reader = self.content.reader(ns, desc.digest)
+        try:
+            diff_id, size = await asyncio.to_thread(diff.apply_to_mounts, reader, _from_mounts(request.mounts),
+                                                    desc.media_type)
+        finally:
+            reader.close()
+        return dapi.ApplyResponse(applied=descriptor_pb2.Descriptor(
+            media_type="application/vnd.oci.image.layer.v1.tar", digest=diff_id, size=size))
+
+    @unary
+    async def Diff(self, request: dapi.DiffRequest, context: grpc.aio.ServicerContext) -> dapi.DiffResponse:
+        ns = namespace(context)
+        media_type = request.media_type or "application/vnd.oci.image.layer.v1.tar+gzip"
+        compress = media_type.endswith("gzip")
+        ref = request.ref or f"diff-{id(request)}"
+
+        def make() -> tuple[str, int, str]:
+            with tempfile.TemporaryFile() as out:
+                diff_id, size = diff.compare_mounts(_from_mounts(request.left), _from_mounts(request.right), out,
+                                                    compress=compress)
+                out.seek(0)
+                with contextlib.closing(self.content.writer(ns, ref, lease=lease_of(context))) as w:
+                    while chunk := out.read(READ_CHUNK):
+                        w.write(chunk)
+                    labels = dict(request.labels)
+                    labels.setdefault("containerd.io/uncompressed", diff_id)
+                    digest = w.digest()
+                    w.commit(size, "", labels)
+                return digest, size, diff_id
+
+        digest, size, _ = await asyncio.to_thread(make)
+        return dapi.DiffResponse(diff=descriptor_pb2.Descriptor(media_type=media_type, digest=digest, size=size))
