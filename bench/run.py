@@ -83,7 +83,7 @@ class Config:
     concurrent: tuple[int, int] = (20, 50)
     concurrent_rounds: int = 2
     idle: int = 20
-    idle_rounds: int = 3
+    idle_rounds: int = 5
     stdout_bytes: int = 256 * MiB
     stdout_n: int = 3
 
@@ -626,6 +626,11 @@ def versions() -> dict[str, str]:
             "ketch_commit": out("git", "-C", str(root), "rev-parse", "--short", "HEAD")}
 
 
+def loadavg() -> list[float]:
+    with open("/proc/loadavg") as f:
+        return [float(v) for v in f.read().split()[:3]]
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -646,6 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (e.g. a test's timeout) unwinds like Ctrl-C, so that the cleanup below runs
     signal.signal(signal.SIGTERM, _interrupt)
     started = datetime.datetime.now(datetime.timezone.utc)
+    load_start = loadavg()
     t0 = time.monotonic()
     bench = Bench(cfg)
     left: list[str] = []
@@ -660,10 +666,13 @@ def main(argv: list[str] | None = None) -> int:
         if left:
             print(f"bench: left behind: {left}", file=sys.stderr)
     duration = time.monotonic() - t0
+    load_end = loadavg()
     summary = summarize(bench.results, SETUP_NAMES)
     print(table(summary, list(SETUP_NAMES)))
     print(f"\n{'quick' if cfg.quick else 'full'} run in {duration:.0f} s; p95 = 95th-percentile worst sample "
           f"(for rates the 5th-percentile rate); ratio = setup median / {REFERENCE} median")
+    print(f"load average (1, 5, 15 min) at start {load_start}, at end {load_end} on {os.cpu_count()} CPUs"
+          + ("; the machine was busy before the run began: expect noise" if load_start[0] > (os.cpu_count() or 1) else ""))
     warmup_errors = bench.results.errors.get("_warmup", {})
     doc = {
         "started": started.isoformat(timespec="seconds"),
@@ -671,6 +680,7 @@ def main(argv: list[str] | None = None) -> int:
         "mode": "quick" if cfg.quick else "full",
         "config": {k: v for k, v in vars(cfg).items()},
         "host": versions(),
+        "loadavg": {"start": load_start, "end": load_end},
         "setups": {"containerd": f"containerd + {RUNC_RUNTIME}", "ketchd": f"ketchd + {KETCH_RUNTIME}",
                    "ketchd-runc": f"ketchd + {RUNC_RUNTIME}"},
         "reference": REFERENCE,

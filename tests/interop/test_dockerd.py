@@ -192,10 +192,11 @@ def test_tty_with_resize_and_attach(stack: Stack) -> None:
         os.write(master, b"stty size\n")
         assert b"33 99" in _read_until(master, b"33 99", 10)
         fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 44, 111, 0, 0))
-        proc.send_signal(signal.SIGWINCH)
-        # the resize travels docker → dockerd → ketchd → shim asynchronously: ask until it shows
+        # the resize travels docker → dockerd → ketchd → shim asynchronously, and the docker
+        # client may not be watching SIGWINCH yet: signal and ask until it shows
         seen = b""
         for _ in range(20):
+            proc.send_signal(signal.SIGWINCH)
             os.write(master, b"stty size\n")
             seen += _read_until(master, b"44 111", 0.5)
             if b"44 111" in seen:

@@ -98,3 +98,27 @@ def write_oci_archive(image: Image, out: str | os.PathLike[str]) -> None:
             info = tarfile.TarInfo(name)
             info.size, info.mode = len(data), 0o644
             tar.addfile(info, io.BytesIO(data))
+
+
+def write_docker_archive(image: Image, out: str | os.PathLike[str], tag: str) -> None:
+    """The same image as ``docker save`` writes it: manifest.json, the config, and each layer
+    as an uncompressed tar in its own directory."""
+    config_name = image.config.digest.split(":", 1)[1] + ".json"
+    files: dict[str, bytes] = {config_name: image.config.data}
+    layer_names = []
+    for layer, diff_id in zip(image.layers, image.diff_ids):
+        name = f"{diff_id.split(':', 1)[1]}/layer.tar"
+        files[name] = gzip.decompress(layer.data)
+        layer_names.append(name)
+    files["manifest.json"] = json.dumps([{"Config": config_name, "RepoTags": [tag], "Layers": layer_names}]).encode()
+    repo, _, version = tag.rpartition(":")
+    files["repositories"] = json.dumps({repo: {version: layer_names[-1].split("/")[0]}}).encode()
+    with tarfile.open(out, "w") as tar:
+        for name, data in files.items():
+            if "/" in name:
+                info = tarfile.TarInfo(name.split("/")[0])
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
