@@ -48,6 +48,9 @@ shim_call_timeout = 30.0
 shim_delete_timeout = 30.0
 # start shims with -debug
 shim_debug = false
+# one ketch shim process serves all the tasks of a namespace (far less memory and no process
+# start per task); false: one shim per task, as containerd does
+shim_grouping = true
 
 [runtime.aliases]
 # runtime name asked for = runtime ketchd runs instead. dockerd 20.10 always asks for
@@ -82,6 +85,7 @@ class Runtime:
     shim_call_timeout: float = 0.0
     shim_delete_timeout: float = 0.0
     shim_debug: bool = False
+    shim_grouping: bool = False
     aliases: dict[str, str] = field(default_factory=dict)
 
 

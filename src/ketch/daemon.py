@@ -95,7 +95,7 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
         start_timeout=cfg.runtime.shim_start_timeout, delete_timeout=cfg.runtime.shim_delete_timeout)
     manager = TaskManager(state=cfg.state, root=cfg.root, params=params, publish=publish,
                           extra_dirs=[os.path.dirname(sys.executable)], call_timeout=cfg.runtime.shim_call_timeout,
-                          aliases=cfg.runtime.aliases)
+                          aliases=cfg.runtime.aliases, grouping=cfg.runtime.shim_grouping)
 
     # shims forward their events here; it must listen before tasks are reloaded
     events_server = ttrpc.Server()

@@ -191,26 +191,27 @@ def _pids(env: Env, ns: str) -> dict[str, tuple[str, str]]:
 
 
 def test_restart_with_twenty_running_and_one_dead_shim(kenv: Env) -> None:
-    ns = kenv.ns()
+    ns, other = kenv.ns(), kenv.ns()  # ketchd gives each namespace its own shim process
     names = [f"r{i}" for i in range(20)]
-    _run_detached(kenv, ns, names + ["victim"])
+    _run_detached(kenv, ns, names)
+    _run_detached(kenv, other, ["victim"])
     before = _pids(kenv, ns)
-    assert all(status == "RUNNING" for _, status in before.values())
+    assert len(before) == 20 and all(status == "RUNNING" for _, status in before.values())
 
     kenv.cd.kill(signal.SIGKILL)
-    os.kill(support.shim_pid(ns, "victim"), signal.SIGKILL)  # dies while ketchd is down
+    os.kill(support.shim_pid(other, "victim"), signal.SIGKILL)  # dies while ketchd is down
     kenv.cd.start()
-    events = Events(kenv, ns)
+    events = Events(kenv, other)
     try:
         after = _pids(kenv, ns)
         for n in names:
             assert after[n] == before[n], (n, before[n], after[n])
         exit_line = events.wait_for("/tasks/exit")[0]
         assert '"container_id":"victim"' in exit_line and '"exit_status":255' in exit_line
-        _wait_status(kenv, ns, "victim", "STOPPED")
+        _wait_status(kenv, other, "victim", "STOPPED")
         r = kenv.ctr(ns, "tasks", "exec", *kenv.fifo, "--exec-id", "x", "r7", "echo", "alive")
         assert r.stdout == "alive\n"
-        kenv.ctr(ns, "tasks", "rm", "victim")
+        kenv.ctr(other, "tasks", "rm", "victim")
         events.wait_for("/tasks/delete")
         kenv.ctr(ns, "tasks", "kill", "-s", "SIGKILL", "r3")
         _wait_status(kenv, ns, "r3", "STOPPED")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from ketch.api.containerd.task.v2 import shim_pb2
 from ketch.api.containerd.types import mount_pb2
 from ketch.api.containerd.types.task import task_pb2 as task_types
 from ketch.runtime import shim as shims
+from ketch.files import write_atomic
 from ketch.runtime.bundle import Bundle, walk
 from ketch.runtime.shim import ShimClient, ShimParams
 
@@ -42,6 +44,17 @@ Publish = Callable[[str, str, _message.Message], None]  # (namespace, topic, eve
 
 
 @dataclass(eq=False)
+class ShimGroup:
+    """One connection to one shim process, and the tasks it serves. A shared group (``key``
+    set) outlives its tasks for a while so that its next task needs no new process."""
+
+    address: str
+    key: tuple[str, str] | None = None  # (namespace, shim binary) when shared
+    client: ShimClient | None = None
+    tasks: dict[str, Task] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
 class Task:
     namespace: str
     id: str
@@ -49,17 +62,22 @@ class Task:
     binary: str
     bundle: Bundle
     pid: int = 0
-    shim: ShimClient | None = None
+    group: ShimGroup | None = None
     log: shims.ShimLog | None = None
     #: set when the shim is gone: (pid, exit_status, exited_at)
     tombstone: tuple[int, int, float] | None = None
     buried: asyncio.Event = field(default_factory=asyncio.Event)
     deleting: bool = False
 
+    @property
+    def shim(self) -> ShimClient | None:
+        return self.group.client if self.group is not None else None
+
     def client(self) -> ShimClient:
-        if self.shim is None or self.tombstone is not None:
+        shim = self.shim
+        if shim is None or self.tombstone is not None:
             raise errdefs.NotFound(f"task {self.id}: its shim is gone; the task has exited")
-        return self.shim
+        return shim
 
 
 @dataclass
@@ -87,6 +105,7 @@ class TaskManager:
         extra_dirs: list[str] | None = None,
         call_timeout: float = 30.0,
         aliases: dict[str, str] | None = None,
+        grouping: bool = True,
     ) -> None:
         self.state_dir = state
         self.root_dir = root
@@ -96,6 +115,10 @@ class TaskManager:
         self.call_timeout = call_timeout
         #: runtime name asked for → runtime run instead (dockerd 20.10 can only ask for runc.v2)
         self.aliases = aliases or {}
+        #: tasks of one namespace share one ketch shim process (see ShimGroup)
+        self.grouping = grouping
+        self._groups: dict[tuple[str, str], ShimGroup] = {}
+        self._group_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._tasks: dict[tuple[str, str], Task] = {}
         self._pending: set[tuple[str, str]] = set()
         self._background: set[asyncio.Task[None]] = set()
@@ -144,30 +167,79 @@ class TaskManager:
         options = any_pb2.Any()
         if opts.options is not None:
             options.type_url, options.value = opts.options
-        address = await shims.start(task.binary, self.params, task.namespace, task.id, str(task.bundle.path),
-                                    options.SerializeToString() if opts.options else b"")
-        task.shim = await self._connect(task, address)
         req = shim_pb2.CreateTaskRequest(
             id=task.id, bundle=str(task.bundle.path), rootfs=list(opts.rootfs), terminal=opts.terminal,
             stdin=opts.stdin, stdout=opts.stdout, stderr=opts.stderr, checkpoint=opts.checkpoint)
         if opts.options is not None:
             req.options.CopyFrom(options)
-        resp = await task.shim.call("Create", req, shim_pb2.CreateTaskResponse, timeout=max(self.call_timeout, 120))
-        task.pid = resp.pid
+        start_options = options.SerializeToString() if opts.options else b""
+        for attempt in (1, 2):
+            reused = await self._join_group(task, start_options)
+            try:
+                resp = await task.client().call("Create", req, shim_pb2.CreateTaskResponse,
+                                                timeout=max(self.call_timeout, 120))
+            except errdefs.Unavailable:
+                if not reused or attempt == 2:
+                    raise
+                # the shared shim was just deciding to exit: start a fresh one
+                self._leave_group(task)
+                continue
+            task.pid = resp.pid
+            return
 
-    async def _connect(self, task: Task, address: str) -> ShimClient:
-        return await ShimClient.connect(address, task.namespace, timeout=self.call_timeout,
-                                        on_close=lambda: self._on_shim_close(task))
+    def _shares(self, task: Task) -> bool:
+        return self.grouping and os.path.basename(task.binary) == shims.KETCH_SHIM
+
+    async def _join_group(self, task: Task, start_options: bytes) -> bool:
+        """Attach ``task`` to a shim: its namespace's live shared ketch shim if there is one
+        (True), else a shim started for it. The bundle's ``address`` records which."""
+        if not self._shares(task):
+            address = await shims.start(task.binary, self.params, task.namespace, task.id,
+                                        str(task.bundle.path), start_options)
+            self._attach(task, await self._connect_group(address, task.namespace, None))
+            return False
+        key = (task.namespace, task.binary)
+        async with self._group_locks.setdefault(key, asyncio.Lock()):
+            group = self._groups.get(key)
+            reused = group is not None and group.client is not None and not group.client.closed
+            if not reused:
+                address = await shims.start(task.binary, self.params, task.namespace, task.id, str(task.bundle.path),
+                                            start_options, group=f"ketchd-{task.namespace}")
+                group = await self._connect_group(address, task.namespace, key)
+                self._groups[key] = group
+            assert group is not None
+            if reused:
+                write_atomic(task.bundle.path / "address", group.address.encode())
+            self._attach(task, group)
+        return reused
+
+    def _attach(self, task: Task, group: ShimGroup) -> None:
+        task.group = group
+        group.tasks[task.id] = task
+
+    def _leave_group(self, task: Task) -> None:
+        group, task.group = task.group, None
+        if group is not None:
+            group.tasks.pop(task.id, None)
+            if group.key is not None and self._groups.get(group.key) is group:
+                del self._groups[group.key]
+
+    async def _connect_group(self, address: str, namespace: str, key: tuple[str, str] | None) -> ShimGroup:
+        group = ShimGroup(address, key)
+        group.client = await ShimClient.connect(address, namespace, timeout=self.call_timeout,
+                                                on_close=lambda: self._on_shim_close(group))
+        return group
 
     async def _abandon(self, task: Task) -> None:
         """Undo a create that failed part-way: nothing of it may stay behind."""
         task.deleting = True
-        if task.shim is not None and not task.shim.closed:
+        shim = task.shim
+        if shim is not None and not shim.closed:
             with contextlib.suppress(errdefs.KetchError):
-                await task.shim.call("Delete", shim_pb2.DeleteRequest(id=task.id), shim_pb2.DeleteResponse)
+                await shim.call("Delete", shim_pb2.DeleteRequest(id=task.id), shim_pb2.DeleteResponse)
             with contextlib.suppress(errdefs.KetchError):
-                await task.shim.call("Shutdown", shim_pb2.ShutdownRequest(id=task.id), empty_pb2.Empty)
-            await task.shim.close()
+                await shim.call("Shutdown", shim_pb2.ShutdownRequest(id=task.id), empty_pb2.Empty)
+        await self._release(task)
         if task.bundle.path.exists():
             with contextlib.suppress(errdefs.KetchError, OSError):
                 await shims.delete(task.binary, self.params, task.namespace, task.id, str(task.bundle.path))
@@ -195,10 +267,19 @@ class TaskManager:
             await client.call("Shutdown", shim_pb2.ShutdownRequest(id=id), empty_pb2.Empty)
         except errdefs.KetchError as e:
             log.debug("shim shutdown for %s: %s", id, e)
-        await client.close()
+        await self._release(task)
         self._forget(task)
         exited = resp.exited_at.seconds + resp.exited_at.nanos / 1e9
         return resp.pid, resp.exit_status, exited
+
+    async def _release(self, task: Task) -> None:
+        """Detach ``task`` from its shim; close the connection unless a shared shim keeps it."""
+        group = task.group
+        if group is None:
+            return
+        group.tasks.pop(task.id, None)
+        if group.key is None and group.client is not None:
+            await group.client.close()
 
     def _forget(self, task: Task) -> None:
         task.deleting = True
@@ -209,15 +290,20 @@ class TaskManager:
 
     # -- dead shims --------------------------------------------------------------------------
 
-    def _on_shim_close(self, task: Task) -> None:
-        if task.deleting or task.tombstone is not None:
-            return
-        if (task.namespace, task.id) not in self._tasks:
-            return  # a create in progress: its own error path cleans up
-        log.warning("shim of task %s/%s went away", task.namespace, task.id)
-        t = asyncio.ensure_future(self._bury(task))
-        self._background.add(t)
-        t.add_done_callback(self._background.discard)
+    def _on_shim_close(self, group: ShimGroup) -> None:
+        """A shim's connection closed: bury every task it still served (none, when it was
+        shut down on purpose)."""
+        if group.key is not None and self._groups.get(group.key) is group:
+            del self._groups[group.key]
+        for task in list(group.tasks.values()):
+            if task.deleting or task.tombstone is not None:
+                continue
+            if (task.namespace, task.id) not in self._tasks:
+                continue  # a create in progress: its own error path cleans up
+            log.warning("shim of task %s/%s went away", task.namespace, task.id)
+            t = asyncio.ensure_future(self._bury(task))
+            self._background.add(t)
+            t.add_done_callback(self._background.discard)
 
     async def _bury(self, task: Task, exit_status: int = UNKNOWN_EXIT) -> None:
         """The shim is gone: clean up after it, publish the exit, keep a STOPPED tombstone."""
@@ -228,7 +314,9 @@ class TaskManager:
             task.pid = task.pid or resp.pid
         exited_at = time.time()
         task.tombstone = (task.pid, exit_status, exited_at)
-        task.shim = None
+        if task.group is not None:
+            task.group.tasks.pop(task.id, None)
+            task.group = None
         with contextlib.suppress(OSError):
             task.bundle.write_exit(task.pid, exit_status, exited_at)
         self.publish(task.namespace, "/tasks/exit", events.TaskExit(container_id=task.id, id=task.id, pid=task.pid,
@@ -238,16 +326,21 @@ class TaskManager:
     # -- reload after a restart ---------------------------------------------------------------
 
     async def load(self) -> None:
-        """Rebuild the task map from the bundles on disk (see the module doc)."""
-        bundles = walk(self.state_dir, self.root_dir)
-        await asyncio.gather(*(self._load_one(b) for b in bundles))
+        """Rebuild the task map from the bundles on disk (see the module doc): one connection
+        per shim address, shared by the tasks that shim serves."""
+        by_address: dict[str, list[Task]] = {}
+        for bundle in walk(self.state_dir, self.root_dir):
+            task = self._load_task(bundle)
+            if task is not None:
+                by_address.setdefault(bundle.address(), []).append(task)
+        await asyncio.gather(*(self._reconnect(address, tasks) for address, tasks in by_address.items()))
 
-    async def _load_one(self, bundle: Bundle) -> None:
+    def _load_task(self, bundle: Bundle) -> Task | None:
         info = bundle.info
         if not info:
             log.warning("bundle %s has no ketch.json; removing it", bundle.path)
             bundle.delete()
-            return
+            return None
         task = Task(bundle.namespace, bundle.id, info.get("runtime", ""), info.get("binary", ""), bundle)
         self._tasks[(bundle.namespace, bundle.id)] = task
         exited = bundle.read_exit()
@@ -256,26 +349,39 @@ class TaskManager:
             task.tombstone = (task.pid, int(exited.get("exit_status", UNKNOWN_EXIT)),
                               float(exited.get("exited_at", 0.0)))
             task.buried.set()
-            return
+            return None
         with contextlib.suppress(OSError):
             task.log = shims.ShimLog(str(bundle.path / "log"), task.namespace, task.id)
-        address = bundle.address()
+        return task
+
+    async def _reconnect(self, address: str, tasks: list[Task]) -> None:
+        first = tasks[0]
+        key = (first.namespace, first.binary) if self._shares(first) else None
+        if key is not None and key in self._groups:
+            key = None  # only one shared shim per namespace: the others serve out their tasks
+        group: ShimGroup | None = None
         try:
             if not address:
                 raise errdefs.Unavailable("no address")
-            task.shim = await self._connect(task, address)
-            resp = await task.shim.call("Connect", shim_pb2.ConnectRequest(id=task.id), shim_pb2.ConnectResponse)
-            task.pid = resp.task_pid
-            log.info("reconnected to task %s/%s pid=%d", task.namespace, task.id, task.pid)
+            group = await self._connect_group(address, first.namespace, key)
+            for task in tasks:
+                self._attach(task, group)
+                resp = await task.client().call("Connect", shim_pb2.ConnectRequest(id=task.id),
+                                                shim_pb2.ConnectResponse)
+                task.pid = resp.task_pid
+                log.info("reconnected to task %s/%s pid=%d", task.namespace, task.id, task.pid)
+            if key is not None:
+                self._groups[key] = group
         except errdefs.KetchError as e:
-            log.warning("shim of task %s/%s is gone (%s): cleaning up", task.namespace, task.id, e)
-            if task.shim is not None:
-                task.deleting = True  # closing our side must not bury twice
-                await task.shim.close()
-                task.deleting = False
-            with contextlib.suppress(ValueError, OSError):
-                task.pid = int((bundle.path / "init.pid").read_text().strip())
-            self._unburied.append(task)
+            log.warning("shim at %s is gone (%s): cleaning up after its tasks", address or "?", e)
+            if group is not None and group.client is not None:
+                group.tasks.clear()  # closing our side must not bury twice
+                await group.client.close()
+            for task in tasks:
+                task.group = None
+                with contextlib.suppress(ValueError, OSError):
+                    task.pid = int((task.bundle.path / "init.pid").read_text().strip())
+                self._unburied.append(task)
 
     async def bury_dead(self, grace: float = 0.5) -> None:
         """Clean up after the shims :meth:`load` found dead. Run once the API is served, after
@@ -286,13 +392,20 @@ class TaskManager:
         await asyncio.gather(*(self._bury(t) for t in tasks))
 
     async def close(self) -> None:
-        """Disconnect from every shim (they keep running)."""
+        """Disconnect from every shim; they keep running, except shared shims with no task
+        left, which are told to exit now rather than linger for tasks that will not come."""
+        for group in list(self._groups.values()):
+            if not group.tasks and group.client is not None and not group.client.closed:
+                with contextlib.suppress(errdefs.KetchError):
+                    await group.client.call("Shutdown", shim_pb2.ShutdownRequest(now=True), empty_pb2.Empty)
         for task in list(self._tasks.values()):
             task.deleting = True
-            if task.shim is not None:
-                await task.shim.close()
             if task.log is not None:
                 task.log.close()
+        clients = {id(t.shim): t.shim for t in self._tasks.values() if t.shim is not None}
+        clients.update({id(g.client): g.client for g in self._groups.values() if g.client is not None})
+        for client in clients.values():
+            await client.close()
         for t in list(self._background):
             t.cancel()
 

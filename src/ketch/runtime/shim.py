@@ -27,6 +27,8 @@ from ketch.api.containerd.task.v2 import shim_pb2
 log = logging.getLogger(__name__)
 
 SERVICE = "containerd.task.v2.Task"
+#: our shim's binary: the one that can serve a group of tasks
+KETCH_SHIM = "containerd-shim-ketch-v2"
 NAMESPACE_KEY = "containerd-namespace-ttrpc"
 M = TypeVar("M", bound=_message.Message)
 
@@ -77,8 +79,9 @@ def _argv(binary: str, params: ShimParams, namespace: str, id: str, *tail: str) 
     return argv + list(tail)
 
 
-async def _run(argv: list[str], cwd: str, stdin: bytes, timeout: float, params: ShimParams) -> tuple[int, bytes, bytes]:
-    env = dict(os.environ, TTRPC_ADDRESS=params.ttrpc_address)
+async def _run(argv: list[str], cwd: str, stdin: bytes, timeout: float, params: ShimParams,
+               extra_env: dict[str, str] | None = None) -> tuple[int, bytes, bytes]:
+    env = dict(os.environ, TTRPC_ADDRESS=params.ttrpc_address, **(extra_env or {}))
     env.setdefault("GOMAXPROCS", "2")
     env.pop("NOTIFY_SOCKET", None)
     proc = await asyncio.create_subprocess_exec(
@@ -95,11 +98,14 @@ async def _run(argv: list[str], cwd: str, stdin: bytes, timeout: float, params: 
     return proc.returncode or 0, out, err
 
 
-async def start(binary: str, params: ShimParams, namespace: str, id: str, bundle: str, options: bytes) -> str:
-    """Run ``binary … start`` in ``bundle``; the ttrpc address the shim serves on."""
+async def start(binary: str, params: ShimParams, namespace: str, id: str, bundle: str, options: bytes,
+                group: str = "") -> str:
+    """Run ``binary … start`` in ``bundle``; the ttrpc address the shim serves on. ``group``
+    asks our shim for a process shared by the tasks of that group."""
     argv = _argv(binary, params, namespace, id, "start")
     try:
-        code, out, err = await _run(argv, bundle, options, params.start_timeout, params)
+        code, out, err = await _run(argv, bundle, options, params.start_timeout, params,
+                                    {"KETCH_SHIM_GROUP": group} if group else None)
     except TimeoutError:
         raise errdefs.DeadlineExceeded(f"shim start for task {id}: no answer within {params.start_timeout:.0f}s") from None
     text = (out + err).decode(errors="replace").strip()

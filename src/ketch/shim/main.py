@@ -26,6 +26,8 @@ _BOOL_FLAGS = {"debug", "v", "version"}
 _FLAGS = {"namespace", "id", "address", "publish-binary", "bundle", "socket"} | _BOOL_FLAGS
 #: room for "/<32 hex>" in sun_path (108 bytes with the terminating NUL)
 _SUN_PATH_MAX = 107
+#: seconds a shared shim with no task left waits for its group's next task before exiting
+SHARED_LINGER = 10.0
 
 
 class UsageError(Exception):
@@ -98,7 +100,9 @@ def start(flags: dict[str, str]) -> int:
     if not ns or not id:
         raise UsageError("start needs -namespace and -id")
     bundle = flags.get("bundle") or os.getcwd()
-    path = socket_path(address, ns, id)
+    # tasks of one group share one shim process (ketchd groups by namespace); alone otherwise
+    group = os.environ.get("KETCH_SHIM_GROUP") or id
+    path = socket_path(address, ns, group)
     url = "unix://" + path
     options = sys.stdin.buffer.read() if not sys.stdin.isatty() else b""
 
@@ -127,6 +131,8 @@ def start(flags: dict[str, str]) -> int:
     if flags.get("debug") == "true":
         argv.append("-debug")
     env = dict(os.environ)
+    if group != id and "KETCH_SHIM_LINGER" not in env:
+        env["KETCH_SHIM_LINGER"] = str(SHARED_LINGER)
     if options:
         env["KETCH_SHIM_OPTIONS"] = options.hex()
     null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)

@@ -18,7 +18,7 @@ from ketch import ttrpc
 from ketch.shim.main import UsageError, runc_root
 from ketch.shim.publisher import Publisher
 from ketch.shim.reaper import Monitor
-from ketch.shim.service import TaskService
+from ketch.shim.service import Lifetime, TaskService
 
 log = logging.getLogger("ketch.shim")
 
@@ -70,32 +70,42 @@ async def _serve(flags: dict[str, str]) -> None:
     publisher = Publisher(os.environ.get("TTRPC_ADDRESS", ""), namespace)
     done = loop.create_future()
 
-    def on_empty() -> None:
+    def on_exit() -> None:
         if not done.done():
             done.set_result(None)
 
+    linger = float(os.environ.get("KETCH_SHIM_LINGER", "0") or 0)
     service = TaskService(namespace=namespace, monitor=monitor, publisher=publisher,
-                          runc_root=runc_root(flags.get("address", ""), namespace), on_empty=on_empty)
+                          runc_root=runc_root(flags.get("address", ""), namespace),
+                          lifetime=Lifetime(linger, on_exit))
     server = ttrpc.Server()
     service.register(server)
     sock = socket.socket(fileno=LISTEN_FD)
     path = sock.getsockname()
+    # remember which file is ours: a successor shim of the same group may bind the same path
+    inode = os.stat(path).st_ino if isinstance(path, str) and path else None
     serving = asyncio.ensure_future(server.serve(sock))
     log.info("shim serving on %s", path)
     try:
         await asyncio.wait([serving, done], return_when=asyncio.FIRST_COMPLETED)
     finally:
+        _unlink_if_ours(path, inode)  # first, so that no new client finds a dying shim
         await publisher.flush()
         await server.shutdown(grace=0.5)  # lets the Shutdown call's answer go out
         serving.cancel()
         await publisher.close()
-        if isinstance(path, str) and path:
-            try:
-                os.unlink(path)
-            except OSError as e:
-                if e.errno != errno.ENOENT:
-                    log.warning("removing %s: %s", path, e)
     log.info("shim exiting")
+
+
+def _unlink_if_ours(path: object, inode: int | None) -> None:
+    if not isinstance(path, str) or not path or inode is None:
+        return
+    try:
+        if os.stat(path).st_ino == inode:
+            os.unlink(path)
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            log.warning("removing %s: %s", path, e)
 
 
 def run(flags: dict[str, str]) -> int:

@@ -128,6 +128,36 @@ def _read_pid(path: str) -> int:
         return int(f.read().strip())
 
 
+class Lifetime:
+    """When a shim with no task left goes away. A shim serving one task exits as soon as
+    Shutdown finds it empty; a shared (grouped) shim lingers a while for the group's next task,
+    which then needs no new process. Once it decides to go it refuses new tasks
+    (Unavailable), so the caller starts a fresh shim."""
+
+    def __init__(self, linger: float, on_exit: Callable[[], None]) -> None:
+        self.linger = linger
+        self.closing = False
+        self._on_exit = on_exit
+        self._timer: asyncio.TimerHandle | None = None
+
+    def busy(self) -> None:
+        if self.closing:
+            raise errdefs.Unavailable("the shim is shutting down; start another")
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def idle(self, now: bool = False) -> None:
+        if now or self.linger <= 0:
+            self._exit()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.linger, self._exit)
+
+    def _exit(self) -> None:
+        self.closing = True
+        self._on_exit()
+
+
 class TaskService:
     def __init__(
         self,
@@ -136,7 +166,7 @@ class TaskService:
         monitor: Monitor,
         publisher: Publisher,
         runc_root: str,
-        on_empty: Callable[[], None] | None = None,
+        lifetime: Lifetime | None = None,
     ) -> None:
         self.namespace = namespace
         self.monitor = monitor
@@ -144,7 +174,7 @@ class TaskService:
         self.runc_root = runc_root
         self.containers: dict[str, Container] = {}
         self._creating: set[str] = set()
-        self._on_empty = on_empty
+        self.lifetime = lifetime
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- helpers ---------------------------------------------------------------------------
@@ -195,6 +225,8 @@ class TaskService:
         if not os.path.isfile(os.path.join(bundle, "config.json")):
             raise errdefs.InvalidArgument(f"bundle {bundle!r} has no config.json")
         opts = RuntimeOptions.from_any(req.options.type_url, req.options.value, self.runc_root)
+        if self.lifetime is not None:
+            self.lifetime.busy()
         self._creating.add(req.id)
         try:
             container = await self._create(req, bundle, opts)
@@ -545,10 +577,10 @@ class TaskService:
             exited_at=_timestamp(init.exited_at)))
 
     async def shutdown(self, req: api.ShutdownRequest, ctx: ttrpc.Context) -> empty_pb2.Empty:
-        if self.containers and not req.now:
+        if (self.containers or self._creating) and not req.now:
             return empty_pb2.Empty()
-        if self._on_empty is not None:
-            self._on_empty()
+        if self.lifetime is not None:
+            self.lifetime.idle(now=req.now)
         return empty_pb2.Empty()
 
 
