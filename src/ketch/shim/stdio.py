@@ -77,6 +77,7 @@ class _FifoWriter:
             os.close(fd)
             raise OSError(errno.ECANCELED, "stdio closed before the client opened it")
         os.set_blocking(fd, False)
+        _set_pipe_size(fd)  # a FIFO is a pipe: a larger buffer means fewer wake-ups per MiB
         return fd
 
     async def open(self) -> int:
