@@ -49,6 +49,8 @@ PATH_ENV = ("--env", "PATH=/bin")
 MiB = 1 << 20
 SETUP_NAMES = ("containerd", "ketchd", "ketchd-runc")
 REFERENCE = "containerd"
+#: how long close() waits for idle shared shims to go by themselves (they linger 10 s)
+LINGER_WAIT = 15.0
 
 
 @dataclass(frozen=True)
@@ -220,6 +222,15 @@ def shim_pids(ns: str, ids: list[str]) -> set[int]:
         if (want[0], want[1]) in list(zip(args, args[1:])):
             pids.add(int(entry))
     return pids
+
+
+def alive(pid: int) -> bool:
+    """``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return not f.read().rsplit(") ", 1)[1].startswith("Z")
+    except (OSError, IndexError):
+        return False
 
 
 def spawn(d: Daemon) -> None:
@@ -545,6 +556,16 @@ class Bench:
                 except Exception as e:  # keep cleaning
                     left.append(f"{d.name} {ns}: {e}")
             d.kill(signal.SIGTERM)
+            # a shared ketch shim with no task left lingers a while (KETCH_SHIM_LINGER, 10 s) for
+            # its group's next task; one that outlived a kill -9 of ketchd is not told to go
+            # when ketchd stops: it goes by itself. Wait for that; only what stays is left behind.
+            lingering = set().union(*(shim_pids(ns, []) for ns in self.namespaces[d.name]))
+            if lingering:
+                log(f"waiting for {len(lingering)} idle shim(s) of {d.name} to exit")
+                deadline = time.monotonic() + LINGER_WAIT
+                while lingering and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    lingering = {p for p in lingering if alive(p)}
             leftovers = cleanup(d.base, self.namespaces[d.name])
             if leftovers:
                 left.append(f"{d.name}: {leftovers} (logs in {d.base})")
