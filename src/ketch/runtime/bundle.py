@@ -50,8 +50,8 @@ class Bundle:
             self.work.mkdir(parents=True, exist_ok=True, mode=0o711)
             (self.path / "work").symlink_to(self.work)
             (self.path / "rootfs").mkdir(mode=0o711)
-            write_atomic(self.path / "config.json", spec)
-            write_atomic(self.path / "ketch.json", json.dumps(info).encode())
+            write_atomic(self.path / "config.json", spec, durable=False)
+            write_atomic(self.path / "ketch.json", json.dumps(info).encode(), durable=False)
             os.mkfifo(self.path / "log", 0o700)
         except BaseException:
             self.delete()

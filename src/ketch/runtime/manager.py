@@ -209,7 +209,7 @@ class TaskManager:
                 self._groups[key] = group
             assert group is not None
             if reused:
-                write_atomic(task.bundle.path / "address", group.address.encode())
+                write_atomic(task.bundle.path / "address", group.address.encode(), durable=False)
             self._attach(task, group)
         return reused
 

@@ -108,7 +108,7 @@ def start(flags: dict[str, str]) -> int:
 
     if _connectable(path):
         # a shim for this task is up already (containerd retried start): reuse it
-        write_atomic(os.path.join(bundle, "address"), url.encode())
+        write_atomic(os.path.join(bundle, "address"), url.encode(), durable=False)
         sys.stdout.write(url)
         return 0
     os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
@@ -152,8 +152,8 @@ def start(flags: dict[str, str]) -> int:
     finally:
         os.close(null)
     sock.close()
-    write_atomic(os.path.join(bundle, "shim.pid"), str(pid).encode())
-    write_atomic(os.path.join(bundle, "address"), url.encode())
+    write_atomic(os.path.join(bundle, "shim.pid"), str(pid).encode(), durable=False)
+    write_atomic(os.path.join(bundle, "address"), url.encode(), durable=False)
     sys.stdout.write(url)
     sys.stdout.flush()
     return 0

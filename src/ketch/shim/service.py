@@ -86,7 +86,7 @@ class RuntimeOptions:
 
     def save(self, bundle: str) -> None:
         """options.json in the bundle: what the ``delete`` action needs to find runc's state."""
-        write_atomic(os.path.join(bundle, "options.json"), json.dumps(self.__dict__).encode())
+        write_atomic(os.path.join(bundle, "options.json"), json.dumps(self.__dict__).encode(), durable=False)
 
     @classmethod
     def load(cls, bundle: str, default_root: str) -> RuntimeOptions:

@@ -6,7 +6,7 @@ get a pty whose master runc hands us through a console socket; its bytes are cop
 reads. Rules that clients rely on:
 
 * stdout/stderr FIFOs are opened for writing once the client has opened them for reading
-  (see _FifoWriter), then also for reading, so a client that goes away never makes the
+  (see _open_fifo_writer), then also for reading, so a client that goes away never makes the
   process die of EPIPE.
 * stdin: we hold a writer on the client's stdin FIFO so that a client closing its end (or
   reattaching) is not EOF; ``close_stdin`` (CloseIO) drops our writer, and once the client's
@@ -22,14 +22,12 @@ import asyncio
 import contextlib
 import errno
 import fcntl
-import functools
 import logging
 import os
 import socket
 import struct
 import tempfile
 import termios
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ketch import errdefs
@@ -55,50 +53,27 @@ def _path_of(uri: str) -> tuple[str, str]:
     return "fifo", uri
 
 
-class _FifoWriter:
-    """Opens the client's output FIFO for writing once the client has opened it for reading.
+async def _open_fifo_writer(path: str) -> int:
+    """The client's output FIFO, opened for writing once the client has opened it for reading.
 
-    Opening a FIFO's write end blocks until a reader is there, and a client may open its
-    reader late (ctr opens it from a goroutine that can run after a fast container exited).
-    Had we held the FIFO open ourselves meanwhile, our last close would throw the buffered
-    output away before the client came. So the blocking open runs in a thread and the copy
-    waits for it; :meth:`cancel` unblocks the thread by holding a reader until it returns."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._cancelled = False
-        self._future: asyncio.Future[int] | None = None
-
-    def _open(self) -> int:
-        if self._cancelled:
-            raise OSError(errno.ECANCELED, "stdio closed before the client opened it")
-        fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)  # blocks until a reader comes
-        if self._cancelled:
-            os.close(fd)
-            raise OSError(errno.ECANCELED, "stdio closed before the client opened it")
-        os.set_blocking(fd, False)
+    A client may open its reader late (ctr opens it from a goroutine that can run after a
+    fast container exited). Had we held the FIFO open ourselves meanwhile, our last close
+    would throw the buffered output away before the client came. Linux signals nothing when
+    a FIFO gains a reader, and a blocking open would cost a thread per stream, so: a
+    non-blocking open, which fails with ENXIO until a reader is there, tried at once and then
+    at growing intervals (bounded by the caller: the drain after exit)."""
+    delay = 0.001
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+            continue
         _set_pipe_size(fd)  # a FIFO is a pipe: a larger buffer means fewer wake-ups per MiB
         return fd
-
-    async def open(self) -> int:
-        self._future = asyncio.get_running_loop().run_in_executor(_executor(), self._open)
-        return await self._future
-
-    def cancel(self) -> None:
-        self._cancelled = True
-        if self._future is None or self._future.done():
-            return
-        try:
-            unblocker = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            return
-        self._future.add_done_callback(lambda _: os.close(unblocker))
-
-
-@functools.cache
-def _executor() -> ThreadPoolExecutor:
-    """Threads that wait in open(2) for clients' FIFO readers (one per stream at most)."""
-    return ThreadPoolExecutor(max_workers=256, thread_name_prefix="fifo-open")
 
 
 async def _wait_fd(fd: int, write: bool) -> None:
@@ -198,7 +173,6 @@ class ProcessIO:
     _stdin_w: int | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _output_tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    _openers: list[_FifoWriter] = field(default_factory=list)
     _closed: bool = False
 
     @classmethod
@@ -228,11 +202,8 @@ class ProcessIO:
             dst = self._hold(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640))
             self._output_tasks.append(asyncio.ensure_future(pump(src, dst)))
             return
-        opener = _FifoWriter(path)
-        self._openers.append(opener)
-
         async def copy() -> None:
-            dst = self._hold(await opener.open())
+            dst = self._hold(await _open_fifo_writer(path))
             # our own reader keeps the FIFO alive if the client goes away: the process then
             # blocks on a full pipe instead of dying of EPIPE
             self._hold(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
@@ -323,8 +294,6 @@ class ProcessIO:
         self._closed = True
         for t in self._tasks + self._output_tasks:
             t.cancel()
-        for opener in self._openers:
-            opener.cancel()
         self.after_spawn()
         self._close_stdin_pipe()
         if self._stdin_keeper is not None:
