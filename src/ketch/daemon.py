@@ -48,11 +48,21 @@ def setup_logging(level: str, fmt: str) -> None:
 
 
 def _prepare_socket_dir(path: str) -> None:
+    """Make the socket's directory and remove a stale socket; refuse a socket in use."""
+    import socket
+
     Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o711)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        os.unlink(path)
+        probe.connect(path)
     except FileNotFoundError:
-        pass
+        return
+    except OSError:
+        os.unlink(path)  # nobody answers: left by a daemon that died
+        return
+    finally:
+        probe.close()
+    raise errdefs.FailedPrecondition(f"{path} is in use: is another ketchd running?")
 
 
 async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None) -> None:

@@ -312,3 +312,11 @@ def test_config_default_and_file(tmp_path) -> None:  # type: ignore[no-untyped-d
     bad.write_text("[grpc]\naddres = 'x'\n")
     r = subprocess.run([ketchd, "--config", str(bad)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "unknown key grpc.addres" in r.stderr
+
+
+def test_a_second_ketchd_on_the_same_socket_is_refused(kenv: Env) -> None:
+    r = subprocess.run([f"{support.VENV_BIN}/ketchd", "--root", str(kenv.cd.base / "root2"),
+                        "--state", str(kenv.cd.base / "state2"), "--address", kenv.cd.address],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "is in use" in r.stderr, r.stderr
+    assert "Server:" in kenv.ctr("default", "version").stdout  # the first one is unharmed

@@ -413,11 +413,12 @@ class TaskService:
         for pid in pids:
             info = resp.processes.add(pid=pid)
             exec_id = by_pid.get(pid)
-            if exec_id:
+            if exec_id:  # as containerd's runc shim: an exec's pid carries its exec id
                 from ketch.api.containerd.runc.options import oci_pb2
 
-                info.info.Pack(oci_pb2.ProcessDetails(exec_id=exec_id), type_url_prefix="")
-                info.info.type_url = oci_pb2.ProcessDetails.DESCRIPTOR.full_name
+                details = oci_pb2.ProcessDetails(exec_id=exec_id)
+                info.info.type_url = details.DESCRIPTOR.full_name
+                info.info.value = details.SerializeToString()
         return resp
 
     async def stats(self, req: api.StatsRequest, ctx: ttrpc.Context) -> api.StatsResponse:
