@@ -320,3 +320,19 @@ def test_a_second_ketchd_on_the_same_socket_is_refused(kenv: Env) -> None:
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "is in use" in r.stderr, r.stderr
     assert "Server:" in kenv.ctr("default", "version").stdout  # the first one is unharmed
+
+
+def test_idle_shared_shim_is_dismissed_after_a_restart(kenv: Env) -> None:
+    ns = kenv.ns()
+    _run_detached(kenv, ns, ["brief"])
+    shim = support.shim_pid(ns, "brief")
+    kenv.ctr(ns, "tasks", "kill", "-s", "SIGKILL", "brief")
+    _wait_status(kenv, ns, "brief", "STOPPED")
+    kenv.ctr(ns, "tasks", "rm", "brief")
+    assert os.path.exists(f"/proc/{shim}")  # idle, waiting for the namespace's next task
+    kenv.cd.kill(signal.SIGKILL)
+    kenv.cd.start()  # knows no task of that shim: it tells the shim to go
+    deadline = time.monotonic() + 5  # well before the shim's own 10 s linger
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{shim}"):
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{shim}")

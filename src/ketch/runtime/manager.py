@@ -334,6 +334,31 @@ class TaskManager:
             if task is not None:
                 by_address.setdefault(bundle.address(), []).append(task)
         await asyncio.gather(*(self._reconnect(address, tasks) for address, tasks in by_address.items()))
+        await self._dismiss_idle_shims(set(by_address))
+
+    async def _dismiss_idle_shims(self, known: set[str]) -> None:
+        """A shared shim that was idle when ketchd died has no bundle to be found by: ask every
+        other shim socket in our directory to exit if it serves nothing."""
+        directory = os.path.join(os.path.dirname(self.params.grpc_address), "s")
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            return
+        for name in names:
+            address = "unix://" + os.path.join(directory, name)
+            if address in known:
+                continue
+            try:
+                client = await ShimClient.connect(address, "", timeout=1.0)
+            except errdefs.KetchError:
+                continue
+            try:
+                await client.call("Shutdown", shim_pb2.ShutdownRequest(), empty_pb2.Empty, timeout=1.0)
+                log.info("asked the idle shim at %s to exit", address)
+            except errdefs.KetchError:
+                pass
+            finally:
+                await client.close()
 
     def _load_task(self, bundle: Bundle) -> Task | None:
         info = bundle.info

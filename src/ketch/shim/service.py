@@ -581,7 +581,8 @@ class TaskService:
         if (self.containers or self._creating) and not req.now:
             return empty_pb2.Empty()
         if self.lifetime is not None:
-            self.lifetime.idle(now=req.now)
+            # no task id: the daemon found this shim idle and unclaimed (after its restart)
+            self.lifetime.idle(now=req.now or not req.id)
         return empty_pb2.Empty()
 
 
