@@ -15,6 +15,9 @@ from ketch.testing import system
 
 KETCH_RUNTIME = "io.containerd.ketch.v2"
 RUNC_RUNTIME = "io.containerd.runc.v2"
+#: where containerd's runc shim puts its sockets, whoever its daemon is (it leaves them when
+#: it is killed)
+RUNC_SHIM_SOCKETS = "/run/containerd/s"
 
 
 class Daemon:
@@ -26,6 +29,9 @@ class Daemon:
     def __init__(self, base: Path) -> None:
         self.base = base
         self.address = str(base / self.socket_name)
+        created = base / ".created"
+        if not created.exists():
+            created.write_text(repr(time.time()))
         self.log = base / f"{self.name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -134,8 +140,9 @@ class Ketchd(Daemon):
         return self.base / "state" / "runtime" / "v2" / ns / id
 
 
-def cleanup(base: Path, namespaces: list[str]) -> list[str]:
-    """End what the test left under ``base`` (by PID), unmount, remove cgroups; what was left."""
+def cleanup(base: Path, namespaces: list[str], since: float | None = None) -> list[str]:
+    """End what the test left under ``base`` (by PID), unmount, remove cgroups and the sockets
+    of runc shims killed since ``since`` (default: when ``base`` was made); what was left."""
     left = []
     pids = system.pids_referencing(str(base))
     if pids:
@@ -158,4 +165,7 @@ def cleanup(base: Path, namespaces: list[str]) -> list[str]:
         system.remove_cgroups(ns)
         with contextlib.suppress(OSError):
             os.rmdir(Path("/run/containerd/runc", ns))
+    if since is None:
+        since = float((base / ".created").read_text()) if (base / ".created").exists() else time.time()
+    system.remove_dead_sockets(RUNC_SHIM_SOCKETS, since=since - 1)
     return left

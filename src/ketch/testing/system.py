@@ -3,6 +3,7 @@ what a run left under its private directory (processes by PID, mounts, cgroups).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -137,3 +138,32 @@ def shim_pid(namespace: str, id: str) -> int:
         if (want[0], want[1]) in pairs and (want[2], want[3]) in pairs:
             return int(entry)
     raise LookupError(f"no shim for {namespace}/{id}")
+
+
+def remove_dead_sockets(directory: str, since: float) -> list[str]:
+    """Remove the unix sockets in ``directory`` made after ``since`` that nobody answers on
+    (left by shims that were killed)."""
+    import socket
+
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            if os.stat(path).st_mtime < since:
+                continue
+        except OSError:
+            continue
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+                removed.append(path)
+        finally:
+            probe.close()
+    return removed
