@@ -199,31 +199,6 @@ def pss_kib(pid: int) -> int:
     raise BenchError(f"no Pss in /proc/{pid}/smaps_rollup")
 
 
-def shim_pids(ns: str, ids: list[str]) -> set[int]:
-    """The long-lived shims serving ``ids`` of ``ns``, each once (one shim may serve many tasks):
-    what system.shim_pid finds for each id, and any other shim process started for the namespace."""
-    pids: set[int] = set()
-    for cid in ids:
-        try:
-            pids.add(system.shim_pid(ns, cid))
-        except LookupError:
-            pass  # a grouped shim, named after another task of the group: found below
-    want = [b"-namespace", ns.encode()]
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                args = f.read().split(b"\0")
-        except OSError:
-            continue
-        if not any(b"shim" in a for a in args[:4]) or args[-2:-1] in ([b"start"], [b"delete"]):
-            continue
-        if (want[0], want[1]) in list(zip(args, args[1:])):
-            pids.add(int(entry))
-    return pids
-
-
 def alive(pid: int) -> bool:
     """``pid`` exists and is not a zombie."""
     try:
@@ -498,7 +473,7 @@ class Bench:
                 try:
                     start_detached(s, ns, ids)
                     time.sleep(1.0)  # let the shims settle into idleness
-                    shims = shim_pids(ns, ids)
+                    shims = system.shim_pids(ns)  # one shim may serve many tasks: each counted once
                     if not shims:
                         raise BenchError("no shim process found")
                     self.results.add("mem_shim", s.name, sum(pss_kib(p) for p in shims) / count)
@@ -559,7 +534,7 @@ class Bench:
             # a shared ketch shim with no task left lingers a while (KETCH_SHIM_LINGER, 10 s) for
             # its group's next task; one that outlived a kill -9 of ketchd is not told to go
             # when ketchd stops: it goes by itself. Wait for that; only what stays is left behind.
-            lingering = set().union(*(shim_pids(ns, []) for ns in self.namespaces[d.name]))
+            lingering = set().union(*(system.shim_pids(ns) for ns in self.namespaces[d.name]))
             if lingering:
                 log(f"waiting for {len(lingering)} idle shim(s) of {d.name} to exit")
                 deadline = time.monotonic() + LINGER_WAIT

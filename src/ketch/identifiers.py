@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from ketch.errdefs import InvalidArgument
+from ketch.errdefs import FailedPrecondition, InvalidArgument
 
 __all__ = ["MAX_LENGTH", "PATTERN", "quote", "validate"]
 
@@ -55,3 +55,15 @@ def validate(s: str) -> None:
         raise InvalidArgument(f"identifier {quote(s)} greater than maximum length ({MAX_LENGTH} characters)")
     if _IDENTIFIER.fullmatch(s) is None:
         raise InvalidArgument(f"identifier {quote(s)} must match {PATTERN}")
+
+
+def require_namespace(namespace: str) -> str:
+    """containerd's NamespaceRequired: a namespaced call must name a valid namespace.
+    FailedPrecondition when there is none, InvalidArgument when it is not an identifier."""
+    if not namespace:
+        raise FailedPrecondition("namespace is required")
+    try:
+        validate(namespace)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"namespace validation: {exc.message}") from None
+    return namespace

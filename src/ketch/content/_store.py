@@ -110,13 +110,7 @@ class Sweep:
 # small helpers
 
 
-def _check_namespace(namespace: str) -> None:
-    if not namespace:
-        raise FailedPrecondition("namespace is required")
-    try:
-        identifiers.validate(namespace)
-    except InvalidArgument as exc:
-        raise InvalidArgument(f"namespace validation: {exc.message}") from None
+_check_namespace = identifiers.require_namespace
 
 
 def _os_error(exc: OSError, doing: str) -> KetchError:

@@ -21,14 +21,8 @@ if TYPE_CHECKING:
 _CONTENTS: tuple[tuple[str, str], ...] = (("images", "images"), ("content", "blobs"), ("containers", "containers"))
 
 
-def require(namespace: str) -> None:
-    """Check the namespace of a namespaced call, as containerd's ``NamespaceRequired`` does."""
-    if not namespace:
-        raise FailedPrecondition("namespace is required")
-    try:
-        identifiers.validate(namespace)
-    except InvalidArgument as exc:
-        raise InvalidArgument(f"namespace validation: {exc.message}") from None
+#: containerd's NamespaceRequired (the one check, shared with the content store and snapshotters)
+require = identifiers.require_namespace
 
 
 def ensure(conn: sqlite3.Connection, namespace: str) -> bool:

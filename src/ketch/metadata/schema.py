@@ -217,17 +217,23 @@ def migrate(conn: sqlite3.Connection) -> int:
     ``conn`` must be in autocommit mode (``isolation_level=None``) with no transaction open.
     A file written by a newer ketch is refused with FailedPrecondition rather than guessed at.
     """
+    return apply_migrations(conn, MIGRATIONS[:SCHEMA_VERSION], "metadata")
+
+
+def apply_migrations(conn: sqlite3.Connection, migrations: Sequence[Callable[[sqlite3.Connection], None]],
+                     what: str) -> int:
+    """Run the ``migrations`` a file has not had yet, in one transaction, and record the new
+    version in ``PRAGMA user_version``; the old version. Shared by every SQLite file ketch keeps."""
+    target = len(migrations)
     conn.execute("BEGIN IMMEDIATE")
     try:
         current = version(conn)
-        if current > SCHEMA_VERSION:
-            raise FailedPrecondition(
-                f"metadata schema version {current} is newer than this ketch supports ({SCHEMA_VERSION})"
-            )
-        for step in MIGRATIONS[current:]:
+        if current > target:
+            raise FailedPrecondition(f"{what} schema version {current} is newer than this ketch supports ({target})")
+        for step in migrations[current:]:
             step(conn)
-        if current != SCHEMA_VERSION:
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
+        if current != target:
+            conn.execute(f"PRAGMA user_version = {target:d}")
     except BaseException:
         conn.execute("ROLLBACK")
         raise

@@ -28,12 +28,8 @@ def namespace(context: grpc.aio.ServicerContext) -> str:
     """The namespace of the call, validated; FailedPrecondition when there is none."""
     for key, value in context.invocation_metadata() or ():
         if key == NAMESPACE_HEADER:
-            try:
-                identifiers.validate(value)
-            except errdefs.InvalidArgument as e:
-                raise errdefs.InvalidArgument(f"namespace validation: {e.message}") from None
-            return str(value)
-    raise errdefs.FailedPrecondition("namespace is required")
+            return identifiers.require_namespace(str(value))
+    return identifiers.require_namespace("")
 
 
 def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:

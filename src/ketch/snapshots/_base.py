@@ -42,15 +42,7 @@ log = logging.getLogger("ketch.snapshots")
 TARGET_LABEL = "containerd.io/snapshot.ref"
 
 
-def check_namespace(namespace: str) -> str:
-    """containerd's NamespaceRequired: present, and a valid identifier."""
-    if not namespace:
-        raise FailedPrecondition("namespace is required")
-    try:
-        identifiers.validate(namespace)
-    except InvalidArgument as exc:
-        raise InvalidArgument(f"namespace validation: {exc.message}") from None
-    return namespace
+check_namespace = identifiers.require_namespace
 
 
 def _adaptor(info: Info) -> _filters.Adaptor:

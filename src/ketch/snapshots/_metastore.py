@@ -45,6 +45,7 @@ from typing import Any
 from ketch.errdefs import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from ketch.identifiers import quote
 from ketch.metadata import labels as _labels
+from ketch.metadata.schema import apply_migrations
 from ketch.snapshots._types import Info, Kind, Usage
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "MetaStore", "Row"]
@@ -143,23 +144,7 @@ class MetaStore:
     # -- plumbing -------------------------------------------------------------------------
 
     def _migrate(self) -> None:
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            current = self.schema_version
-            if current > SCHEMA_VERSION:
-                raise FailedPrecondition(
-                    f"snapshot metadata {self.path} has schema version {current}, newer than this "
-                    f"ketch supports ({SCHEMA_VERSION})"
-                )
-            for step in MIGRATIONS[current:]:
-                step(conn)
-            if current != SCHEMA_VERSION:
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+        apply_migrations(self._conn, MIGRATIONS, f"snapshot metadata {self.path}")
 
     @property
     def schema_version(self) -> int:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 BUSYBOX = "/bin/busybox"
@@ -121,9 +122,9 @@ def remove_cgroups(name: str) -> None:
                 pass
 
 
-def shim_pid(namespace: str, id: str) -> int:
-    """The PID of the long-lived shim serving task ``id`` of ``namespace`` (ours or runc's)."""
-    want = [b"-namespace", namespace.encode(), b"-id", id.encode()]
+def _shims(namespace: str) -> Iterator[tuple[int, list[tuple[bytes, bytes]]]]:
+    """(pid, flag pairs) of every long-lived shim process of ``namespace`` (ours or runc's)."""
+    want = (b"-namespace", namespace.encode())
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -135,8 +136,21 @@ def shim_pid(namespace: str, id: str) -> int:
         if not any(b"shim" in a for a in args[:4]) or args[-2:-1] in ([b"start"], [b"delete"]):
             continue
         pairs = list(zip(args, args[1:]))
-        if (want[0], want[1]) in pairs and (want[2], want[3]) in pairs:
-            return int(entry)
+        if want in pairs:
+            yield int(entry), pairs
+
+
+def shim_pids(namespace: str) -> set[int]:
+    """Every long-lived shim process serving tasks of ``namespace``."""
+    return {pid for pid, _ in _shims(namespace)}
+
+
+def shim_pid(namespace: str, id: str) -> int:
+    """The PID of the long-lived shim started for task ``id`` of ``namespace`` (a shared
+    shim is named after the first task of its group)."""
+    for pid, pairs in _shims(namespace):
+        if (b"-id", id.encode()) in pairs:
+            return pid
     raise LookupError(f"no shim for {namespace}/{id}")
 
 
