@@ -308,3 +308,25 @@ def test_twenty_at_once(env: Env) -> None:
             continue
         assert out == f"n{i}\n"
     assert env.ctr(ns, "containers", "ls", "-q").stdout.strip() == ""
+
+
+def test_binary_log_uri(env: Env, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """ctr --log-uri binary://…: the shim starts a logging binary that reads the process's
+    stdout and stderr as fds 3 and 4 and says it is ready by closing fd 5."""
+    logger = tmp_path / "logger"
+    logger.write_text("#!/bin/sh\n"
+                      "# argv: dir <where>; environment: CONTAINER_ID, CONTAINER_NAMESPACE\n"
+                      "exec 5>&-\n"
+                      'cat <&3 > "$2/$CONTAINER_NAMESPACE-$CONTAINER_ID.out" &\n'
+                      'cat <&4 > "$2/$CONTAINER_NAMESPACE-$CONTAINER_ID.err"\n'
+                      "wait\n")
+    logger.chmod(0o755)
+    ns = env.ns()
+    r = env.ctr(ns, "run", "--rm", "--log-uri", f"binary://{logger}?dir={tmp_path}", "--runtime", env.runtime,
+                *PATH, "--rootfs", env.rootfs, "logged", "sh", "-c", "echo to-out; echo to-err >&2")
+    assert r.stdout == ""
+    out, err = tmp_path / f"{ns}-logged.out", tmp_path / f"{ns}-logged.err"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not (out.exists() and out.read_text() and err.exists() and err.read_text()):
+        time.sleep(0.05)
+    assert out.read_text() == "to-out\n" and err.read_text() == "to-err\n"

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -37,13 +37,15 @@ def spawn(
     stdin: int | None = None,
     stdout: int | None = None,
     stderr: int | None = None,
-    env: dict[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
+    fds: Mapping[int, int] | None = None,
 ) -> int:
-    """Start ``argv`` with the given fds as its stdio (None: /dev/null); returns the pid."""
+    """Start ``argv`` with the given fds as its stdio (None: /dev/null) and ``fds`` (child fd →
+    our fd) besides; returns the pid."""
     actions: list[tuple[int, ...]] = []
     null = None
     try:
-        for target, fd in ((0, stdin), (1, stdout), (2, stderr)):
+        for target, fd in ((0, stdin), (1, stdout), (2, stderr), *sorted((fds or {}).items())):
             if fd is None:
                 if null is None:
                     null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)

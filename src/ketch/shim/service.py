@@ -34,11 +34,11 @@ from ketch.api.containerd.events import task_pb2 as events
 from ketch.api.containerd.task.v2 import shim_pb2 as api
 from ketch.cgroups import Cgroup, OOMWatch
 from ketch.files import write_atomic
-from ketch.oci.runc import Runc
+from ketch.oci.runc import Runc, spawn
 from ketch.shim.process import Process, State
 from ketch.shim.publisher import Publisher
 from ketch.shim.reaper import Monitor
-from ketch.shim.stdio import ProcessIO, Stdio
+from ketch.shim.stdio import Logger, LoggerSpawn, ProcessIO, Stdio
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,9 @@ class TaskService:
                 os.makedirs(rootfs, mode=0o711, exist_ok=True)
                 mount.mount_all((mount.Mount(m.type, m.source, tuple(m.options)) for m in req.rootfs), rootfs)
                 container.mounted_rootfs = True
-            io = init.io = ProcessIO.create(stdio, uid=opts.io_uid, gid=opts.io_gid)
+            io = init.io = ProcessIO.create(stdio, uid=opts.io_uid, gid=opts.io_gid,
+                                            logger=self._logger_spawner(req.id))
+            await io.ready()
             pid_file = os.path.join(bundle, "init.pid")
             init.pid, exited = await self._run_process(io, pid_file, lambda console, stdio: runc.create(
                 req.id, bundle, pid_file=pid_file, console_socket=console, stdio=stdio,
@@ -300,6 +302,26 @@ class TaskService:
             pid = _read_pid(pid_file)
             return pid, self.monitor.watch(pid)
 
+    def _logger_spawner(self, container_id: str) -> LoggerSpawn:
+        """Starts the logging binary of a binary:// stdio; the reaper collects its exit."""
+
+        def spawn_logger(target: str, out_r: int, err_r: int) -> Logger:
+            argv = Logger.argv(target)
+            if not os.path.isabs(argv[0]):
+                raise errdefs.InvalidArgument(f"binary:// logger {argv[0]!r} must be an absolute path")
+            ready_r, ready_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            try:
+                pid = spawn(argv, env={"CONTAINER_ID": container_id, "CONTAINER_NAMESPACE": self.namespace},
+                            fds={3: out_r, 4: err_r, 5: ready_w})
+            except OSError as e:
+                os.close(ready_r)
+                raise errdefs.InvalidArgument(f"binary:// logger {argv[0]!r}: {e.strerror}") from None
+            finally:
+                os.close(ready_w)
+            return Logger(pid, ready_r, self.monitor.watch(pid))
+
+        return spawn_logger
+
     def _watch_oom(self, container: Container) -> None:
         try:
             container.cgroup = Cgroup.of_pid(container.init.pid)
@@ -339,10 +361,11 @@ class TaskService:
         return api.StartResponse(pid=proc.pid)
 
     async def _start_exec(self, container: Container, proc: Process) -> None:
-        io = proc.io = ProcessIO.create(proc.stdio)
+        io = proc.io = ProcessIO.create(proc.stdio, logger=self._logger_spawner(container.id))
         fd, spec_file = tempfile.mkstemp(prefix=".exec-", suffix=".json", dir=container.bundle)
         pid_file = spec_file[:-len(".json")] + ".pid"
         try:
+            await io.ready()
             with os.fdopen(fd, "wb") as f:
                 f.write(proc.spec)
             proc.pid, exited = await self._run_process(io, pid_file, lambda console, stdio: container.runc.exec(

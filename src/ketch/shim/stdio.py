@@ -28,6 +28,7 @@ import socket
 import struct
 import tempfile
 import termios
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ketch import errdefs
@@ -47,7 +48,7 @@ def _path_of(uri: str) -> tuple[str, str]:
     if uri.startswith("file://"):
         return "file", uri[len("file://"):]
     if uri.startswith("binary://"):
-        raise errdefs.Unimplemented(f"stdio {uri!r}: binary:// log drivers are not supported yet")
+        return "binary", uri[len("binary://"):]
     if uri.startswith("fifo://"):
         return "fifo", uri[len("fifo://"):]
     return "fifo", uri
@@ -174,20 +175,50 @@ class ProcessIO:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _output_tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _closed: bool = False
+    logger: Logger | None = None
 
     @classmethod
-    def create(cls, stdio: Stdio, *, uid: int = -1, gid: int = -1) -> ProcessIO:
-        """Open the client's FIFOs and make the process's pipes (or a console socket)."""
+    def create(cls, stdio: Stdio, *, uid: int = -1, gid: int = -1, logger: LoggerSpawn | None = None) -> ProcessIO:
+        """Open the client's FIFOs and make the process's pipes (or a console socket).
+        ``logger`` starts the binary of a binary:// destination (see :class:`Logger`)."""
         io = cls(stdio)
         try:
             if stdio.terminal:
                 io.console = Console.listen()
+            elif _path_of(stdio.stdout)[0] == "binary" or _path_of(stdio.stderr)[0] == "binary":
+                if logger is None:
+                    raise errdefs.Unimplemented("binary:// stdio needs a logger")
+                io._make_logger(logger, uid, gid)
             else:
                 io._make_pipes(uid, gid)
         except BaseException:
             io.close()
             raise
         return io
+
+    def _make_logger(self, spawn: LoggerSpawn, uid: int, gid: int) -> None:
+        """binary://PATH?ARGS: the process writes straight into pipes whose other ends a
+        logging binary reads as fds 3 (stdout) and 4 (stderr), as containerd's shims do."""
+        s = self.stdio
+        uri = s.stdout if _path_of(s.stdout)[0] == "binary" else s.stderr
+        if s.stdin:
+            raise errdefs.InvalidArgument("binary:// stdio takes no stdin")
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        self.runtime_fds[1], self.runtime_fds[2] = out_w, err_w
+        try:
+            self.logger = spawn(_path_of(uri)[1], out_r, err_r)
+        finally:
+            os.close(out_r)
+            os.close(err_r)
+        if uid >= 0 or gid >= 0:
+            for fd in (out_w, err_w):
+                os.fchown(fd, uid, gid)
+
+    async def ready(self, timeout: float = 10.0) -> None:
+        """Wait until a logging binary says it is ready (it closes fd 5 or writes to it)."""
+        if self.logger is not None:
+            await self.logger.ready(timeout)
 
     def _hold(self, fd: int) -> int:
         self._held.append(fd)
@@ -283,9 +314,13 @@ class ProcessIO:
             self._close_stdin_pipe()
 
     async def drain(self, timeout: float = DRAIN_TIMEOUT) -> None:
-        """Wait (bounded) for the output copies to reach EOF after the process exited."""
-        if self._output_tasks:
-            await asyncio.wait(self._output_tasks, timeout=timeout)
+        """Wait (bounded) for the output copies to reach EOF after the process exited (or for
+        the logging binary to finish)."""
+        waits: list[asyncio.Future[object]] = list(self._output_tasks)
+        if self.logger is not None:
+            waits.append(self.logger.exited)
+        if waits:
+            await asyncio.wait(waits, timeout=timeout)
 
     def close(self) -> None:
         """Stop every copy and close every fd we hold (readers of the FIFOs see EOF)."""
@@ -305,6 +340,60 @@ class ProcessIO:
         self._held.clear()
         if self.console is not None:
             self.console.close()
+        if self.logger is not None:
+            self.logger.stop()
+
+
+class Logger:
+    """A logging binary started for binary:// stdio (containerd's contract): argv from the
+    URI's path and query, environment CONTAINER_ID and CONTAINER_NAMESPACE, the process's
+    stdout and stderr as fds 3 and 4, and fd 5 to close (or write to) once it is ready."""
+
+    def __init__(self, pid: int, ready_fd: int, exited: asyncio.Future[int]) -> None:
+        self.pid = pid
+        self._ready_fd = ready_fd
+        self.exited = exited
+
+    @staticmethod
+    def argv(target: str) -> list[str]:
+        from urllib.parse import parse_qsl, unquote, urlsplit
+
+        parts = urlsplit("binary://" + target)
+        argv = [unquote(parts.path)]
+        for key, value in parse_qsl(parts.query, keep_blank_values=True):
+            argv += [key, value] if value else [key]
+        return argv
+
+    async def ready(self, timeout: float) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    try:
+                        os.read(self._ready_fd, 1)
+                        return  # a byte, or EOF: ready either way
+                    except BlockingIOError:
+                        await _wait_fd(self._ready_fd, False)
+        except TimeoutError:
+            self.stop()
+            raise errdefs.DeadlineExceeded(f"logging binary (pid {self.pid}) not ready in {timeout:.0f}s") from None
+        finally:
+            self._close_ready()
+
+    def _close_ready(self) -> None:
+        if self._ready_fd >= 0:
+            os.close(self._ready_fd)
+            self._ready_fd = -1
+
+    def stop(self) -> None:
+        """Kill a logger that outlived its process's drain (it is reaped by the shim)."""
+        self._close_ready()
+        if not self.exited.done():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, 9)
+
+
+#: spawn(target, stdout_r, stderr_r) → Logger; the service provides it (it owns the reaper)
+LoggerSpawn = Callable[[str, int, int], Logger]
 
 
 class Console:
