@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from typing import Any
 
 ROOT = "/sys/fs/cgroup"
 
@@ -63,7 +64,7 @@ class Cgroup:
             return "io.containerd.cgroups.v2.Metrics", self._metrics_v2().SerializeToString()
         return "io.containerd.cgroups.v1.Metrics", self._metrics_v1().SerializeToString()
 
-    def _metrics_v1(self):  # type: ignore[no-untyped-def]
+    def _metrics_v1(self) -> Any:
         from ketch.api.cgroups.v1 import metrics_pb2 as m
 
         out = m.Metrics()
@@ -117,7 +118,7 @@ class Cgroup:
                                                   value=int(parts[2]))
         return out
 
-    def _metrics_v2(self):  # type: ignore[no-untyped-def]
+    def _metrics_v2(self) -> Any:
         from ketch.api.cgroups.v2 import metrics_pb2 as m
 
         out = m.Metrics()

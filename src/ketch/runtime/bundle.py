@@ -93,7 +93,7 @@ class Bundle:
 def walk(state: str, root: str) -> list[Bundle]:
     """Every bundle on disk, for reloading after a restart (invalid names are skipped)."""
     base = Path(state, "runtime", "v2")
-    found = []
+    found: list[Bundle] = []
     if not base.is_dir():
         return found
     for ns_dir in sorted(base.iterdir()):

@@ -15,6 +15,7 @@ Every shim call has a timeout (Wait excepted); a failed create leaves no bundle,
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import logging
 import os
@@ -328,7 +329,7 @@ class TaskManager:
     async def load(self) -> None:
         """Rebuild the task map from the bundles on disk (see the module doc): one connection
         per shim address, shared by the tasks that shim serves."""
-        by_address: dict[str, list[Task]] = {}
+        by_address: dict[str, builtins.list[Task]] = {}
         for bundle in walk(self.state_dir, self.root_dir):
             task = self._load_task(bundle)
             if task is not None:
@@ -379,7 +380,7 @@ class TaskManager:
             task.log = shims.ShimLog(str(bundle.path / "log"), task.namespace, task.id)
         return task
 
-    async def _reconnect(self, address: str, tasks: list[Task]) -> None:
+    async def _reconnect(self, address: str, tasks: builtins.list[Task]) -> None:
         first = tasks[0]
         key = (first.namespace, first.binary) if self._shares(first) else None
         if key is not None and key in self._groups:

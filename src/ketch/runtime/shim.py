@@ -134,7 +134,8 @@ async def delete(binary: str, params: ShimParams, namespace: str, id: str, bundl
     if code != 0:
         raise errdefs.Unknown(f"shim delete for task {id} failed with status {code}")
     try:
-        return shim_pb2.DeleteResponse.FromString(out)
+        resp: shim_pb2.DeleteResponse = shim_pb2.DeleteResponse.FromString(out)
+        return resp
     except _message.DecodeError:
         raise errdefs.Unknown(f"shim delete for task {id} printed an unreadable answer") from None
 

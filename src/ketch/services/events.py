@@ -18,7 +18,7 @@ TTRPC_SERVICE = "containerd.services.events.ttrpc.v1.Events"
 
 
 def _seconds(ts: timestamp_pb2.Timestamp) -> float:
-    return ts.seconds + ts.nanos / 1e9
+    return float(ts.seconds + ts.nanos / 1e9)
 
 
 def _envelope(e: api.Envelope | ttrpc_api.Envelope) -> Envelope:

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
@@ -49,7 +49,7 @@ def _ts(out: timestamp_pb2.Timestamp, t: float) -> None:
 
 
 def _seconds(ts: timestamp_pb2.Timestamp) -> float:
-    return ts.seconds + ts.nanos / 1e9
+    return float(ts.seconds + ts.nanos / 1e9)
 
 
 class Collector:
@@ -67,7 +67,7 @@ class Collector:
 
     async def now(self) -> gc.Stats:
         async with self._lock:
-            return await asyncio.to_thread(gc.collect, self._store, self._content, self._snapshotters)  # type: ignore[arg-type]
+            return await asyncio.to_thread(gc.collect, self._store, self._content, self._snapshotters)
 
     def schedule(self) -> None:
         if self._pending is None or self._pending.done():
@@ -270,7 +270,7 @@ def _from_mounts(mounts: Iterable[mount_pb2.Mount]) -> list[Mount]:
 
 
 def _snapshot_info(info: SnapshotInfo) -> sapi.Info:
-    out = sapi.Info(name=info.name, parent=info.parent, kind=int(info.kind), labels=info.labels)
+    out = sapi.Info(name=info.name, parent=info.parent, kind=cast(Any, int(info.kind)), labels=info.labels)
     _ts(out.created_at, info.created_at)
     _ts(out.updated_at, info.updated_at)
     return out

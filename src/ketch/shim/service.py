@@ -25,7 +25,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf import empty_pb2, timestamp_pb2
 
@@ -421,7 +421,7 @@ class TaskService:
         proc = container.process(req.exec_id)
         s = proc.stdio
         resp = api.StateResponse(
-            id=proc.id, bundle=container.bundle, pid=proc.pid, status=int(proc.state),
+            id=proc.id, bundle=container.bundle, pid=proc.pid, status=cast(Any, int(proc.state)),
             stdin=s.stdin, stdout=s.stdout, stderr=s.stderr, terminal=s.terminal,
             exit_status=proc.exit_status, exec_id=proc.exec_id,
         )

@@ -30,6 +30,7 @@ import tempfile
 import termios
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ketch import errdefs
 
@@ -81,7 +82,11 @@ async def _wait_fd(fd: int, write: bool) -> None:
     loop = asyncio.get_running_loop()
     ready = loop.create_future()
     add, remove = (loop.add_writer, loop.remove_writer) if write else (loop.add_reader, loop.remove_reader)
-    add(fd, lambda: ready.done() or ready.set_result(None))
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    add(fd, wake)
     try:
         await ready
     finally:
@@ -316,7 +321,7 @@ class ProcessIO:
     async def drain(self, timeout: float = DRAIN_TIMEOUT) -> None:
         """Wait (bounded) for the output copies to reach EOF after the process exited (or for
         the logging binary to finish)."""
-        waits: list[asyncio.Future[object]] = list(self._output_tasks)
+        waits: list[asyncio.Future[Any]] = list(self._output_tasks)
         if self.logger is not None:
             waits.append(self.logger.exited)
         if waits:

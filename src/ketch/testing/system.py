@@ -159,7 +159,7 @@ def remove_dead_sockets(directory: str, since: float) -> list[str]:
     (left by shims that were killed)."""
     import socket
 
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(directory)
     except OSError:

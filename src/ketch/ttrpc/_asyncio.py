@@ -449,7 +449,8 @@ class Client:
         if response.code != 0:
             raise errdefs.from_status(response.code, response.message)
         try:
-            return response_type.FromString(response.payload)
+            decoded: M = response_type.FromString(response.payload)
+            return decoded
         except DecodeError as exc:
             raise errdefs.Internal(f"ttrpc: cannot decode {service}/{method} response: {exc}") from None
 
