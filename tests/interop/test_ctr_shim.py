@@ -133,10 +133,14 @@ def test_run_with_terminal_and_resize(env: Env) -> None:
         assert b"31 101" in out, out
         # a resize reaches the container's terminal
         fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-        proc.send_signal(signal.SIGWINCH)
-        time.sleep(0.5)
-        os.write(master, b"stty size\n")
-        out = _read_until(master, b"40 120", 10)
+        # the resize travels ctr → daemon → shim asynchronously: signal and ask until it shows
+        out = b""
+        for _ in range(20):
+            proc.send_signal(signal.SIGWINCH)
+            os.write(master, b"stty size\n")
+            out += _read_until(master, b"40 120", 0.5)
+            if b"40 120" in out:
+                break
         assert b"40 120" in out, out
         os.write(master, b"exit 3\n")
         assert proc.wait(timeout=30) == 3

@@ -336,3 +336,19 @@ def test_idle_shared_shim_is_dismissed_after_a_restart(kenv: Env) -> None:
     while time.monotonic() < deadline and os.path.exists(f"/proc/{shim}"):
         time.sleep(0.05)
     assert not os.path.exists(f"/proc/{shim}")
+
+
+def test_shared_shim_keeps_logging_after_its_first_task_is_gone(kenv: Env) -> None:
+    ns = kenv.ns()
+    _run_detached(kenv, ns, ["first"])
+    _run_detached(kenv, ns, ["second"])
+    assert support.shim_pids(ns) == {support.shim_pid(ns, "first")}  # one shim serves both
+    for cid in ("first", "second"):
+        kenv.ctr(ns, "tasks", "kill", "-s", "SIGKILL", cid)
+        _wait_status(kenv, ns, cid, "STOPPED")
+        if cid == "first":
+            kenv.ctr(ns, "tasks", "rm", "first")  # the bundle the shim started in is gone
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and "process exited container=second" not in kenv.cd.log.read_text():
+        time.sleep(0.05)
+    assert "process exited container=second" in kenv.cd.log.read_text()

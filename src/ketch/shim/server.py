@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 
 from ketch import ttrpc
 from ketch.shim.main import UsageError, runc_root
@@ -27,30 +28,47 @@ LISTEN_FD = 3
 
 
 class _FifoHandler(logging.Handler):
-    """Writes log lines to a FIFO without ever blocking the shim: a full FIFO (nobody
-    reading, e.g. while the daemon restarts) drops the line."""
+    """Writes log lines to a bundle's ``log`` FIFO without ever blocking the shim: a full FIFO
+    (nobody reading, e.g. while the daemon restarts) drops the line. A shared shim outlives the
+    bundle it started in: when that FIFO loses its reader for good (EPIPE), the handler moves
+    to the ``log`` of another bundle the shim still serves (``bundles()``)."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, bundle: str, bundles: Callable[[], list[str]]) -> None:
         super().__init__()
-        self.fd = fd
+        self.fd = -1
+        self.bundle = ""
+        self._bundles = bundles
+        self._open(bundle)
+
+    def _open(self, bundle: str) -> bool:
+        try:
+            fd = os.open(os.path.join(bundle, "log"), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return False
+        if self.fd > 2:
+            os.close(self.fd)
+        self.fd, self.bundle = fd, bundle
+        return True
 
     def emit(self, record: logging.LogRecord) -> None:
-        try:
-            os.write(self.fd, (self.format(record) + "\n").encode(errors="replace"))
-        except OSError:
-            pass
+        line = (self.format(record) + "\n").encode(errors="replace")
+        for _ in range(2):
+            try:
+                os.write(self.fd, line)
+                return
+            except BrokenPipeError:
+                if not any(self._open(b) for b in self._bundles() if b != self.bundle):
+                    return
+            except OSError:
+                return
 
 
-def _setup_logging(bundle: str, debug: bool, flags: dict[str, str]) -> None:
-    fd = -1
-    try:
-        fd = os.open(os.path.join(bundle, "log"), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        fd = 2
-    handler = _FifoHandler(fd)
+def _setup_logging(bundle: str, debug: bool, flags: dict[str, str], bundles: Callable[[], list[str]]) -> None:
+    handler = _FifoHandler(bundle, bundles)
+    if handler.fd < 0:
+        handler.fd = 2
     handler.setFormatter(logging.Formatter(
-        f"time=%(asctime)s level=%(levelname)s namespace={flags.get('namespace', '')} "
-        f"id={flags.get('id', '')} msg=%(message)s"))
+        f"time=%(asctime)s level=%(levelname)s namespace={flags.get('namespace', '')} msg=%(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
@@ -78,6 +96,8 @@ async def _serve(flags: dict[str, str]) -> None:
     service = TaskService(namespace=namespace, monitor=monitor, publisher=publisher,
                           runc_root=runc_root(flags.get("address", ""), namespace),
                           lifetime=Lifetime(linger, on_exit))
+    _setup_logging(os.getcwd(), flags.get("debug") == "true", flags,
+                   lambda: [c.bundle for c in service.containers.values()])
     server = ttrpc.Server()
     service.register(server)
     sock = socket.socket(fileno=LISTEN_FD)
@@ -117,7 +137,7 @@ def run(flags: dict[str, str]) -> int:
         raise UsageError("the shim server expects its listening socket on fd 3; run it with 'start'") from None
     bundle = flags.get("bundle") or os.getcwd()
     os.chdir(bundle)
-    _setup_logging(bundle, flags.get("debug") == "true", flags)
+
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     _become_subreaper()
     asyncio.run(_serve(flags))
