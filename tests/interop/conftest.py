@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from ketch.testing import system as support
@@ -96,3 +97,13 @@ def kenv(rootfs: Path) -> Iterator[Env]:
     """ketchd with the ketch shim, for tests of the daemon itself."""
     with running("ketchd", KETCH_RUNTIME, rootfs) as e:
         yield e
+
+
+@pytest.fixture
+def channel(kenv: Env) -> Iterator[grpc.Channel]:
+    """A gRPC channel to ``kenv``'s ketchd."""
+    ch = grpc.insecure_channel(f"unix://{kenv.cd.address}")
+    try:
+        yield ch
+    finally:
+        ch.close()

@@ -116,6 +116,20 @@ def _read_until(fd: int, needle: bytes, timeout: float) -> bytes:
     return buf
 
 
+def assert_resized(client: subprocess.Popen[bytes], master: int, size: bytes) -> None:
+    """The client's terminal was resized: the container's ``stty size`` shows ``size``. The
+    resize travels client → daemon → shim asynchronously, and the client may not be watching
+    SIGWINCH yet: signal and ask until it shows."""
+    seen = b""
+    for _ in range(20):
+        client.send_signal(signal.SIGWINCH)
+        os.write(master, b"stty size\n")
+        seen += _read_until(master, size, 0.5)
+        if size in seen:
+            return
+    raise AssertionError(f"terminal never showed {size!r}: {seen!r}")
+
+
 def test_run_with_terminal_and_resize(env: Env) -> None:
     ns = env.ns()
     master, slave = pty.openpty()
@@ -133,15 +147,7 @@ def test_run_with_terminal_and_resize(env: Env) -> None:
         assert b"31 101" in out, out
         # a resize reaches the container's terminal
         fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-        # the resize travels ctr → daemon → shim asynchronously: signal and ask until it shows
-        out = b""
-        for _ in range(20):
-            proc.send_signal(signal.SIGWINCH)
-            os.write(master, b"stty size\n")
-            out += _read_until(master, b"40 120", 0.5)
-            if b"40 120" in out:
-                break
-        assert b"40 120" in out, out
+        assert_resized(proc, master, b"40 120")
         os.write(master, b"exit 3\n")
         assert proc.wait(timeout=30) == 3
     finally:

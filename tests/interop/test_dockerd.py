@@ -26,7 +26,7 @@ import pytest
 
 from ketch.testing import system as support
 from ketch.testing.daemons import KETCH_RUNTIME, Ketchd, cleanup
-from tests.interop.test_ctr_shim import _read_until
+from tests.interop.test_ctr_shim import _read_until, assert_resized
 
 DOCKER = "/usr/bin/docker"
 IMAGE = "busybox:ketch"
@@ -192,16 +192,7 @@ def test_tty_with_resize_and_attach(stack: Stack) -> None:
         os.write(master, b"stty size\n")
         assert b"33 99" in _read_until(master, b"33 99", 10)
         fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 44, 111, 0, 0))
-        # the resize travels docker → dockerd → ketchd → shim asynchronously, and the docker
-        # client may not be watching SIGWINCH yet: signal and ask until it shows
-        seen = b""
-        for _ in range(20):
-            proc.send_signal(signal.SIGWINCH)
-            os.write(master, b"stty size\n")
-            seen += _read_until(master, b"44 111", 0.5)
-            if b"44 111" in seen:
-                break
-        assert b"44 111" in seen, seen
+        assert_resized(proc, master, b"44 111")
         os.write(master, b"exit 4\n")
         assert proc.wait(timeout=30) == 4
     finally:

@@ -45,15 +45,6 @@ def archive(image: images.Image, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return out
 
 
-@pytest.fixture
-def channel(kenv: Env) -> Iterator[grpc.Channel]:
-    ch = grpc.insecure_channel(f"unix://{kenv.cd.address}")
-    try:
-        yield ch
-    finally:
-        ch.close()
-
-
 def md(ns: str, lease: str | None = None) -> list[tuple[str, str]]:
     out = [("containerd-namespace", ns)]
     if lease:

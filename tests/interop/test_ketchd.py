@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -21,15 +20,6 @@ from tests.interop.conftest import Env
 from tests.interop.test_ctr_shim import PATH, Events, _task_status, _wait_status
 
 SPEC_TYPE = "types.containerd.io/opencontainers/runtime-spec/1/Spec"
-
-
-@pytest.fixture
-def channel(kenv: Env) -> Iterator[grpc.Channel]:
-    ch = grpc.insecure_channel(f"unix://{kenv.cd.address}")
-    try:
-        yield ch
-    finally:
-        ch.close()
 
 
 def md(ns: str) -> list[tuple[str, str]]:
