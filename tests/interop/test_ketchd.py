@@ -342,3 +342,31 @@ def test_shared_shim_keeps_logging_after_its_first_task_is_gone(kenv: Env) -> No
     while time.monotonic() < deadline and "process exited container=second" not in kenv.cd.log.read_text():
         time.sleep(0.05)
     assert "process exited container=second" in kenv.cd.log.read_text()
+
+
+def test_calls_on_an_unstarted_exec_are_refused_and_touch_nothing_else(kenv: Env, channel: grpc.Channel) -> None:
+    """Kill, ResizePty and CloseIO of an exec that has no pid yet: FailedPrecondition, and
+    every container of the namespace (one shim group) keeps running."""
+    ns = kenv.ns()
+    _run_detached(kenv, ns, ["a", "b"])
+    before = _pids(kenv, ns)
+    tasks = tasks_pb2_grpc.TasksStub(channel)
+    req = tasks_pb2.ExecProcessRequest(container_id="a", exec_id="never-started")
+    req.spec.type_url = "types.containerd.io/opencontainers/runtime-spec/1/Process"
+    req.spec.value = json.dumps({"args": ["true"], "cwd": "/", "env": ["PATH=/bin"]}).encode()
+    tasks.Exec(req, metadata=md(ns))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with pytest.raises(grpc.RpcError) as info:
+            tasks.Kill(tasks_pb2.KillRequest(container_id="a", exec_id="never-started", signal=sig), metadata=md(ns))
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "not started" in (info.value.details() or "")
+    assert code_of(tasks.ResizePty, tasks_pb2.ResizePtyRequest(container_id="a", exec_id="never-started",
+                                                               width=80, height=24),
+                   metadata=md(ns)) == grpc.StatusCode.FAILED_PRECONDITION
+    assert code_of(tasks.CloseIO, tasks_pb2.CloseIORequest(container_id="a", exec_id="never-started", stdin=True),
+                   metadata=md(ns)) == grpc.StatusCode.FAILED_PRECONDITION
+    time.sleep(0.3)
+    assert _pids(kenv, ns) == before and {s for _, s in before.values()} == {"RUNNING"}
+    # the unstarted exec can still be deleted, and the container goes on
+    tasks.DeleteProcess(tasks_pb2.DeleteProcessRequest(container_id="a", exec_id="never-started"), metadata=md(ns))
+    assert _pids(kenv, ns) == before

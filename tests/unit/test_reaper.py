@@ -163,3 +163,17 @@ def test_kill_of_a_stopped_process_is_not_found() -> None:
     p = Process("c1", "e1", Stdio(), state=State.STOPPED)
     with pytest.raises(errdefs.NotFound, match="already finished"):
         p.check("kill")
+
+
+@pytest.mark.parametrize("op", ["kill", "resize", "close_io"])
+@pytest.mark.parametrize("pid", [0, -1])
+def test_an_exec_without_a_pid_is_never_signalled(op: str, pid: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kill(0, sig) would signal the shim's own process group: refused before any syscall."""
+    sent: list[tuple[int, int]] = []
+    monkeypatch.setattr("os.kill", lambda p, s: sent.append((p, s)))
+    p = Process("c1", "e1", Stdio(), state=State.CREATED, pid=pid)
+    with pytest.raises(errdefs.FailedPrecondition, match="not started"):
+        p.check(op)
+    with pytest.raises(errdefs.FailedPrecondition, match="not started"):
+        p.signal(9)
+    assert sent == []

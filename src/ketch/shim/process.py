@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -56,6 +57,11 @@ ALLOWED: dict[str, frozenset[State]] = {
     "exec": frozenset({State.CREATED, State.RUNNING, State.PAUSED}),
     "stats": frozenset({State.CREATED, State.RUNNING, State.PAUSED}),
 }
+
+
+#: operations that act on the running program: refused while the process has no pid yet (an
+#: exec added but not started, or whose start failed), so nothing is ever signalled by pid 0
+NEEDS_PID = frozenset({"kill", "resize", "close_io"})
 
 
 def _describe(state: State) -> str:
@@ -104,6 +110,19 @@ class Process:
             if op == "kill" and self.state == State.STOPPED:
                 raise errdefs.NotFound(f"{self.kind} {self.id}: process already finished")
             raise self._refuse(op)
+        if op in NEEDS_PID and self.pid <= 0:
+            raise errdefs.FailedPrecondition(f"{self.kind} {self.id}: process not started")
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to this process alone: never with a pid that kill(2) would read as a
+        process group (0 is the shim's own group, negative ones are groups too)."""
+        self.check("kill")
+        if self.pid <= 0:  # check() refuses this; kept so no later change can signal a group
+            raise errdefs.FailedPrecondition(f"{self.kind} {self.id}: process not started")
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            raise errdefs.NotFound(f"{self.kind} {self.id}: process already finished") from None
 
     def _refuse(self, op: str) -> errdefs.FailedPrecondition:
         return errdefs.FailedPrecondition(

@@ -410,8 +410,8 @@ class TaskService:
         with contextlib.suppress(errdefs.KetchError):
             await container.runc.kill(container.id, signal.SIGKILL, all=True)
         for p in running:
-            with contextlib.suppress(OSError):
-                os.kill(p.pid, signal.SIGKILL)
+            with contextlib.suppress(errdefs.KetchError):
+                p.signal(signal.SIGKILL)
         await asyncio.wait([asyncio.ensure_future(p.exited.wait()) for p in running], timeout=EXEC_EXIT_GRACE)
 
     # -- queries -------------------------------------------------------------------------------
@@ -474,10 +474,7 @@ class TaskService:
         proc = container.process(req.exec_id)
         proc.check("kill")
         if req.exec_id:
-            try:
-                os.kill(proc.pid, req.signal)
-            except ProcessLookupError:
-                raise errdefs.NotFound(f"exec {req.exec_id}: process already finished") from None
+            proc.signal(req.signal)
         else:
             try:
                 await container.runc.kill(container.id, req.signal, all=req.all)
