@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ketch import __version__, config, errdefs, ttrpc
+from ketch import __version__, config, errdefs, topics, ttrpc
 
 log = logging.getLogger("ketchd")
 
@@ -84,8 +84,8 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
     store = Store(os.path.join(cfg.root, "meta.db"))
     exchange = Exchange()
 
-    def publish(namespace: str, topic: str, event: Any) -> None:
-        exchange.publish(namespace, topic, event.DESCRIPTOR.full_name, event.SerializeToString())
+    def publish(namespace: str, event: Any) -> None:
+        exchange.publish(namespace, topics.of(event), event.DESCRIPTOR.full_name, event.SerializeToString())
 
     content = ContentStore(os.path.join(cfg.root, "content"), store, publish=publish)
     snapshotters: dict[str, Snapshotter] = {"native": NativeSnapshotter(os.path.join(cfg.root, "snapshots", "native"))}

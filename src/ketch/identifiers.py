@@ -14,7 +14,11 @@ import re
 
 from ketch.errdefs import FailedPrecondition, InvalidArgument
 
-__all__ = ["MAX_LENGTH", "PATTERN", "quote", "validate"]
+__all__ = ["GRPC_NAMESPACE_KEY", "MAX_LENGTH", "PATTERN", "TTRPC_NAMESPACE_KEY", "quote", "validate"]
+
+#: the request metadata key that names the namespace of a call, on gRPC and on ttrpc
+GRPC_NAMESPACE_KEY = "containerd-namespace"
+TTRPC_NAMESPACE_KEY = "containerd-namespace-ttrpc"
 
 #: longest identifier accepted, in bytes (containerd's limit)
 MAX_LENGTH = 76

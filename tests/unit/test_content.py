@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from ketch import errdefs
+from ketch import errdefs, topics
 from ketch.content import ContentStore, Info, Writer, check_digest
 from ketch.metadata import LeaseResource, Store
 
@@ -33,8 +33,8 @@ class Events:
     def __init__(self) -> None:
         self.seen: list[tuple[str, str, Any]] = []
 
-    def __call__(self, namespace: str, topic: str, message: Any) -> None:
-        self.seen.append((namespace, topic, message))
+    def __call__(self, namespace: str, message: Any) -> None:
+        self.seen.append((namespace, topics.of(message), message))
 
 
 @pytest.fixture

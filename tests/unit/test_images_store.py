@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from ketch import errdefs
+from ketch import errdefs, topics
 from ketch.images import Descriptor, Image, ImageService
 from ketch.metadata import SCHEMA_VERSION, ContentRecordStore, ImageStore, Store
 from ketch.metadata import schema
@@ -208,7 +208,7 @@ def test_update_of_a_missing_image_is_not_found_then_create(store: Store) -> Non
 def test_service_publishes_image_events(store: Store) -> None:
     seen: list[tuple[str, str, Any]] = []
     collected: list[int] = []
-    svc = ImageService(store, publish=lambda ns, topic, msg: seen.append((ns, topic, msg)),
+    svc = ImageService(store, publish=lambda ns, msg: seen.append((ns, topics.of(msg), msg)),
                        collect=lambda: collected.append(1))
     svc.create("k8s.io", image(labels={"a": "b"}))
     svc.update("k8s.io", image(labels={"a": "c"}), ["labels"])
@@ -220,8 +220,8 @@ def test_service_publishes_image_events(store: Store) -> None:
     svc.delete("k8s.io", image().name, sync=True)
     assert collected == [1]
 
-    topics = [(ns, topic, type(msg).DESCRIPTOR.full_name) for ns, topic, msg in seen]
-    assert topics[:3] == [
+    published = [(ns, topic, type(msg).DESCRIPTOR.full_name) for ns, topic, msg in seen]
+    assert published[:3] == [
         ("k8s.io", "/images/create", "containerd.services.images.v1.ImageCreate"),
         ("k8s.io", "/images/update", "containerd.services.images.v1.ImageUpdate"),
         ("k8s.io", "/images/delete", "containerd.services.images.v1.ImageDelete"),

@@ -41,12 +41,13 @@ import shutil
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ketch import filters as _filters
+from ketch.topics import Publish
 from ketch import identifiers
 from ketch.errdefs import (
     AlreadyExists,
@@ -68,8 +69,6 @@ if TYPE_CHECKING:
 
 __all__ = ["BlobReader", "ContentStore", "Publish", "Status", "Sweep", "Writer"]
 
-#: ``publish(namespace, topic, event message)``: how the store announces /content/delete
-Publish = Callable[[str, str, Any], None]
 
 #: an ingest no lease holds may be dropped by garbage collection this long after it was opened
 INGEST_EXPIRY = 24 * 3600.0
@@ -310,7 +309,7 @@ class BlobReader:
 class ContentStore:
     """Blobs under ``root`` (``blobs/sha256/<hex>``, ``ingest/…``), records in ``store``.
 
-    ``publish(namespace, topic, message)`` receives ``/content/delete`` events
+    ``publish(namespace, message)`` receives ``/content/delete`` events
     (``containerd.events.ContentDelete``). ``lock_timeout`` is how long :meth:`writer` waits
     for a ref that another writer holds before it answers Unavailable (containerd retries
     for about as long).
@@ -373,7 +372,7 @@ class ContentStore:
         if self._publish is not None:
             from ketch.api.containerd.events import content_pb2
 
-            self._publish(namespace, "/content/delete", content_pb2.ContentDelete(digest=digest))
+            self._publish(namespace, content_pb2.ContentDelete(digest=digest))
 
     def reader(self, namespace: str, digest: str) -> BlobReader:
         """Open the blob for reading; NotFound unless ``namespace`` holds it."""

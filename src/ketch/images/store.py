@@ -14,14 +14,13 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ketch.metadata import Image
+from ketch.topics import Publish
 
 if TYPE_CHECKING:
     from ketch.metadata import Store
 
 __all__ = ["ImageService", "Publish"]
 
-#: ``publish(namespace, topic, event message)``
-Publish = Callable[[str, str, Any], None]
 
 
 class ImageService:
@@ -36,7 +35,7 @@ class ImageService:
     def create(self, namespace: str, image: Image) -> Image:
         """Store a new image (AlreadyExists ``image "x"``) and publish ``/images/create``."""
         created = self._store.images.create(namespace, image)
-        self._event(namespace, "/images/create", "ImageCreate", name=created.name, labels=created.labels)
+        self._event(namespace, "ImageCreate", name=created.name, labels=created.labels)
         return created
 
     def get(self, namespace: str, name: str) -> Image:
@@ -51,20 +50,20 @@ class ImageService:
     def update(self, namespace: str, image: Image, fieldpaths: Sequence[str] = ()) -> Image:
         """Apply the field mask (NotFound ``image "x"`` when absent) and publish ``/images/update``."""
         updated = self._store.images.update(namespace, image, fieldpaths)
-        self._event(namespace, "/images/update", "ImageUpdate", name=updated.name, labels=updated.labels)
+        self._event(namespace, "ImageUpdate", name=updated.name, labels=updated.labels)
         return updated
 
     def delete(self, namespace: str, name: str, *, sync: bool = False) -> None:
         """Remove the image and publish ``/images/delete``; with ``sync``, collect garbage
         before returning, so the blobs only it kept are gone when the call answers."""
         self._store.images.delete(namespace, name)
-        self._event(namespace, "/images/delete", "ImageDelete", name=name)
+        self._event(namespace, "ImageDelete", name=name)
         if sync and self._collect is not None:
             self._collect()
 
-    def _event(self, namespace: str, topic: str, kind: str, **fields: Any) -> None:
+    def _event(self, namespace: str, kind: str, **fields: Any) -> None:
         if self._publish is None:
             return
         from ketch.api.containerd.events import image_pb2
 
-        self._publish(namespace, topic, getattr(image_pb2, kind)(**fields))
+        self._publish(namespace, getattr(image_pb2, kind)(**fields))

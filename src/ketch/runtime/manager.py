@@ -20,13 +20,14 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from google.protobuf import any_pb2, empty_pb2, timestamp_pb2
 from google.protobuf import message as _message
 
 from ketch import errdefs
+from ketch.topics import Publish
 from ketch.api.containerd.events import task_pb2 as events
 from ketch.api.containerd.task.v2 import shim_pb2
 from ketch.api.containerd.types import mount_pb2
@@ -41,7 +42,6 @@ log = logging.getLogger(__name__)
 #: exit status reported for a task whose shim died: the real one is unknown
 UNKNOWN_EXIT = 255
 
-Publish = Callable[[str, str, _message.Message], None]  # (namespace, topic, event)
 
 
 @dataclass(eq=False)
@@ -254,7 +254,7 @@ class TaskManager:
         if task.tombstone is not None:
             pid, status, exited_at = task.tombstone
             self._forget(task)
-            self.publish(namespace, "/tasks/delete", events.TaskDelete(container_id=id, id=id, pid=pid, exit_status=status,
+            self.publish(namespace, events.TaskDelete(container_id=id, id=id, pid=pid, exit_status=status,
                                                       exited_at=_ts(exited_at)))
             return task.tombstone
         client = task.client()
@@ -320,7 +320,7 @@ class TaskManager:
             task.group = None
         with contextlib.suppress(OSError):
             task.bundle.write_exit(task.pid, exit_status, exited_at)
-        self.publish(task.namespace, "/tasks/exit", events.TaskExit(container_id=task.id, id=task.id, pid=task.pid,
+        self.publish(task.namespace, events.TaskExit(container_id=task.id, id=task.id, pid=task.pid,
                                                      exit_status=exit_status, exited_at=_ts(exited_at)))
         task.buried.set()
 

@@ -21,7 +21,7 @@ from typing import TypeVar
 
 from google.protobuf import message as _message
 
-from ketch import errdefs, ttrpc
+from ketch import errdefs, identifiers, ttrpc
 from ketch.api.containerd.task.v2 import shim_pb2
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 SERVICE = "containerd.task.v2.Task"
 #: our shim's binary: the one that can serve a group of tasks
 KETCH_SHIM = "containerd-shim-ketch-v2"
-NAMESPACE_KEY = "containerd-namespace-ttrpc"
 M = TypeVar("M", bound=_message.Message)
 
 
@@ -199,7 +198,7 @@ class ShimClient:
         return await self._client.call(
             SERVICE, method, request, response_type,
             timeout=self.timeout if timeout == -1.0 else timeout,
-            metadata={NAMESPACE_KEY: self.namespace}, send_timeout=False)
+            metadata={identifiers.TTRPC_NAMESPACE_KEY: self.namespace}, send_timeout=False)
 
     async def close(self) -> None:
         await self._client.close()

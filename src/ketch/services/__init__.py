@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
 
 import grpc
 
 from ketch import config, metadata
+from ketch.topics import Publish
 from ketch.api.containerd.services.containers.v1 import containers_pb2_grpc
 from ketch.api.containerd.services.content.v1 import content_pb2_grpc
 from ketch.api.containerd.services.diff.v1 import diff_pb2_grpc
@@ -33,7 +32,7 @@ from ketch.snapshots import Snapshotter
 
 
 def register_all(server: grpc.aio.Server, *, cfg: config.Config, store: metadata.Store, exchange: Exchange,
-                 manager: TaskManager, publish: Callable[[str, str, Any], None], content: ContentStore,
+                 manager: TaskManager, publish: Publish, content: ContentStore,
                  images: ImageService, snapshotters: dict[str, Snapshotter], collector: Collector) -> None:
     version_pb2_grpc.add_VersionServicer_to_server(Version(), server)
     introspection_pb2_grpc.add_IntrospectionServicer_to_server(Introspection(cfg.root), server)

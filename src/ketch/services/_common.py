@@ -17,7 +17,6 @@ from ketch import errdefs, identifiers
 
 log = logging.getLogger("ketch.services")
 
-NAMESPACE_HEADER = "containerd-namespace"
 _STATUS = {code.value[0]: code for code in grpc.StatusCode}
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -27,7 +26,7 @@ G = TypeVar("G", bound=Callable[..., AsyncIterator[Any]])
 def namespace(context: grpc.aio.ServicerContext) -> str:
     """The namespace of the call, validated; FailedPrecondition when there is none."""
     for key, value in context.invocation_metadata() or ():
-        if key == NAMESPACE_HEADER:
+        if key == identifiers.GRPC_NAMESPACE_KEY:
             return identifiers.require_namespace(str(value))
     return identifiers.require_namespace("")
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any, cast
 
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
 
 from ketch import diff, errdefs, gc, metadata
+from ketch.topics import Publish
 from ketch.api.containerd.events import snapshot_pb2 as snapshot_events
 from ketch.api.containerd.services.content.v1 import content_pb2 as capi
 from ketch.api.containerd.services.content.v1 import content_pb2_grpc
@@ -276,7 +277,6 @@ def _snapshot_info(info: SnapshotInfo) -> sapi.Info:
     return out
 
 
-Publish = Callable[[str, str, Any], None]
 
 
 class Snapshots(snapshots_pb2_grpc.SnapshotsServicer):
@@ -305,7 +305,7 @@ class Snapshots(snapshots_pb2_grpc.SnapshotsServicer):
         snap = self._get(sn)
         self._lease(context, ns, sn, request.key)
         mounts = await asyncio.to_thread(snap.prepare, ns, request.key, request.parent, dict(request.labels))
-        self.publish(ns, "/snapshot/prepare", snapshot_events.SnapshotPrepare(key=request.key, parent=request.parent))
+        self.publish(ns, snapshot_events.SnapshotPrepare(key=request.key, parent=request.parent))
         return sapi.PrepareSnapshotResponse(mounts=_mounts(mounts))
 
     @unary
@@ -328,14 +328,14 @@ class Snapshots(snapshots_pb2_grpc.SnapshotsServicer):
         snap = self._get(sn)
         self._lease(context, ns, sn, request.name)
         await asyncio.to_thread(snap.commit, ns, request.name, request.key, dict(request.labels))
-        self.publish(ns, "/snapshot/commit", snapshot_events.SnapshotCommit(key=request.key, name=request.name))
+        self.publish(ns, snapshot_events.SnapshotCommit(key=request.key, name=request.name))
         return empty_pb2.Empty()
 
     @unary
     async def Remove(self, request: sapi.RemoveSnapshotRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
         ns = namespace(context)
         await asyncio.to_thread(self._get(request.snapshotter).remove, ns, request.key)
-        self.publish(ns, "/snapshot/remove", snapshot_events.SnapshotRemove(key=request.key))
+        self.publish(ns, snapshot_events.SnapshotRemove(key=request.key))
         self.collector.schedule()
         return empty_pb2.Empty()
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, empty_pb2
-from google.protobuf import message as _message
 
 from ketch import errdefs, identifiers, metadata
+from ketch.topics import Publish
 from ketch.api.containerd.events import container_pb2 as container_events
 from ketch.api.containerd.events import namespace_pb2 as namespace_events
 from ketch.api.containerd.services.containers.v1 import containers_pb2 as capi
@@ -25,7 +25,6 @@ from ketch.api.containerd.services.namespaces.v1 import namespace_pb2 as napi
 from ketch.api.containerd.services.namespaces.v1 import namespace_pb2_grpc
 from ketch.services._common import namespace, stream, unary
 
-Publish = Callable[[str, str, _message.Message], None]  # (namespace, topic, event)
 
 
 # -- conversions ------------------------------------------------------------------------------
@@ -103,7 +102,7 @@ class Namespaces(namespace_pb2_grpc.NamespacesServicer):
     async def Create(self, request: napi.CreateNamespaceRequest,
                      context: grpc.aio.ServicerContext) -> napi.CreateNamespaceResponse:
         ns = self.store.namespaces.create(request.namespace.name, dict(request.namespace.labels))
-        self.publish(ns.name, "/namespaces/create", namespace_events.NamespaceCreate(name=ns.name, labels=ns.labels))
+        self.publish(ns.name, namespace_events.NamespaceCreate(name=ns.name, labels=ns.labels))
         return napi.CreateNamespaceResponse(namespace=napi.Namespace(name=ns.name, labels=ns.labels))
 
     @unary
@@ -111,13 +110,13 @@ class Namespaces(namespace_pb2_grpc.NamespacesServicer):
                      context: grpc.aio.ServicerContext) -> napi.UpdateNamespaceResponse:
         ns = self.store.namespaces.update(request.namespace.name, dict(request.namespace.labels),
                                           list(request.update_mask.paths))
-        self.publish(ns.name, "/namespaces/update", namespace_events.NamespaceUpdate(name=ns.name, labels=ns.labels))
+        self.publish(ns.name, namespace_events.NamespaceUpdate(name=ns.name, labels=ns.labels))
         return napi.UpdateNamespaceResponse(namespace=napi.Namespace(name=ns.name, labels=ns.labels))
 
     @unary
     async def Delete(self, request: napi.DeleteNamespaceRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
         self.store.namespaces.delete(request.name)
-        self.publish(request.name, "/namespaces/delete", namespace_events.NamespaceDelete(name=request.name))
+        self.publish(request.name, namespace_events.NamespaceDelete(name=request.name))
         return empty_pb2.Empty()
 
 
@@ -154,7 +153,7 @@ class Containers(containers_pb2_grpc.ContainersServicer):
         event.runtime.name = c.runtime.name
         if c.runtime.options is not None:
             event.runtime.options.CopyFrom(_any(c.runtime.options))
-        self.publish(ns, "/containers/create", event)
+        self.publish(ns, event)
         return capi.CreateContainerResponse(container=container_to_proto(c))
 
     @unary
@@ -164,7 +163,7 @@ class Containers(containers_pb2_grpc.ContainersServicer):
         if "spec" in request.update_mask.paths or not request.update_mask.paths:
             _check_spec(request.container)
         c = self.store.containers.update(ns, container_from_proto(request.container), list(request.update_mask.paths))
-        self.publish(ns, "/containers/update", container_events.ContainerUpdate(
+        self.publish(ns, container_events.ContainerUpdate(
             id=c.id, image=c.image, labels=c.labels, snapshot_key=c.snapshot_key))
         return capi.UpdateContainerResponse(container=container_to_proto(c))
 
@@ -175,7 +174,7 @@ class Containers(containers_pb2_grpc.ContainersServicer):
             self.store.containers.get(ns, request.id)  # NotFound first, as containerd answers
             raise errdefs.FailedPrecondition(f"container {request.id!r} still has a task: delete the task first")
         self.store.containers.delete(ns, request.id)
-        self.publish(ns, "/containers/delete", container_events.ContainerDelete(id=request.id))
+        self.publish(ns, container_events.ContainerDelete(id=request.id))
         return empty_pb2.Empty()
 
 

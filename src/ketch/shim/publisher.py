@@ -15,31 +15,16 @@ import time
 from google.protobuf import empty_pb2
 from google.protobuf import message as _message
 
-from ketch import errdefs, ttrpc
+from ketch import errdefs, identifiers, timestamps, topics, ttrpc
 from ketch.api.containerd.services.ttrpc.events.v1 import events_pb2
 
 log = logging.getLogger(__name__)
 
 SERVICE = "containerd.services.events.ttrpc.v1.Events"
-NAMESPACE_KEY = "containerd-namespace-ttrpc"
 ATTEMPTS = 5
 CALL_TIMEOUT = 5.0
 QUEUE_MAX = 2048
 
-
-#: containerd's topic for each task event type
-TOPICS = {
-    "TaskCreate": "/tasks/create",
-    "TaskStart": "/tasks/start",
-    "TaskDelete": "/tasks/delete",
-    "TaskExit": "/tasks/exit",
-    "TaskOOM": "/tasks/oom",
-    "TaskExecAdded": "/tasks/exec-added",
-    "TaskExecStarted": "/tasks/exec-started",
-    "TaskPaused": "/tasks/paused",
-    "TaskResumed": "/tasks/resumed",
-    "TaskCheckpointed": "/tasks/checkpointed",
-}
 
 
 class Publisher:
@@ -54,11 +39,9 @@ class Publisher:
         """Queue ``event`` (a containerd.events message); never blocks, never raises."""
         req = events_pb2.ForwardRequest()
         env = req.envelope
-        now = time.time()
-        env.timestamp.seconds = int(now)
-        env.timestamp.nanos = int((now % 1) * 1e9)
+        timestamps.stamp(env.timestamp, time.time())
         env.namespace = self.namespace
-        env.topic = TOPICS[event.DESCRIPTOR.name]
+        env.topic = topics.of(event)
         env.event.type_url = event.DESCRIPTOR.full_name
         env.event.value = event.SerializeToString()
         if not self.address:
@@ -87,7 +70,7 @@ class Publisher:
                     self._client = await ttrpc.connect(self.address, timeout=CALL_TIMEOUT)
                 await self._client.call(
                     SERVICE, "Forward", req, empty_pb2.Empty, timeout=CALL_TIMEOUT,
-                    metadata={NAMESPACE_KEY: self.namespace},
+                    metadata={identifiers.TTRPC_NAMESPACE_KEY: self.namespace},
                 )
                 return
             except errdefs.KetchError as e:
