@@ -73,8 +73,7 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
     from ketch.images import ImageService
     from ketch.metadata import Store
     from ketch.snapshots import NativeSnapshotter, OverlaySnapshotter, Snapshotter, supported
-    from ketch.runtime.manager import TaskManager
-    from ketch.runtime.shim import ShimParams
+    from ketch.runtime import Launcher, ShimParams, TaskManager
     from ketch.services import register_all
     from ketch.services.images import Collector
     from ketch.services.events import forward_service
@@ -103,9 +102,10 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
         publish_binary=os.path.realpath(sys.argv[0]) if sys.argv and sys.argv[0] else "ketchd",
         debug=cfg.runtime.shim_debug,
         start_timeout=cfg.runtime.shim_start_timeout, delete_timeout=cfg.runtime.shim_delete_timeout)
-    manager = TaskManager(state=cfg.state, root=cfg.root, params=params, publish=publish,
-                          extra_dirs=[os.path.dirname(sys.executable)], call_timeout=cfg.runtime.shim_call_timeout,
-                          aliases=cfg.runtime.aliases, grouping=cfg.runtime.shim_grouping)
+    launcher = Launcher(params, extra_dirs=[os.path.dirname(sys.executable)])
+    manager = TaskManager(state=cfg.state, root=cfg.root, launcher=launcher, publish=publish,
+                          call_timeout=cfg.runtime.shim_call_timeout, aliases=cfg.runtime.aliases,
+                          grouping=cfg.runtime.shim_grouping)
 
     # shims forward their events here; it must listen before tasks are reloaded
     events_server = ttrpc.Server()

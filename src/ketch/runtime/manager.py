@@ -1,13 +1,17 @@
-"""The runtime v2 task manager: tasks live in shims; this keeps the map and the shims' lifecycle.
+"""The runtime v2 task manager: the map of tasks, and the shims that serve them.
 
-ketchd keeps nothing it cannot rebuild from disk. Every task has a bundle
-(``bundle.py``); on start, :meth:`TaskManager.load` walks them, reconnects to each shim whose
-address answers, and cleans up after each one that is gone. A shim that dies — while ketchd
-runs or while it was down — is handled one way (:meth:`TaskManager._bury`): the shim binary's
-``delete`` cleans up (runc delete --force, unmount), /tasks/exit is published with exit status
-255 (the real status died with the shim), and the task stays as a STOPPED tombstone, recorded
-in the bundle, until Tasks.Delete removes it and publishes /tasks/delete. So no client waits
-forever, and ``ctr task rm`` works as after any exit.
+ketchd keeps nothing it cannot rebuild from disk. Every task has a bundle (``bundle.py``); on
+start, :meth:`TaskManager.load` walks them, reconnects to each shim whose address answers, and
+cleans up after each one that is gone. A shim that dies — while ketchd runs or while it was
+down — is handled one way (:meth:`TaskManager._bury`): the shim binary's ``delete`` cleans up
+(runc delete --force, unmount), /tasks/exit is published with exit status 255 (the real status
+died with the shim), and the task stays as a STOPPED tombstone, recorded in the bundle, until
+it is deleted, which publishes /tasks/delete. So no client waits forever, and ``ctr task rm``
+works as after any exit. A task's phases are the table in ``task.py``.
+
+The rules containerd's task service applies live here, so every face (gRPC, CRI, an
+in-process client) gets them: AlreadyExists for a second task, which runtime options win,
+FailedPrecondition for deleting a running task, List and Metrics filters.
 
 Every shim call has a timeout (Wait excepted); a failed create leaves no bundle, shim or record.
 """
@@ -20,28 +24,29 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from google.protobuf import any_pb2, empty_pb2, timestamp_pb2
-from google.protobuf import message as _message
+from google.protobuf import any_pb2
 
-from ketch import errdefs
-from ketch.topics import Publish
+from ketch import errdefs, filters, timestamps
 from ketch.api.containerd.events import task_pb2 as events
 from ketch.api.containerd.task.v2 import shim_pb2
-from ketch.api.containerd.types import mount_pb2
+from ketch.api.containerd.types import metrics_pb2, mount_pb2
 from ketch.api.containerd.types.task import task_pb2 as task_types
-from ketch.runtime import shim as shims
 from ketch.files import write_atomic
 from ketch.runtime.bundle import Bundle, walk
-from ketch.runtime.shim import ShimClient, ShimParams
+from ketch.runtime.shim import KETCH_SHIM, Launcher, ShimClient, ShimLog, Stdio
+from ketch.runtime.task import UNKNOWN_EXIT, Exit, Phase, Task
+from ketch.topics import Publish
+
+if TYPE_CHECKING:
+    from ketch.metadata import Container
 
 log = logging.getLogger(__name__)
 
-#: exit status reported for a task whose shim died: the real one is unknown
-UNKNOWN_EXIT = 255
-
+__all__ = ["CreateOptions", "ShimGroup", "TaskManager"]
 
 
 @dataclass(eq=False)
@@ -55,43 +60,17 @@ class ShimGroup:
     tasks: dict[str, Task] = field(default_factory=dict)
 
 
-@dataclass(eq=False)
-class Task:
-    namespace: str
-    id: str
-    runtime: str
-    binary: str
-    bundle: Bundle
-    pid: int = 0
-    group: ShimGroup | None = None
-    log: shims.ShimLog | None = None
-    #: set when the shim is gone: (pid, exit_status, exited_at)
-    tombstone: tuple[int, int, float] | None = None
-    buried: asyncio.Event = field(default_factory=asyncio.Event)
-    deleting: bool = False
-
-    @property
-    def shim(self) -> ShimClient | None:
-        return self.group.client if self.group is not None else None
-
-    def client(self) -> ShimClient:
-        shim = self.shim
-        if shim is None or self.tombstone is not None:
-            raise errdefs.NotFound(f"task {self.id}: its shim is gone; the task has exited")
-        return shim
-
-
 @dataclass
 class CreateOptions:
-    runtime: str
-    spec: bytes
-    #: runtime options as (type URL, marshalled message), or None
-    options: tuple[str, bytes] | None = None
+    """What a create request adds to the container's record."""
+
+    stdio: Stdio = Stdio()
     rootfs: Iterable[mount_pb2.Mount] = ()
-    stdin: str = ""
-    stdout: str = ""
-    stderr: str = ""
-    terminal: bool = False
+    #: runtime options (type URL, marshalled message); None: the container's own
+    options: tuple[str, bytes] | None = None
+    #: a shim binary to run instead of the container's runtime
+    runtime_path: str = ""
+    #: a checkpoint to restore from (not supported yet)
     checkpoint: str = ""
 
 
@@ -101,18 +80,16 @@ class TaskManager:
         *,
         state: str,
         root: str,
-        params: ShimParams,
+        launcher: Launcher,
         publish: Publish,
-        extra_dirs: list[str] | None = None,
         call_timeout: float = 30.0,
         aliases: dict[str, str] | None = None,
         grouping: bool = True,
     ) -> None:
         self.state_dir = state
         self.root_dir = root
-        self.params = params
+        self.launcher = launcher
         self.publish = publish
-        self.extra_dirs = extra_dirs or []
         self.call_timeout = call_timeout
         #: runtime name asked for → runtime run instead (dockerd 20.10 can only ask for runc.v2)
         self.aliases = aliases or {}
@@ -121,7 +98,6 @@ class TaskManager:
         self._groups: dict[tuple[str, str], ShimGroup] = {}
         self._group_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._tasks: dict[tuple[str, str], Task] = {}
-        self._pending: set[tuple[str, str]] = set()
         self._background: set[asyncio.Task[None]] = set()
         #: tasks whose shim was found dead by load(), until bury_dead() runs
         self._unburied: list[Task] = []
@@ -130,93 +106,120 @@ class TaskManager:
 
     def get(self, namespace: str, id: str) -> Task:
         task = self._tasks.get((namespace, id))
-        if task is None:
+        if task is None or task.phase is Phase.NEW:
             raise errdefs.NotFound(f"task {id} not found")
         return task
 
-    def list(self, namespace: str) -> list[Task]:
-        return [t for (ns, _), t in sorted(self._tasks.items()) if ns == namespace]
+    def list(self, namespace: str) -> builtins.list[Task]:
+        return [t for (ns, _), t in sorted(self._tasks.items()) if ns == namespace and t.phase is not Phase.NEW]
 
     def exists(self, namespace: str, id: str) -> bool:
-        return (namespace, id) in self._tasks or (namespace, id) in self._pending
+        """True while a task of that id exists or is being created."""
+        return (namespace, id) in self._tasks
+
+    async def processes(self, namespace: str, filter: str = "") -> builtins.list[task_types.Process]:
+        """The init process of every task of ``namespace`` matching the containerd ``filter``
+        (fields ``id``, ``container_id``, ``status``). A shim that vanishes mid-list is
+        buried and listed next time."""
+        match = filters.parse([filter] if filter else [])
+        states = await asyncio.gather(*(t.state() for t in self.list(namespace)), return_exceptions=True)
+        return [s for s in states if not isinstance(s, BaseException) and match.match(filters.adaptor_for(
+            {"id": s.id, "container_id": s.container_id, "status": task_types.Status.Name(s.status).lower()}))]
+
+    async def metrics(self, namespace: str, filter_list: Sequence[str] = ()) -> builtins.list[metrics_pb2.Metric]:
+        """Metrics of the live tasks matching any filter (fields ``id``, ``runtime``). With one
+        task selected its error is the answer; with several, a failing one is left out."""
+        match = filters.parse(list(filter_list))
+        tasks = [t for t in self.list(namespace)
+                 if t.phase is Phase.LIVE and match.match(filters.adaptor_for({"id": t.id, "runtime": t.runtime}))]
+        stats = await asyncio.gather(*(t.stats() for t in tasks), return_exceptions=True)
+        now = timestamps.timestamp(time.time())
+        out = []
+        for task, stat in zip(tasks, stats):
+            if isinstance(stat, BaseException):
+                if len(tasks) == 1 and isinstance(stat, errdefs.KetchError):
+                    raise stat
+                continue
+            out.append(metrics_pb2.Metric(id=task.id, data=stat, timestamp=now))
+        return out
 
     # -- create / delete -------------------------------------------------------------------
 
-    async def create(self, namespace: str, id: str, opts: CreateOptions) -> Task:
-        key = (namespace, id)
+    async def create(self, namespace: str, container: Container, opts: CreateOptions) -> Task:
+        """Start a task for ``container``: its runtime (or ``opts.runtime_path``) with the
+        request's runtime options, else the container's."""
+        id = container.id
         if self.exists(namespace, id):
             raise errdefs.AlreadyExists(f"task {id}")
-        binary = shims.resolve(self.aliases.get(opts.runtime, opts.runtime), self.extra_dirs)
+        if container.spec is None:
+            raise errdefs.FailedPrecondition(f"container {id!r} has no spec")
+        if opts.checkpoint:
+            raise errdefs.Unimplemented("creating a task from a checkpoint is not supported yet")
+        runtime = opts.runtime_path or container.runtime.name
+        options = opts.options
+        if options is None and container.runtime.options is not None:
+            options = (container.runtime.options.type_url, container.runtime.options.value)
+        binary = self.launcher.resolve(self.aliases.get(runtime, runtime))
         bundle = Bundle.at(self.state_dir, self.root_dir, namespace, id)
-        self._pending.add(key)
-        task = Task(namespace, id, opts.runtime, binary, bundle)
+        task = Task(namespace, id, runtime, binary, bundle)
+        self._tasks[(namespace, id)] = task
         try:
-            bundle.create(opts.spec, {"runtime": opts.runtime, "binary": binary})
-            try:
-                await self._start_shim(task, opts)
-            except BaseException:
-                await self._abandon(task)
-                raise
-            self._tasks[key] = task
-        finally:
-            self._pending.discard(key)
-        log.info("task created namespace=%s id=%s pid=%d runtime=%s", namespace, id, task.pid, opts.runtime)
+            bundle.create(container.spec.value, {"runtime": runtime, "binary": binary})
+            await self._start_shim(task, opts, options)
+            task.move("attach")
+        except BaseException:
+            await self._abandon(task)
+            raise
+        log.info("task created namespace=%s id=%s pid=%d runtime=%s", namespace, id, task.pid, runtime)
         return task
 
-    async def _start_shim(self, task: Task, opts: CreateOptions) -> None:
-        task.log = shims.ShimLog(str(task.bundle.path / "log"), task.namespace, task.id)
-        options = any_pb2.Any()
-        if opts.options is not None:
-            options.type_url, options.value = opts.options
+    async def _start_shim(self, task: Task, opts: CreateOptions, options: tuple[str, bytes] | None) -> None:
+        task.log = ShimLog(str(task.bundle.path / "log"), task.namespace, task.id)
         req = shim_pb2.CreateTaskRequest(
-            id=task.id, bundle=str(task.bundle.path), rootfs=list(opts.rootfs), terminal=opts.terminal,
-            stdin=opts.stdin, stdout=opts.stdout, stderr=opts.stderr, checkpoint=opts.checkpoint)
-        if opts.options is not None:
-            req.options.CopyFrom(options)
-        start_options = options.SerializeToString() if opts.options else b""
+            id=task.id, bundle=str(task.bundle.path), rootfs=list(opts.rootfs), terminal=opts.stdio.terminal,
+            stdin=opts.stdio.stdin, stdout=opts.stdio.stdout, stderr=opts.stdio.stderr, checkpoint=opts.checkpoint)
+        start_options = b""
+        if options is not None:
+            req.options.CopyFrom(any_pb2.Any(type_url=options[0], value=options[1]))
+            start_options = req.options.SerializeToString()
         for attempt in (1, 2):
-            reused = await self._join_group(task, start_options)
+            client, reused = await self._join_group(task, start_options)
             try:
-                resp = await task.client().call("Create", req, shim_pb2.CreateTaskResponse,
-                                                timeout=max(self.call_timeout, 120))
+                task.pid = await client.create(req)
+                return
             except errdefs.Unavailable:
                 if not reused or attempt == 2:
                     raise
                 # the shared shim was just deciding to exit: start a fresh one
                 self._leave_group(task)
-                continue
-            task.pid = resp.pid
-            return
 
     def _shares(self, task: Task) -> bool:
-        return self.grouping and os.path.basename(task.binary) == shims.KETCH_SHIM
+        return self.grouping and os.path.basename(task.binary) == KETCH_SHIM
 
-    async def _join_group(self, task: Task, start_options: bytes) -> bool:
+    async def _join_group(self, task: Task, start_options: bytes) -> tuple[ShimClient, bool]:
         """Attach ``task`` to a shim: its namespace's live shared ketch shim if there is one
-        (True), else a shim started for it. The bundle's ``address`` records which."""
+        (reused: True), else a shim started for it. The bundle's ``address`` records which."""
+        start = self.launcher.start
         if not self._shares(task):
-            address = await shims.start(task.binary, self.params, task.namespace, task.id,
-                                        str(task.bundle.path), start_options)
-            self._attach(task, await self._connect_group(address, task.namespace, None))
-            return False
+            address = await start(task.binary, task.namespace, task.id, str(task.bundle.path), start_options)
+            return self._attach(task, await self._connect_group(address, task.namespace, None)), False
         key = (task.namespace, task.binary)
         async with self._group_locks.setdefault(key, asyncio.Lock()):
             group = self._groups.get(key)
             reused = group is not None and group.client is not None and not group.client.closed
-            if not reused:
-                address = await shims.start(task.binary, self.params, task.namespace, task.id, str(task.bundle.path),
-                                            start_options, group=f"ketchd-{task.namespace}")
-                group = await self._connect_group(address, task.namespace, key)
-                self._groups[key] = group
-            assert group is not None
-            if reused:
+            if group is None or not reused:
+                address = await start(task.binary, task.namespace, task.id, str(task.bundle.path), start_options,
+                                      group=f"ketchd-{task.namespace}")
+                group = self._groups[key] = await self._connect_group(address, task.namespace, key)
+            else:
                 write_atomic(task.bundle.path / "address", group.address.encode(), durable=False)
-            self._attach(task, group)
-        return reused
+            return self._attach(task, group), reused
 
-    def _attach(self, task: Task, group: ShimGroup) -> None:
+    def _attach(self, task: Task, group: ShimGroup) -> ShimClient:
+        assert group.client is not None
         task.group = group
         group.tasks[task.id] = task
+        return group.client
 
     def _leave_group(self, task: Task) -> None:
         group, task.group = task.group, None
@@ -227,55 +230,55 @@ class TaskManager:
 
     async def _connect_group(self, address: str, namespace: str, key: tuple[str, str] | None) -> ShimGroup:
         group = ShimGroup(address, key)
-        group.client = await ShimClient.connect(address, namespace, timeout=self.call_timeout,
-                                                on_close=lambda: self._on_shim_close(group))
+        group.client = await self.launcher.connect(address, namespace, timeout=self.call_timeout,
+                                                   on_close=lambda: self._on_shim_close(group))
         return group
 
     async def _abandon(self, task: Task) -> None:
         """Undo a create that failed part-way: nothing of it may stay behind."""
-        task.deleting = True
-        shim = task.shim
-        if shim is not None and not shim.closed:
+        client = task.group.client if task.group is not None else None
+        task.move("abandon")
+        if client is not None and not client.closed:
             with contextlib.suppress(errdefs.KetchError):
-                await shim.call("Delete", shim_pb2.DeleteRequest(id=task.id), shim_pb2.DeleteResponse)
+                await client.delete(task.id)
             with contextlib.suppress(errdefs.KetchError):
-                await shim.call("Shutdown", shim_pb2.ShutdownRequest(id=task.id), empty_pb2.Empty)
+                await client.shutdown(task.id)
         await self._release(task)
         if task.bundle.path.exists():
             with contextlib.suppress(errdefs.KetchError, OSError):
-                await shims.delete(task.binary, self.params, task.namespace, task.id, str(task.bundle.path))
-        if task.log is not None:
-            task.log.close()
-        task.bundle.delete()
+                await self.launcher.delete(task.binary, task.namespace, task.id, str(task.bundle.path))
+        self._forget(task)
 
-    async def delete(self, namespace: str, id: str) -> tuple[int, int, float]:
-        """Delete the task's init process and its shim; (pid, exit status, exited at)."""
+    async def delete(self, namespace: str, id: str) -> Exit:
+        """Delete the task's init process and its shim; how it ended. FailedPrecondition
+        while it runs."""
         task = self.get(namespace, id)
         if task.tombstone is not None:
-            pid, status, exited_at = task.tombstone
+            task.move("delete")
             self._forget(task)
-            self.publish(namespace, events.TaskDelete(container_id=id, id=id, pid=pid, exit_status=status,
-                                                      exited_at=_ts(exited_at)))
-            return task.tombstone
-        client = task.client()
-        state = await client.call("State", shim_pb2.StateRequest(id=id), shim_pb2.StateResponse)
+            ended = task.tombstone
+            self.publish(namespace, events.TaskDelete(container_id=id, id=id, pid=ended.pid, exit_status=ended.status,
+                                                      exited_at=timestamps.timestamp(ended.exited_at)))
+            return ended
+        client = task.shim()
+        state = await client.state(id)
         if state.status in (task_types.RUNNING, task_types.PAUSED, task_types.PAUSING):
             name = task_types.Status.Name(state.status).lower()
             raise errdefs.FailedPrecondition(f"task {id} must be stopped before deletion: {name}")
-        resp = await client.call("Delete", shim_pb2.DeleteRequest(id=id), shim_pb2.DeleteResponse)
-        task.deleting = True
+        resp = await client.delete(id)
+        task.move("release")
         try:
-            await client.call("Shutdown", shim_pb2.ShutdownRequest(id=id), empty_pb2.Empty)
+            await client.shutdown(id)
         except errdefs.KetchError as e:
             log.debug("shim shutdown for %s: %s", id, e)
         await self._release(task)
+        task.move("released")
         self._forget(task)
-        exited = resp.exited_at.seconds + resp.exited_at.nanos / 1e9
-        return resp.pid, resp.exit_status, exited
+        return Exit(resp.pid, resp.exit_status, timestamps.seconds(resp.exited_at))
 
     async def _release(self, task: Task) -> None:
         """Detach ``task`` from its shim; close the connection unless a shared shim keeps it."""
-        group = task.group
+        group, task.group = task.group, None
         if group is None:
             return
         group.tasks.pop(task.id, None)
@@ -283,7 +286,6 @@ class TaskManager:
             await group.client.close()
 
     def _forget(self, task: Task) -> None:
-        task.deleting = True
         self._tasks.pop((task.namespace, task.id), None)
         if task.log is not None:
             task.log.close()
@@ -297,32 +299,31 @@ class TaskManager:
         if group.key is not None and self._groups.get(group.key) is group:
             del self._groups[group.key]
         for task in list(group.tasks.values()):
-            if task.deleting or task.tombstone is not None:
-                continue
-            if (task.namespace, task.id) not in self._tasks:
-                continue  # a create in progress: its own error path cleans up
+            if not task.can("lose") or task.phase is Phase.NEW:
+                continue  # released on purpose, or a create in progress whose error path cleans up
             log.warning("shim of task %s/%s went away", task.namespace, task.id)
+            task.move("lose")
             t = asyncio.ensure_future(self._bury(task))
             self._background.add(t)
             t.add_done_callback(self._background.discard)
 
     async def _bury(self, task: Task, exit_status: int = UNKNOWN_EXIT) -> None:
         """The shim is gone: clean up after it, publish the exit, keep a STOPPED tombstone."""
-        if task.tombstone is not None:
-            return
         with contextlib.suppress(errdefs.KetchError, OSError):
-            resp = await shims.delete(task.binary, self.params, task.namespace, task.id, str(task.bundle.path))
+            resp = await self.launcher.delete(task.binary, task.namespace, task.id, str(task.bundle.path))
             task.pid = task.pid or resp.pid
-        exited_at = time.time()
-        task.tombstone = (task.pid, exit_status, exited_at)
+        if not task.can("bury"):
+            return  # released meanwhile (ketchd is shutting down)
         if task.group is not None:
             task.group.tasks.pop(task.id, None)
             task.group = None
+        task.tombstone = Exit(task.pid, exit_status, time.time())
         with contextlib.suppress(OSError):
-            task.bundle.write_exit(task.pid, exit_status, exited_at)
+            task.bundle.write_exit(task.pid, exit_status, task.tombstone.exited_at)
+        task.move("bury")
         self.publish(task.namespace, events.TaskExit(container_id=task.id, id=task.id, pid=task.pid,
-                                                     exit_status=exit_status, exited_at=_ts(exited_at)))
-        task.buried.set()
+                                                     exit_status=exit_status,
+                                                     exited_at=timestamps.timestamp(task.tombstone.exited_at)))
 
     # -- reload after a restart ---------------------------------------------------------------
 
@@ -340,21 +341,15 @@ class TaskManager:
     async def _dismiss_idle_shims(self, known: set[str]) -> None:
         """A shared shim that was idle when ketchd died has no bundle to be found by: ask every
         other shim socket in our directory to exit if it serves nothing."""
-        directory = os.path.join(os.path.dirname(self.params.grpc_address), "s")
-        try:
-            names = os.listdir(directory)
-        except OSError:
-            return
-        for name in names:
-            address = "unix://" + os.path.join(directory, name)
+        for address in self.launcher.sockets():
             if address in known:
                 continue
             try:
-                client = await ShimClient.connect(address, "", timeout=1.0)
+                client = await self.launcher.connect(address, "", timeout=1.0)
             except errdefs.KetchError:
                 continue
             try:
-                await client.call("Shutdown", shim_pb2.ShutdownRequest(), empty_pb2.Empty, timeout=1.0)
+                await client.shutdown(timeout=1.0)
                 log.info("asked the idle shim at %s to exit", address)
             except errdefs.KetchError:
                 pass
@@ -362,6 +357,8 @@ class TaskManager:
                 await client.close()
 
     def _load_task(self, bundle: Bundle) -> Task | None:
+        """The task of ``bundle``, to reconnect to; None when there is nothing to reconnect
+        (a tombstone, or a bundle that is not ours)."""
         info = bundle.info
         if not info:
             log.warning("bundle %s has no ketch.json; removing it", bundle.path)
@@ -372,12 +369,12 @@ class TaskManager:
         exited = bundle.read_exit()
         if exited is not None:
             task.pid = int(exited.get("pid", 0))
-            task.tombstone = (task.pid, int(exited.get("exit_status", UNKNOWN_EXIT)),
-                              float(exited.get("exited_at", 0.0)))
-            task.buried.set()
+            task.tombstone = Exit(task.pid, int(exited.get("exit_status", UNKNOWN_EXIT)),
+                                  float(exited.get("exited_at", 0.0)))
+            task.move("bury")
             return None
         with contextlib.suppress(OSError):
-            task.log = shims.ShimLog(str(bundle.path / "log"), task.namespace, task.id)
+            task.log = ShimLog(str(bundle.path / "log"), task.namespace, task.id)
         return task
 
     async def _reconnect(self, address: str, tasks: builtins.list[Task]) -> None:
@@ -391,10 +388,9 @@ class TaskManager:
                 raise errdefs.Unavailable("no address")
             group = await self._connect_group(address, first.namespace, key)
             for task in tasks:
-                self._attach(task, group)
-                resp = await task.client().call("Connect", shim_pb2.ConnectRequest(id=task.id),
-                                                shim_pb2.ConnectResponse)
-                task.pid = resp.task_pid
+                client = self._attach(task, group)
+                task.pid = await client.connect(task.id)
+                task.move("attach")
                 log.info("reconnected to task %s/%s pid=%d", task.namespace, task.id, task.pid)
             if key is not None:
                 self._groups[key] = group
@@ -407,12 +403,13 @@ class TaskManager:
                 task.group = None
                 with contextlib.suppress(ValueError, OSError):
                     task.pid = int((task.bundle.path / "init.pid").read_text().strip())
+                task.move("lose")
                 self._unburied.append(task)
 
     async def bury_dead(self, grace: float = 0.5) -> None:
         """Clean up after the shims :meth:`load` found dead. Run once the API is served, after
         ``grace``, so that clients reconnecting after the restart can subscribe in time to
-        see the /tasks/exit of those tasks."""
+        see the /tasks/exit of those tasks (until then they are UNKNOWN, and Wait blocks)."""
         await asyncio.sleep(grace)
         tasks, self._unburied = self._unburied, []
         await asyncio.gather(*(self._bury(t) for t in tasks))
@@ -423,62 +420,16 @@ class TaskManager:
         for group in list(self._groups.values()):
             if not group.tasks and group.client is not None and not group.client.closed:
                 with contextlib.suppress(errdefs.KetchError):
-                    await group.client.call("Shutdown", shim_pb2.ShutdownRequest(now=True), empty_pb2.Empty)
+                    await group.client.shutdown(now=True)
+        clients = {id(g.client): g.client for g in self._groups.values() if g.client is not None}
         for task in list(self._tasks.values()):
-            task.deleting = True
+            if task.can("release"):
+                task.move("release")
+            if task.group is not None and task.group.client is not None:
+                clients[id(task.group.client)] = task.group.client
             if task.log is not None:
                 task.log.close()
-        clients = {id(t.shim): t.shim for t in self._tasks.values() if t.shim is not None}
-        clients.update({id(g.client): g.client for g in self._groups.values() if g.client is not None})
         for client in clients.values():
             await client.close()
         for t in list(self._background):
             t.cancel()
-
-    # -- calls on a task ------------------------------------------------------------------------
-
-    async def state(self, task: Task, exec_id: str = "") -> task_types.Process:
-        if task.tombstone is not None or task.shim is None:
-            if exec_id:
-                raise errdefs.NotFound(f"process {exec_id} of task {task.id}")
-            if task.tombstone is None:  # its shim is gone and the cleanup is still to come
-                return task_types.Process(container_id=task.id, id=task.id, pid=task.pid,
-                                          status=task_types.UNKNOWN)
-            pid, status, exited_at = task.tombstone
-            return task_types.Process(container_id=task.id, id=task.id, pid=pid, status=task_types.STOPPED,
-                                      exit_status=status, exited_at=_ts(exited_at))
-        s = await task.client().call("State", shim_pb2.StateRequest(id=task.id, exec_id=exec_id),
-                                     shim_pb2.StateResponse)
-        return task_types.Process(
-            container_id=task.id, id=s.exec_id or task.id, pid=s.pid, status=s.status, stdin=s.stdin,
-            stdout=s.stdout, stderr=s.stderr, terminal=s.terminal, exit_status=s.exit_status,
-            exited_at=s.exited_at)
-
-    async def wait(self, task: Task, exec_id: str = "") -> tuple[int, float]:
-        """Block until the process exits; (exit status, exited at). A shim that dies answers
-        with the tombstone's status once it is buried."""
-        if task.tombstone is None and task.shim is None:
-            await task.buried.wait()
-        if task.tombstone is None:
-            try:
-                resp = await task.client().call("Wait", shim_pb2.WaitRequest(id=task.id, exec_id=exec_id),
-                                                shim_pb2.WaitResponse, timeout=None)
-                return resp.exit_status, resp.exited_at.seconds + resp.exited_at.nanos / 1e9
-            except errdefs.Unavailable:
-                if exec_id or task.deleting:
-                    raise
-                await task.buried.wait()
-        if exec_id:
-            raise errdefs.NotFound(f"process {exec_id} of task {task.id}")
-        assert task.tombstone is not None
-        return task.tombstone[1], task.tombstone[2]
-
-    async def call(self, task: Task, method: str, request: _message.Message, response_type: type[shims.M]) -> shims.M:
-        """Any other Task method, straight through to the shim."""
-        return await task.client().call(method, request, response_type)
-
-
-def _ts(t: float) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.seconds, ts.nanos = int(t), int((t - int(t)) * 1e9)
-    return ts

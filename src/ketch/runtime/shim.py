@@ -19,10 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from google.protobuf import any_pb2, empty_pb2
 from google.protobuf import message as _message
 
 from ketch import errdefs, identifiers, ttrpc
 from ketch.api.containerd.task.v2 import shim_pb2
+from ketch.api.containerd.types.task import task_pb2 as task_types
 
 log = logging.getLogger(__name__)
 
@@ -173,32 +175,129 @@ class ShimLog:
 
 
 class ShimClient:
-    """One ttrpc connection to one shim (which may serve several tasks)."""
+    """The Task service of one shim (which may serve several tasks), over one ttrpc
+    connection: one typed method per call, so nothing above the runtime builds shim requests.
 
-    def __init__(self, address: str, namespace: str, client: ttrpc.Client, timeout: float) -> None:
-        self.address = address
-        self.namespace = namespace
+    Every call has ``timeout`` (ours only: like containerd, shims get no deadline on the wire);
+    Wait has none, and Create gets at least two minutes (runc create can be slow under load).
+    """
+
+    def __init__(self, client: ttrpc.Client, namespace: str, timeout: float) -> None:
         self._client = client
+        self._metadata: dict[str, str | list[str]] = {identifiers.TTRPC_NAMESPACE_KEY: namespace}
         self.timeout = timeout
 
-    @classmethod
-    async def connect(cls, address: str, namespace: str, *, timeout: float,
-                      on_close: Callable[[], object] | None = None) -> ShimClient:
-        client = await ttrpc.connect(address, timeout=timeout, on_close=on_close)
-        return cls(address, namespace, client, timeout)
+    @property
+    def address(self) -> str:
+        return self._client.address
 
     @property
     def closed(self) -> bool:
         return self._client.closed
 
-    async def call(self, method: str, request: _message.Message, response_type: type[M], *,
-                   timeout: float | None = -1.0) -> M:
-        """Call Task/<method>; ``timeout=None`` waits as long as it takes (Wait). The timeout
-        is ours only: like containerd, we send shims no deadline (see ttrpc.Client.call)."""
+    async def _call(self, method: str, request: _message.Message, response_type: type[M],
+                    timeout: float | None = -1.0) -> M:
         return await self._client.call(
-            SERVICE, method, request, response_type,
-            timeout=self.timeout if timeout == -1.0 else timeout,
-            metadata={identifiers.TTRPC_NAMESPACE_KEY: self.namespace}, send_timeout=False)
+            SERVICE, method, request, response_type, timeout=self.timeout if timeout == -1.0 else timeout,
+            metadata=self._metadata, send_timeout=False)
+
+    async def create(self, request: shim_pb2.CreateTaskRequest) -> int:
+        resp = await self._call("Create", request, shim_pb2.CreateTaskResponse, timeout=max(self.timeout, 120.0))
+        return resp.pid
+
+    async def start(self, id: str, exec_id: str) -> int:
+        return (await self._call("Start", shim_pb2.StartRequest(id=id, exec_id=exec_id), shim_pb2.StartResponse)).pid
+
+    async def delete(self, id: str, exec_id: str = "") -> shim_pb2.DeleteResponse:
+        return await self._call("Delete", shim_pb2.DeleteRequest(id=id, exec_id=exec_id), shim_pb2.DeleteResponse)
+
+    async def state(self, id: str, exec_id: str = "") -> shim_pb2.StateResponse:
+        return await self._call("State", shim_pb2.StateRequest(id=id, exec_id=exec_id), shim_pb2.StateResponse)
+
+    async def wait(self, id: str, exec_id: str = "") -> shim_pb2.WaitResponse:
+        return await self._call("Wait", shim_pb2.WaitRequest(id=id, exec_id=exec_id), shim_pb2.WaitResponse,
+                                timeout=None)
+
+    async def kill(self, id: str, exec_id: str, signal: int, all: bool) -> None:
+        await self._call("Kill", shim_pb2.KillRequest(id=id, exec_id=exec_id, signal=signal, all=all),
+                         empty_pb2.Empty)
+
+    async def exec(self, id: str, exec_id: str, spec: any_pb2.Any, stdio: Stdio) -> None:
+        await self._call("Exec", shim_pb2.ExecProcessRequest(
+            id=id, exec_id=exec_id, spec=spec, stdin=stdio.stdin, stdout=stdio.stdout, stderr=stdio.stderr,
+            terminal=stdio.terminal), empty_pb2.Empty)
+
+    async def resize_pty(self, id: str, exec_id: str, width: int, height: int) -> None:
+        await self._call("ResizePty", shim_pb2.ResizePtyRequest(id=id, exec_id=exec_id, width=width, height=height),
+                         empty_pb2.Empty)
+
+    async def close_io(self, id: str, exec_id: str, stdin: bool) -> None:
+        await self._call("CloseIO", shim_pb2.CloseIORequest(id=id, exec_id=exec_id, stdin=stdin), empty_pb2.Empty)
+
+    async def pause(self, id: str) -> None:
+        await self._call("Pause", shim_pb2.PauseRequest(id=id), empty_pb2.Empty)
+
+    async def resume(self, id: str) -> None:
+        await self._call("Resume", shim_pb2.ResumeRequest(id=id), empty_pb2.Empty)
+
+    async def pids(self, id: str) -> list[task_types.ProcessInfo]:
+        return list((await self._call("Pids", shim_pb2.PidsRequest(id=id), shim_pb2.PidsResponse)).processes)
+
+    async def update(self, id: str, resources: any_pb2.Any, annotations: dict[str, str]) -> None:
+        await self._call("Update", shim_pb2.UpdateTaskRequest(id=id, resources=resources, annotations=annotations),
+                         empty_pb2.Empty)
+
+    async def stats(self, id: str) -> any_pb2.Any:
+        return (await self._call("Stats", shim_pb2.StatsRequest(id=id), shim_pb2.StatsResponse)).stats
+
+    async def connect(self, id: str) -> int:
+        """The task's pid, as the shim knows it."""
+        return (await self._call("Connect", shim_pb2.ConnectRequest(id=id), shim_pb2.ConnectResponse)).task_pid
+
+    async def shutdown(self, id: str = "", *, now: bool = False, timeout: float | None = -1.0) -> None:
+        """Ask the shim to exit once it serves nothing (``id`` empty: only if it serves nothing)."""
+        await self._call("Shutdown", shim_pb2.ShutdownRequest(id=id, now=now), empty_pb2.Empty, timeout=timeout)
 
     async def close(self) -> None:
         await self._client.close()
+
+
+@dataclass(frozen=True)
+class Stdio:
+    """Where a process's standard streams go (FIFO paths or log URIs), and whether it has a tty."""
+
+    stdin: str = ""
+    stdout: str = ""
+    stderr: str = ""
+    terminal: bool = False
+
+
+class Launcher:
+    """How the runtime reaches shims: resolve a runtime to a binary, run its ``start`` and
+    ``delete``, connect to an address, find sockets nobody claimed. Tests replace it with shims
+    served in memory."""
+
+    def __init__(self, params: ShimParams, *, extra_dirs: list[str] | None = None) -> None:
+        self.params = params
+        self.extra_dirs = extra_dirs or []
+
+    def resolve(self, runtime: str) -> str:
+        return resolve(runtime, self.extra_dirs)
+
+    async def start(self, binary: str, namespace: str, id: str, bundle: str, options: bytes, group: str = "") -> str:
+        return await start(binary, self.params, namespace, id, bundle, options, group)
+
+    async def delete(self, binary: str, namespace: str, id: str, bundle: str) -> shim_pb2.DeleteResponse:
+        return await delete(binary, self.params, namespace, id, bundle)
+
+    async def connect(self, address: str, namespace: str, *, timeout: float,
+                      on_close: Callable[[], object] | None = None) -> ShimClient:
+        return ShimClient(await ttrpc.connect(address, timeout=timeout, on_close=on_close), namespace, timeout)
+
+    def sockets(self) -> list[str]:
+        """Every shim socket in our shim directory (``<dir of the gRPC socket>/s``)."""
+        directory = os.path.join(os.path.dirname(self.params.grpc_address), "s")
+        try:
+            return ["unix://" + os.path.join(directory, name) for name in sorted(os.listdir(directory))]
+        except OSError:
+            return []

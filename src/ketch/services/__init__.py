@@ -22,7 +22,7 @@ from ketch.api.grpc.health.v1 import health_pb2_grpc
 from ketch.content import ContentStore
 from ketch.events import Exchange
 from ketch.images import ImageService
-from ketch.runtime.manager import TaskManager
+from ketch.runtime import TaskManager
 from ketch.services.events import Events
 from ketch.services.images import Collector, Content, Diff, Images, Snapshots
 from ketch.services.metadata import Containers, Leases, Namespaces

@@ -1,180 +1,120 @@
-"""containerd.services.tasks.v1.Tasks over the runtime's TaskManager."""
+"""containerd.services.tasks.v1.Tasks: decode, call the runtime's tasks, encode."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Callable
+from typing import TypeAlias
 
 import grpc
 from google.protobuf import empty_pb2
 
-from ketch import errdefs, filters, metadata
+from ketch import metadata, timestamps
 from ketch.api.containerd.services.tasks.v1 import tasks_pb2 as api
 from ketch.api.containerd.services.tasks.v1 import tasks_pb2_grpc
-from ketch.api.containerd.task.v2 import shim_pb2
-from ketch.api.containerd.types import metrics_pb2
-from ketch.api.containerd.types.task import task_pb2 as task_types
-from ketch.runtime.manager import CreateOptions, TaskManager
+from ketch.runtime import CreateOptions, Exit, Stdio, TaskManager
 from ketch.services._common import namespace, unary
+
+Context: TypeAlias = grpc.aio.ServicerContext
+EMPTY = empty_pb2.Empty()
+
+
+def _deleted(id: str, ended: Exit) -> api.DeleteResponse:
+    return api.DeleteResponse(id=id, pid=ended.pid, exit_status=ended.status,
+                              exited_at=timestamps.timestamp(ended.exited_at))
 
 
 class Tasks(tasks_pb2_grpc.TasksServicer):
-    def __init__(self, manager: TaskManager, containers: Callable[[str, str], metadata.Container]) -> None:
-        self.manager = manager
+    def __init__(self, tasks: TaskManager, containers: Callable[[str, str], metadata.Container]) -> None:
+        self.tasks = tasks
         self.containers = containers
 
     @unary
-    async def Create(self, request: api.CreateTaskRequest, context: grpc.aio.ServicerContext) -> api.CreateTaskResponse:
+    async def Create(self, request: api.CreateTaskRequest, context: Context) -> api.CreateTaskResponse:
         ns = namespace(context)
-        container = self.containers(ns, request.container_id)
-        if self.manager.exists(ns, request.container_id):
-            raise errdefs.AlreadyExists(f"task {request.container_id}")
-        if container.spec is None:
-            raise errdefs.FailedPrecondition(f"container {request.container_id!r} has no spec")
-        if request.checkpoint.digest:
-            raise errdefs.Unimplemented("creating a task from a checkpoint is not supported yet")
-        options = None
-        if request.options.type_url:
-            options = (request.options.type_url, request.options.value)
-        elif container.runtime.options is not None:
-            options = (container.runtime.options.type_url, container.runtime.options.value)
-        runtime = request.runtime_path or container.runtime.name
-        task = await self.manager.create(ns, request.container_id, CreateOptions(
-            runtime=runtime, spec=container.spec.value, options=options, rootfs=request.rootfs,
-            stdin=request.stdin, stdout=request.stdout, stderr=request.stderr, terminal=request.terminal))
-        return api.CreateTaskResponse(container_id=request.container_id, pid=task.pid)
+        options = (request.options.type_url, request.options.value) if request.options.type_url else None
+        task = await self.tasks.create(ns, self.containers(ns, request.container_id), CreateOptions(
+            stdio=Stdio(request.stdin, request.stdout, request.stderr, request.terminal), rootfs=request.rootfs,
+            options=options, runtime_path=request.runtime_path, checkpoint=request.checkpoint.digest))
+        return api.CreateTaskResponse(container_id=task.id, pid=task.pid)
 
     @unary
-    async def Start(self, request: api.StartRequest, context: grpc.aio.ServicerContext) -> api.StartResponse:
-        task = self.manager.get(namespace(context), request.container_id)
-        resp = await self.manager.call(task, "Start", shim_pb2.StartRequest(id=task.id, exec_id=request.exec_id),
-                                       shim_pb2.StartResponse)
-        return api.StartResponse(pid=resp.pid)
+    async def Start(self, request: api.StartRequest, context: Context) -> api.StartResponse:
+        return api.StartResponse(pid=await self.tasks.get(namespace(context), request.container_id).start(
+            request.exec_id))
 
     @unary
-    async def Delete(self, request: api.DeleteTaskRequest, context: grpc.aio.ServicerContext) -> api.DeleteResponse:
-        pid, status, exited_at = await self.manager.delete(namespace(context), request.container_id)
-        resp = api.DeleteResponse(id=request.container_id, pid=pid, exit_status=status)
-        resp.exited_at.FromNanoseconds(int(exited_at * 1e9))
-        return resp
+    async def Delete(self, request: api.DeleteTaskRequest, context: Context) -> api.DeleteResponse:
+        return _deleted(request.container_id, await self.tasks.delete(namespace(context), request.container_id))
 
     @unary
-    async def DeleteProcess(self, request: api.DeleteProcessRequest,
-                            context: grpc.aio.ServicerContext) -> api.DeleteResponse:
-        if not request.exec_id:
-            raise errdefs.InvalidArgument("exec id cannot be empty")
-        task = self.manager.get(namespace(context), request.container_id)
-        r = await self.manager.call(task, "Delete", shim_pb2.DeleteRequest(id=task.id, exec_id=request.exec_id),
-                                    shim_pb2.DeleteResponse)
-        return api.DeleteResponse(id=request.exec_id, pid=r.pid, exit_status=r.exit_status, exited_at=r.exited_at)
+    async def DeleteProcess(self, request: api.DeleteProcessRequest, context: Context) -> api.DeleteResponse:
+        task = self.tasks.get(namespace(context), request.container_id)
+        return _deleted(request.exec_id, await task.delete_process(request.exec_id))
 
     @unary
-    async def Get(self, request: api.GetRequest, context: grpc.aio.ServicerContext) -> api.GetResponse:
-        task = self.manager.get(namespace(context), request.container_id)
-        return api.GetResponse(process=await self.manager.state(task, request.exec_id))
+    async def Get(self, request: api.GetRequest, context: Context) -> api.GetResponse:
+        task = self.tasks.get(namespace(context), request.container_id)
+        return api.GetResponse(process=await task.state(request.exec_id))
 
     @unary
-    async def List(self, request: api.ListTasksRequest, context: grpc.aio.ServicerContext) -> api.ListTasksResponse:
-        tasks = self.manager.list(namespace(context))
-        states = await asyncio.gather(*(self.manager.state(t) for t in tasks), return_exceptions=True)
-        match = filters.parse([request.filter] if request.filter else [])
-        resp = api.ListTasksResponse()
-        for state in states:
-            if isinstance(state, BaseException):
-                continue  # a shim that vanished mid-list is buried and listed next time
-            if match.match(filters.adaptor_for({"id": state.id, "container_id": state.container_id,
-                                                "status": task_types.Status.Name(state.status).lower()})):
-                resp.tasks.append(state)
-        return resp
+    async def List(self, request: api.ListTasksRequest, context: Context) -> api.ListTasksResponse:
+        return api.ListTasksResponse(tasks=await self.tasks.processes(namespace(context), request.filter))
 
     @unary
-    async def Kill(self, request: api.KillRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
-        task = self.manager.get(namespace(context), request.container_id)
-        await self.manager.call(task, "Kill", shim_pb2.KillRequest(
-            id=task.id, exec_id=request.exec_id, signal=request.signal, all=request.all), empty_pb2.Empty)
-        return empty_pb2.Empty()
+    async def Kill(self, request: api.KillRequest, context: Context) -> empty_pb2.Empty:
+        task = self.tasks.get(namespace(context), request.container_id)
+        await task.kill(request.signal, all=request.all, exec_id=request.exec_id)
+        return EMPTY
 
     @unary
-    async def Exec(self, request: api.ExecProcessRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
-        if not request.exec_id:
-            raise errdefs.InvalidArgument("exec id cannot be empty")
-        task = self.manager.get(namespace(context), request.container_id)
-        await self.manager.call(task, "Exec", shim_pb2.ExecProcessRequest(
-            id=task.id, exec_id=request.exec_id, terminal=request.terminal, stdin=request.stdin,
-            stdout=request.stdout, stderr=request.stderr, spec=request.spec), empty_pb2.Empty)
-        return empty_pb2.Empty()
+    async def Exec(self, request: api.ExecProcessRequest, context: Context) -> empty_pb2.Empty:
+        task = self.tasks.get(namespace(context), request.container_id)
+        await task.exec(request.exec_id, request.spec,
+                        Stdio(request.stdin, request.stdout, request.stderr, request.terminal))
+        return EMPTY
 
     @unary
-    async def ResizePty(self, request: api.ResizePtyRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
-        task = self.manager.get(namespace(context), request.container_id)
-        await self.manager.call(task, "ResizePty", shim_pb2.ResizePtyRequest(
-            id=task.id, exec_id=request.exec_id, width=request.width, height=request.height), empty_pb2.Empty)
-        return empty_pb2.Empty()
+    async def ResizePty(self, request: api.ResizePtyRequest, context: Context) -> empty_pb2.Empty:
+        task = self.tasks.get(namespace(context), request.container_id)
+        await task.resize(request.width, request.height, exec_id=request.exec_id)
+        return EMPTY
 
     @unary
-    async def CloseIO(self, request: api.CloseIORequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
-        task = self.manager.get(namespace(context), request.container_id)
-        await self.manager.call(task, "CloseIO", shim_pb2.CloseIORequest(
-            id=task.id, exec_id=request.exec_id, stdin=request.stdin), empty_pb2.Empty)
-        return empty_pb2.Empty()
+    async def CloseIO(self, request: api.CloseIORequest, context: Context) -> empty_pb2.Empty:
+        task = self.tasks.get(namespace(context), request.container_id)
+        await task.close_io(request.stdin, exec_id=request.exec_id)
+        return EMPTY
 
     @unary
-    async def Pause(self, request: api.PauseTaskRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
-        task = self.manager.get(namespace(context), request.container_id)
-        await self.manager.call(task, "Pause", shim_pb2.PauseRequest(id=task.id), empty_pb2.Empty)
-        return empty_pb2.Empty()
+    async def Pause(self, request: api.PauseTaskRequest, context: Context) -> empty_pb2.Empty:
+        await self.tasks.get(namespace(context), request.container_id).pause()
+        return EMPTY
 
     @unary
-    async def Resume(self, request: api.ResumeTaskRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
-        task = self.manager.get(namespace(context), request.container_id)
-        await self.manager.call(task, "Resume", shim_pb2.ResumeRequest(id=task.id), empty_pb2.Empty)
-        return empty_pb2.Empty()
+    async def Resume(self, request: api.ResumeTaskRequest, context: Context) -> empty_pb2.Empty:
+        await self.tasks.get(namespace(context), request.container_id).resume()
+        return EMPTY
 
     @unary
-    async def ListPids(self, request: api.ListPidsRequest, context: grpc.aio.ServicerContext) -> api.ListPidsResponse:
-        task = self.manager.get(namespace(context), request.container_id)
-        r = await self.manager.call(task, "Pids", shim_pb2.PidsRequest(id=task.id), shim_pb2.PidsResponse)
-        return api.ListPidsResponse(processes=r.processes)
+    async def ListPids(self, request: api.ListPidsRequest, context: Context) -> api.ListPidsResponse:
+        return api.ListPidsResponse(processes=await self.tasks.get(namespace(context), request.container_id).pids())
 
     @unary
-    async def Checkpoint(self, request: api.CheckpointTaskRequest,
-                         context: grpc.aio.ServicerContext) -> api.CheckpointTaskResponse:
-        self.manager.get(namespace(context), request.container_id)
-        raise errdefs.Unimplemented(f"checkpoint of task {request.container_id}: not supported by ketchd yet")
+    async def Checkpoint(self, request: api.CheckpointTaskRequest, context: Context) -> api.CheckpointTaskResponse:
+        await self.tasks.get(namespace(context), request.container_id).checkpoint()
+        return api.CheckpointTaskResponse()
 
     @unary
-    async def Update(self, request: api.UpdateTaskRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
-        task = self.manager.get(namespace(context), request.container_id)
-        await self.manager.call(task, "Update", shim_pb2.UpdateTaskRequest(
-            id=task.id, resources=request.resources, annotations=request.annotations), empty_pb2.Empty)
-        return empty_pb2.Empty()
+    async def Update(self, request: api.UpdateTaskRequest, context: Context) -> empty_pb2.Empty:
+        task = self.tasks.get(namespace(context), request.container_id)
+        await task.update(request.resources, dict(request.annotations))
+        return EMPTY
 
     @unary
-    async def Metrics(self, request: api.MetricsRequest, context: grpc.aio.ServicerContext) -> api.MetricsResponse:
-        match = filters.parse(list(request.filters))
-        tasks = [t for t in self.manager.list(namespace(context))
-                 if t.tombstone is None and match.match(filters.adaptor_for({"id": t.id, "runtime": t.runtime}))]
-        stats = await asyncio.gather(*(self.manager.call(t, "Stats", shim_pb2.StatsRequest(id=t.id),
-                                                         shim_pb2.StatsResponse) for t in tasks),
-                                     return_exceptions=True)
-        resp = api.MetricsResponse()
-        now = time.time_ns()
-        for task, stat in zip(tasks, stats):
-            if isinstance(stat, BaseException):
-                if len(tasks) == 1 and isinstance(stat, errdefs.KetchError):
-                    raise stat
-                continue
-            metric = metrics_pb2.Metric(id=task.id, data=stat.stats)
-            metric.timestamp.FromNanoseconds(now)
-            resp.metrics.append(metric)
-        return resp
+    async def Metrics(self, request: api.MetricsRequest, context: Context) -> api.MetricsResponse:
+        return api.MetricsResponse(metrics=await self.tasks.metrics(namespace(context), request.filters))
 
     @unary
-    async def Wait(self, request: api.WaitRequest, context: grpc.aio.ServicerContext) -> api.WaitResponse:
-        task = self.manager.get(namespace(context), request.container_id)
-        status, exited_at = await self.manager.wait(task, request.exec_id)
-        resp = api.WaitResponse(exit_status=status)
-        resp.exited_at.FromNanoseconds(int(exited_at * 1e9))
-        return resp
-
+    async def Wait(self, request: api.WaitRequest, context: Context) -> api.WaitResponse:
+        ended = await self.tasks.get(namespace(context), request.container_id).wait(request.exec_id)
+        return api.WaitResponse(exit_status=ended.status, exited_at=timestamps.timestamp(ended.exited_at))
