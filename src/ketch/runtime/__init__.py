@@ -8,7 +8,7 @@ outside this package builds a shim request.
 from __future__ import annotations
 
 from ketch.runtime.manager import CreateOptions, ShimGroup, TaskManager
-from ketch.runtime.shim import Launcher, ShimClient, ShimParams, Stdio
+from ketch.runtime.shim import Launcher, ShimClient, ShimLauncher, ShimParams, Stdio
 from ketch.runtime.task import UNKNOWN_EXIT, Exit, Phase, Task
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "Phase",
     "ShimClient",
     "ShimGroup",
+    "ShimLauncher",
     "ShimParams",
     "Stdio",
     "Task",

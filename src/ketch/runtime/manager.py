@@ -37,7 +37,7 @@ from ketch.api.containerd.types import metrics_pb2, mount_pb2
 from ketch.api.containerd.types.task import task_pb2 as task_types
 from ketch.files import write_atomic
 from ketch.runtime.bundle import Bundle, walk
-from ketch.runtime.shim import KETCH_SHIM, Launcher, ShimClient, ShimLog, Stdio
+from ketch.runtime.shim import KETCH_SHIM, ShimClient, ShimLauncher, ShimLog, Stdio
 from ketch.runtime.task import UNKNOWN_EXIT, Exit, Phase, Task
 from ketch.topics import Publish
 
@@ -80,7 +80,7 @@ class TaskManager:
         *,
         state: str,
         root: str,
-        launcher: Launcher,
+        launcher: ShimLauncher,
         publish: Publish,
         call_timeout: float = 30.0,
         aliases: dict[str, str] | None = None,

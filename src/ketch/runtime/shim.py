@@ -17,7 +17,7 @@ import shutil
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from google.protobuf import any_pb2, empty_pb2
 from google.protobuf import message as _message
@@ -272,10 +272,27 @@ class Stdio:
     terminal: bool = False
 
 
-class Launcher:
+class ShimLauncher(Protocol):
     """How the runtime reaches shims: resolve a runtime to a binary, run its ``start`` and
-    ``delete``, connect to an address, find sockets nobody claimed. Tests replace it with shims
-    served in memory."""
+    ``delete``, connect to an address, list the shim sockets there are. :class:`Launcher` does
+    it with shim binaries and unix sockets; tests use shims served in memory
+    (:mod:`ketch.testing.fakeshim`)."""
+
+    def resolve(self, runtime: str) -> str: ...
+
+    async def start(self, binary: str, namespace: str, id: str, bundle: str, options: bytes,
+                    group: str = "") -> str: ...
+
+    async def delete(self, binary: str, namespace: str, id: str, bundle: str) -> shim_pb2.DeleteResponse: ...
+
+    async def connect(self, address: str, namespace: str, *, timeout: float,
+                      on_close: Callable[[], object] | None = None) -> ShimClient: ...
+
+    def sockets(self) -> list[str]: ...
+
+
+class Launcher:
+    """Shims as containerd runs them: binaries on PATH (or beside ketchd), unix sockets."""
 
     def __init__(self, params: ShimParams, *, extra_dirs: list[str] | None = None) -> None:
         self.params = params

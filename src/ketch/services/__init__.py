@@ -22,6 +22,7 @@ from ketch.api.grpc.health.v1 import health_pb2_grpc
 from ketch.content import ContentStore
 from ketch.events import Exchange
 from ketch.images import ImageService
+from ketch.metadata.local import ContainerService, NamespaceService
 from ketch.runtime import TaskManager
 from ketch.services.events import Events
 from ketch.services.images import Collector, Content, Diff, Images, Snapshots
@@ -37,8 +38,9 @@ def register_all(server: grpc.aio.Server, *, cfg: config.Config, store: metadata
     version_pb2_grpc.add_VersionServicer_to_server(Version(), server)
     introspection_pb2_grpc.add_IntrospectionServicer_to_server(Introspection(cfg.root), server)
     health_pb2_grpc.add_HealthServicer_to_server(Health(), server)
-    namespace_pb2_grpc.add_NamespacesServicer_to_server(Namespaces(store, publish), server)
-    containers_pb2_grpc.add_ContainersServicer_to_server(Containers(store, publish, manager.exists), server)
+    namespace_pb2_grpc.add_NamespacesServicer_to_server(Namespaces(NamespaceService(store, publish)), server)
+    containers_pb2_grpc.add_ContainersServicer_to_server(
+        Containers(ContainerService(store, publish, manager.exists)), server)
     leases_pb2_grpc.add_LeasesServicer_to_server(Leases(store, collector), server)
     content_pb2_grpc.add_ContentServicer_to_server(Content(content, collector), server)
     images_pb2_grpc.add_ImagesServicer_to_server(Images(images, collector), server)
