@@ -47,6 +47,7 @@ RULES = [
     ("events", ("ketch.services", "ketch.daemon", "grpc"), ()),
     ("filters.py", ("ketch.services", "ketch.daemon", "grpc"), ()),
     ("identifiers.py", ("ketch",), ("ketch.errdefs",)),
+    ("digests.py", ("ketch",), ("ketch.errdefs", "ketch.identifiers")),
     ("content", ("ketch.services", "ketch.daemon", "grpc"), ()),
     ("images", ("ketch.services", "ketch.daemon", "grpc"), ()),
     ("snapshots", ("ketch.services", "ketch.daemon", "grpc"), ()),

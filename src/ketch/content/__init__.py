@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ketch.content._store import INGEST_EXPIRY, BlobReader, ContentStore, Publish, Status, Sweep, Writer
 from ketch.metadata import ContentInfo as Info
-from ketch.metadata._content import check_digest
+from ketch.digests import check_digest
 
 __all__ = [
     "INGEST_EXPIRY",

@@ -62,7 +62,8 @@ from ketch.errdefs import (
 )
 from ketch.files import write_atomic
 from ketch.metadata import ContentInfo, Ingest, LeaseResource
-from ketch.metadata._content import check_digest, validate_labels
+from ketch.digests import check_digest
+from ketch.metadata._content import validate_labels
 
 if TYPE_CHECKING:
     from ketch.metadata import Store
