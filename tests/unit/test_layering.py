@@ -47,6 +47,10 @@ RULES = [
     ("events", ("ketch.services", "ketch.daemon", "grpc"), ()),
     ("filters.py", ("ketch.services", "ketch.daemon", "grpc"), ()),
     ("identifiers.py", ("ketch",), ("ketch.errdefs",)),
+    ("digests.py", ("ketch",), ("ketch.errdefs", "ketch.identifiers")),
+    # a writer gets what it needs of its store handed over (content._writer.Owner)
+    ("content/_writer.py", ("ketch.content._store",), ()),
+    ("content/_reader.py", ("ketch.content._store", "ketch.content._writer"), ()),
     ("content", ("ketch.services", "ketch.daemon", "grpc"), ()),
     ("images", ("ketch.services", "ketch.daemon", "grpc"), ()),
     ("snapshots", ("ketch.services", "ketch.daemon", "grpc"), ()),

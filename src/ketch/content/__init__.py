@@ -4,13 +4,21 @@
 sees which blob, and with which labels, is recorded in :class:`ketch.metadata.Store`. Nothing
 here imports grpc; the Content servicer decodes, calls these methods (from a thread for the
 big IO) and encodes.
+
+The pieces, each in its own private module: ``_store`` (:class:`ContentStore`), ``_reader``
+(:class:`BlobReader` and :func:`read_span`, the one set of Read rules), ``_writer``
+(:class:`Writer`, :class:`Status` and the ingest directory's files), ``_locks`` (the GC
+lock and the per-ref writer locks) and ``_disk`` (OS errors, times, fsync).
 """
 
 from __future__ import annotations
 
-from ketch.content._store import INGEST_EXPIRY, BlobReader, ContentStore, Publish, Status, Sweep, Writer
+from ketch.content._reader import BlobReader, read_span
+from ketch.content._store import INGEST_EXPIRY, ContentStore, Sweep
+from ketch.content._writer import Status, Writer
+from ketch.digests import check_digest
 from ketch.metadata import ContentInfo as Info
-from ketch.metadata._content import check_digest
+from ketch.topics import Publish
 
 __all__ = [
     "INGEST_EXPIRY",
@@ -22,4 +30,5 @@ __all__ = [
     "Sweep",
     "Writer",
     "check_digest",
+    "read_span",
 ]

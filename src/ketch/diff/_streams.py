@@ -11,6 +11,7 @@ import gzip
 import hashlib
 from typing import BinaryIO, Protocol, cast
 
+from ketch import digests
 from ketch.errdefs import Unimplemented
 
 __all__ = [
@@ -122,7 +123,7 @@ class DigestingReader:
 
     @property
     def digest(self) -> str:
-        return "sha256:" + self._hash.hexdigest()
+        return digests.from_sha256_hex(self._hash.hexdigest())
 
 
 class DigestingWriter:
@@ -144,7 +145,7 @@ class DigestingWriter:
 
     @property
     def digest(self) -> str:
-        return "sha256:" + self._hash.hexdigest()
+        return digests.from_sha256_hex(self._hash.hexdigest())
 
 
 def gzip_writer(dst: Writable) -> gzip.GzipFile:

@@ -16,39 +16,18 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ketch import digests
 from ketch import filters as _filters
-from ketch.errdefs import AlreadyExists, InvalidArgument, NotFound, Unimplemented
+from ketch.errdefs import AlreadyExists, InvalidArgument, NotFound
 from ketch.identifiers import quote
 from ketch.metadata import _namespaces
 from ketch.metadata import labels as _labels
-from ketch.metadata._leases import parse_digest
 from ketch.metadata.types import ContentInfo, Ingest
 
 if TYPE_CHECKING:
     from ketch.metadata.store import Store
 
-__all__ = ["ContentRecords", "adaptor", "check_digest", "validate_labels"]
-
-#: the only digest algorithm ketch stores blobs under
-ALGORITHM = "sha256"
-
-
-def check_digest(digest: str) -> str:
-    """Check a blob digest before it names a row or builds a path: ``sha256:`` + 64 lowercase hex.
-
-    A malformed digest is InvalidArgument (go-digest's words); a well-formed digest of another
-    algorithm (``sha512:…``) is Unimplemented: ketch hashes and stores sha256 only.
-    """
-    try:
-        parse_digest(digest)
-    except InvalidArgument as exc:
-        raise InvalidArgument(f"invalid content digest {quote(digest)}: {exc.message}") from None
-    algorithm = digest.partition(":")[0]
-    if algorithm != ALGORITHM:
-        raise Unimplemented(
-            f"content digest {digest}: digest algorithm {algorithm} is not supported, ketch stores sha256 blobs only"
-        )
-    return digest
+__all__ = ["ContentRecords", "adaptor", "validate_labels"]
 
 
 def validate_labels(labels: dict[str, str]) -> None:
@@ -62,7 +41,7 @@ def validate_labels(labels: dict[str, str]) -> None:
             raise InvalidArgument(f"info.Labels: {exc.message}") from None
         if v and _is_content_ref(k):
             try:
-                parse_digest(v)
+                digests.parse(v)
             except InvalidArgument as exc:
                 raise InvalidArgument(
                     f"info.Labels: label {quote(k)} must hold a digest, not {quote(v)}: {exc.message}"
@@ -105,7 +84,7 @@ class ContentRecords:
     def get(self, namespace: str, digest: str) -> ContentInfo:
         """The namespace's record of ``digest``; NotFound ``content digest <d>``."""
         _namespaces.require(namespace)
-        check_digest(digest)
+        digests.check_digest(digest)
         with self._store.transaction(write=False) as conn:
             info = self._read(conn, namespace, digest)
         if info is None:
@@ -126,7 +105,7 @@ class ContentRecords:
     def add(self, namespace: str, info: ContentInfo) -> ContentInfo:
         """Record a committed blob in the namespace, creating the namespace on first use."""
         _namespaces.require(namespace)
-        check_digest(info.digest)
+        digests.check_digest(info.digest)
         if info.size < 0:
             raise InvalidArgument(f"content {info.digest}: size {info.size} is negative")
         validate_labels(info.labels)
@@ -148,7 +127,7 @@ class ContentRecords:
         ``labels.<key>`` sets one from ``info.labels`` (absent or empty removes it); any
         other path is InvalidArgument. Size and times are not the caller's to set."""
         _namespaces.require(namespace)
-        check_digest(info.digest)
+        digests.check_digest(info.digest)
         with self._store.transaction() as conn:
             updated = self._read(conn, namespace, info.digest)
             if updated is None:
@@ -173,7 +152,7 @@ class ContentRecords:
     def delete(self, namespace: str, digest: str) -> None:
         """Drop the namespace's record; NotFound ``content digest <d>`` if it had none."""
         _namespaces.require(namespace)
-        check_digest(digest)
+        digests.check_digest(digest)
         with self._store.transaction() as conn:
             cur = conn.execute("DELETE FROM content WHERE namespace = ? AND digest = ?", (namespace, digest))
             if cur.rowcount == 0:
@@ -197,7 +176,7 @@ class ContentRecords:
         if not ref:
             raise InvalidArgument("ref must not be empty")
         if expected:
-            check_digest(expected)
+            digests.check_digest(expected)
         with self._store.transaction() as conn:
             _namespaces.ensure(conn, namespace)
             row = conn.execute(

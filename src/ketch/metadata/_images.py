@@ -9,12 +9,12 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ketch import digests
 from ketch import filters as _filters
 from ketch.errdefs import AlreadyExists, InvalidArgument, NotFound
 from ketch.identifiers import quote
 from ketch.metadata import _namespaces
 from ketch.metadata import labels as _labels
-from ketch.metadata._leases import parse_digest
 from ketch.metadata.types import Descriptor, Image
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ def validate(image: Image) -> None:
             raise InvalidArgument(f"image.Labels: {exc.message}") from None
     target = image.target
     try:
-        parse_digest(target.digest)
+        digests.parse(target.digest)
     except InvalidArgument as exc:
         raise InvalidArgument(f"Target.Digest {quote(target.digest)} invalid: {exc.message}") from None
     if target.size <= 0:

@@ -6,12 +6,12 @@ Only the records: garbage collection, which honours them, comes later.
 from __future__ import annotations
 
 import builtins
-import re
 import sqlite3
 import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
+from ketch import digests
 from ketch import filters as _filters
 from ketch.errdefs import AlreadyExists, InvalidArgument, NotFound, Unimplemented
 from ketch.identifiers import quote
@@ -22,30 +22,6 @@ from ketch.metadata.types import Lease, LeaseResource
 if TYPE_CHECKING:
     from ketch.metadata.store import Store
 
-# go-digest: algorithm names and the hex length of each one it can verify
-_DIGEST_ALGORITHM = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*")
-_DIGEST_HEX_LENGTH = {"sha256": 64, "sha384": 96, "sha512": 128}
-_LOWER_HEX = re.compile(r"[a-f0-9]+")
-
-
-def parse_digest(s: str) -> str:
-    """Check ``algorithm:hex`` as go-digest's Parse does; InvalidArgument with its words."""
-    i = s.find(":")
-    if i <= 0 or i + 1 == len(s):
-        raise InvalidArgument("invalid checksum digest format")
-    algorithm, encoded = s[:i], s[i + 1:]
-    length = _DIGEST_HEX_LENGTH.get(algorithm)
-    if length is None:
-        if _DIGEST_ALGORITHM.fullmatch(algorithm) is None:
-            raise InvalidArgument("invalid checksum digest format")
-        raise InvalidArgument("unsupported digest algorithm")
-    if len(encoded) != length:
-        raise InvalidArgument("invalid checksum digest length")
-    if _LOWER_HEX.fullmatch(encoded) is None:
-        raise InvalidArgument("invalid checksum digest format")
-    return s
-
-
 def _check_resource(resource: LeaseResource) -> LeaseResource:
     """containerd's parseLeaseResource: the types it knows, and a valid digest for content."""
     keys = resource.type.split("/")
@@ -54,7 +30,7 @@ def _check_resource(resource: LeaseResource) -> LeaseResource:
             raise InvalidArgument(f"invalid resource type {resource.type}")
         if keys[0] == "content":
             try:
-                parse_digest(resource.id)
+                digests.parse(resource.id)
             except InvalidArgument as exc:
                 raise InvalidArgument(f"invalid content resource id {resource.id}: {exc.message}") from None
     elif keys[0] == "snapshots":

@@ -25,7 +25,8 @@ from ketch.images import ImageService
 from ketch.metadata.local import ContainerService, NamespaceService
 from ketch.runtime import TaskManager
 from ketch.services.events import Events
-from ketch.services.images import Collector, Content, Diff, Images, Snapshots
+from ketch.services.content import Content
+from ketch.services.images import Collector, Diff, Images, Snapshots
 from ketch.services.metadata import Containers, Leases, Namespaces
 from ketch.services.system import Health, Introspection, Version
 from ketch.services.tasks import Tasks

@@ -17,6 +17,8 @@ from ketch import errdefs, identifiers
 
 log = logging.getLogger("ketch.services")
 
+LEASE_HEADER = "containerd-lease"
+
 _STATUS = {code.value[0]: code for code in grpc.StatusCode}
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -29,6 +31,15 @@ def namespace(context: grpc.aio.ServicerContext) -> str:
         if key == identifiers.GRPC_NAMESPACE_KEY:
             return identifiers.require_namespace(str(value))
     return identifiers.require_namespace("")
+
+
+def lease_of(context: grpc.aio.ServicerContext) -> str | None:
+    """The lease named in the call's ``containerd-lease`` metadata, if any: it holds what the
+    call creates."""
+    for key, value in context.invocation_metadata() or ():
+        if key == LEASE_HEADER:
+            return str(value)
+    return None
 
 
 def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:

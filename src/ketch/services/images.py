@@ -1,4 +1,4 @@
-"""Content, Images, Snapshots and Diff: what ``ctr images import/pull`` and ``ctr run IMAGE`` use.
+"""Images, Snapshots and Diff: what ``ctr images import/pull`` and ``ctr run IMAGE`` use.
 
 Blocking work (disk IO, hashing, tar) runs in threads; the core stores are thread-safe.
 A lease named in the call's ``containerd-lease`` metadata holds what the call creates.
@@ -18,8 +18,6 @@ from google.protobuf import empty_pb2, timestamp_pb2
 from ketch import diff, errdefs, gc, metadata
 from ketch.topics import Publish
 from ketch.api.containerd.events import snapshot_pb2 as snapshot_events
-from ketch.api.containerd.services.content.v1 import content_pb2 as capi
-from ketch.api.containerd.services.content.v1 import content_pb2_grpc
 from ketch.api.containerd.services.diff.v1 import diff_pb2 as dapi
 from ketch.api.containerd.services.diff.v1 import diff_pb2_grpc
 from ketch.api.containerd.services.images.v1 import images_pb2 as iapi
@@ -30,19 +28,11 @@ from ketch.api.containerd.types import descriptor_pb2, mount_pb2
 from ketch.content import ContentStore
 from ketch.images import ImageService
 from ketch.mount import Mount
-from ketch.services._common import abort, namespace, stream, unary
+from ketch.services._common import lease_of, namespace, stream, unary
 from ketch.snapshots import Info as SnapshotInfo
 from ketch.snapshots import Kind, Snapshotter
 
-LEASE_HEADER = "containerd-lease"
 READ_CHUNK = 1 << 20
-
-
-def lease_of(context: grpc.aio.ServicerContext) -> str | None:
-    for key, value in context.invocation_metadata() or ():
-        if key == LEASE_HEADER:
-            return str(value)
-    return None
 
 
 def _ts(out: timestamp_pb2.Timestamp, t: float) -> None:
@@ -81,127 +71,6 @@ class Collector:
     def close(self) -> None:
         if self._pending is not None:
             self._pending.cancel()
-
-
-# -- content -------------------------------------------------------------------------------------
-
-def _content_info(info: metadata.ContentInfo) -> capi.Info:
-    out = capi.Info(digest=info.digest, size=info.size, labels=info.labels)
-    _ts(out.created_at, info.created_at)
-    _ts(out.updated_at, info.updated_at)
-    return out
-
-
-class Content(content_pb2_grpc.ContentServicer):
-    def __init__(self, content: ContentStore, collector: Collector) -> None:
-        self.content = content
-        self.collector = collector
-
-    @unary
-    async def Info(self, request: capi.InfoRequest, context: grpc.aio.ServicerContext) -> capi.InfoResponse:
-        return capi.InfoResponse(info=_content_info(self.content.info(namespace(context), request.digest)))
-
-    @unary
-    async def Update(self, request: capi.UpdateRequest, context: grpc.aio.ServicerContext) -> capi.UpdateResponse:
-        info = metadata.ContentInfo(digest=request.info.digest, size=request.info.size,
-                                    labels=dict(request.info.labels))
-        updated = self.content.update(namespace(context), info, list(request.update_mask.paths))
-        return capi.UpdateResponse(info=_content_info(updated))
-
-    @stream
-    async def List(self, request: capi.ListContentRequest,
-                   context: grpc.aio.ServicerContext) -> AsyncIterator[capi.ListContentResponse]:
-        infos = self.content.list(namespace(context), list(request.filters))
-        for start in range(0, len(infos), 100):
-            yield capi.ListContentResponse(info=[_content_info(i) for i in infos[start:start + 100]])
-
-    @unary
-    async def Delete(self, request: capi.DeleteContentRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
-        self.content.delete(namespace(context), request.digest, lease=lease_of(context))
-        self.collector.schedule()
-        return empty_pb2.Empty()
-
-    @stream
-    async def Read(self, request: capi.ReadContentRequest,
-                   context: grpc.aio.ServicerContext) -> AsyncIterator[capi.ReadContentResponse]:
-        ns = namespace(context)
-        reader = self.content.reader(ns, request.digest)
-        try:
-            size = reader.size
-            if request.offset < 0 or request.offset > size:
-                raise errdefs.OutOfRange(f"read offset {request.offset} is outside the blob ({size} bytes)")
-            end = size if request.size <= 0 else min(size, request.offset + request.size)
-            offset = request.offset
-            while offset < end:
-                data = await asyncio.to_thread(reader.read_at, offset, min(READ_CHUNK, end - offset))
-                if not data:
-                    break
-                yield capi.ReadContentResponse(offset=offset, data=data)
-                offset += len(data)
-        finally:
-            reader.close()
-
-    @unary
-    async def Status(self, request: capi.StatusRequest, context: grpc.aio.ServicerContext) -> capi.StatusResponse:
-        return capi.StatusResponse(status=_status(self.content.status(namespace(context), request.ref)))
-
-    @unary
-    async def ListStatuses(self, request: capi.ListStatusesRequest,
-                           context: grpc.aio.ServicerContext) -> capi.ListStatusesResponse:
-        statuses = self.content.list_statuses(namespace(context), list(request.filters))
-        return capi.ListStatusesResponse(statuses=[_status(s) for s in statuses])
-
-    async def Write(self, request_iterator: AsyncIterator[capi.WriteContentRequest],
-                    context: grpc.aio.ServicerContext) -> AsyncIterator[capi.WriteContentResponse]:
-        """The bidirectional write: the first message names the ref; each request (STAT,
-        WRITE, COMMIT) gets one response with the writer's state."""
-        writer = None
-        try:
-            ns = namespace(context)
-            lease = lease_of(context)
-            async for req in request_iterator:
-                if writer is None:
-                    if not req.ref:
-                        raise errdefs.InvalidArgument("first message of a write must have a ref")
-                    writer = await asyncio.to_thread(self.content.writer, ns, req.ref, req.total, req.expected,
-                                                     lease=lease)
-                    total, expected = req.total, req.expected
-                if req.total:
-                    total = req.total
-                if req.expected:
-                    expected = req.expected
-                if req.action in (capi.WRITE, capi.COMMIT):
-                    if req.data:
-                        await asyncio.to_thread(writer.write, req.data, req.offset)
-                    elif req.action == capi.WRITE and req.offset == 0 and writer.offset:
-                        await asyncio.to_thread(writer.truncate, 0)
-                    if req.action == capi.COMMIT:
-                        await asyncio.to_thread(writer.commit, total, expected, dict(req.labels) or None)
-                elif req.action != capi.STAT:
-                    raise errdefs.InvalidArgument(f"unknown write action {req.action}")
-                st = writer.status()
-                resp = capi.WriteContentResponse(action=req.action, offset=st.offset, total=st.total or total,
-                                                 digest=writer.digest())
-                _ts(resp.started_at, st.started_at)
-                _ts(resp.updated_at, st.updated_at)
-                yield resp
-        except errdefs.KetchError as e:
-            await abort(context, e)
-        finally:
-            if writer is not None:
-                writer.close()
-
-    @unary
-    async def Abort(self, request: capi.AbortRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
-        self.content.abort(namespace(context), request.ref, lease=lease_of(context))
-        return empty_pb2.Empty()
-
-
-def _status(s: Any) -> capi.Status:
-    out = capi.Status(ref=s.ref, offset=s.offset, total=s.total, expected=s.expected)
-    _ts(out.started_at, s.started_at)
-    _ts(out.updated_at, s.updated_at)
-    return out
 
 
 # -- images ----------------------------------------------------------------------------------------

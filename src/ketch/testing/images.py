@@ -12,6 +12,8 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ketch import digests
+
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 INDEX = "application/vnd.oci.image.index.v1+json"
 CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -25,7 +27,7 @@ class Blob:
 
     @property
     def digest(self) -> str:
-        return "sha256:" + hashlib.sha256(self.data).hexdigest()
+        return digests.from_sha256_hex(hashlib.sha256(self.data).hexdigest())
 
     def descriptor(self, **extra: object) -> dict[str, object]:
         return {"mediaType": self.media_type, "digest": self.digest, "size": len(self.data), **extra}
@@ -60,7 +62,7 @@ def layer_from_dir(root: str | os.PathLike[str]) -> tuple[Blob, str]:
             else:
                 tar.addfile(info)
     data = raw.getvalue()
-    diff_id = "sha256:" + hashlib.sha256(data).hexdigest()
+    diff_id = digests.from_sha256_hex(hashlib.sha256(data).hexdigest())
     return Blob(LAYER, gzip.compress(data, mtime=0)), diff_id
 
 
@@ -88,7 +90,7 @@ def write_oci_archive(image: Image, out: str | os.PathLike[str]) -> None:
         sort_keys=True).encode()
     files = {"oci-layout": b'{"imageLayoutVersion":"1.0.0"}', "index.json": index}
     for blob in image.blobs:
-        files["blobs/sha256/" + blob.digest.split(":", 1)[1]] = blob.data
+        files["blobs/sha256/" + digests.sha256_hex(blob.digest)] = blob.data
     with tarfile.open(out, "w") as tar:
         for dirname in ("blobs", "blobs/sha256"):
             info = tarfile.TarInfo(dirname)
@@ -103,7 +105,7 @@ def write_oci_archive(image: Image, out: str | os.PathLike[str]) -> None:
 def write_docker_archive(image: Image, out: str | os.PathLike[str], tag: str) -> None:
     """The same image as ``docker save`` writes it: manifest.json, the config, and each layer
     as an uncompressed tar in its own directory."""
-    config_name = image.config.digest.split(":", 1)[1] + ".json"
+    config_name = digests.sha256_hex(image.config.digest) + ".json"
     files: dict[str, bytes] = {config_name: image.config.data}
     layer_names = []
     for layer, diff_id in zip(image.layers, image.diff_ids):
