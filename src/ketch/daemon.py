@@ -75,7 +75,7 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
     from ketch.snapshots import NativeSnapshotter, OverlaySnapshotter, Snapshotter, supported
     from ketch.runtime import Launcher, ShimParams, TaskManager
     from ketch.services import register_all
-    from ketch.services.images import Collector
+    from ketch.gc import Collector
     from ketch.services.events import forward_service
 
     for d in (cfg.root, cfg.state):

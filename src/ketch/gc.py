@@ -38,6 +38,7 @@ snapshot is already gone) are logged and skipped.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import time
@@ -53,7 +54,7 @@ if TYPE_CHECKING:
     from ketch.content import ContentStore
     from ketch.metadata import Store
 
-__all__ = ["Node", "ResourceType", "SnapshotRefLike", "SnapshotterLike", "Stats", "collect", "lease_expired"]
+__all__ = ["Collector", "Node", "ResourceType", "SnapshotRefLike", "SnapshotterLike", "Stats", "collect", "lease_expired"]
 
 log = logging.getLogger("ketch.gc")
 
@@ -321,3 +322,33 @@ def collect(store: Store, content: ContentStore | None,
              len(stats.content), len(stats.blobs), len(stats.snapshots), len(stats.leases),
              len(stats.ingests), stats.duration)
     return stats
+
+
+class Collector:
+    """Garbage collection for the daemon: ``schedule()`` after a delete (debounced, in a
+    thread), ``now()`` for a synchronous delete."""
+
+    def __init__(self, store: Store, content: ContentStore, snapshotters: Mapping[str, SnapshotterLike],
+                 delay: float = 0.1) -> None:
+        self._store = store
+        self._content = content
+        self._snapshotters = snapshotters
+        self._delay = delay
+        self._pending: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    async def now(self) -> Stats:
+        async with self._lock:
+            return await asyncio.to_thread(collect, self._store, self._content, self._snapshotters)
+
+    def schedule(self) -> None:
+        if self._pending is None or self._pending.done():
+            self._pending = asyncio.ensure_future(self._later())
+
+    async def _later(self) -> None:
+        await asyncio.sleep(self._delay)
+        await self.now()
+
+    def close(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()

@@ -26,11 +26,13 @@ from ketch.metadata.local import ContainerService, NamespaceService
 from ketch.runtime import TaskManager
 from ketch.services.events import Events
 from ketch.services.content import Content
-from ketch.services.images import Collector, Diff, Images, Snapshots
+from ketch.gc import Collector
+from ketch.services.images import Diff, Images, Snapshots
 from ketch.services.metadata import Containers, Leases, Namespaces
 from ketch.services.system import Health, Introspection, Version
 from ketch.services.tasks import Tasks
 from ketch.snapshots import Snapshotter
+from ketch.snapshots.service import SnapshotService
 
 
 def register_all(server: grpc.aio.Server, *, cfg: config.Config, store: metadata.Store, exchange: Exchange,
@@ -45,7 +47,8 @@ def register_all(server: grpc.aio.Server, *, cfg: config.Config, store: metadata
     leases_pb2_grpc.add_LeasesServicer_to_server(Leases(store, collector), server)
     content_pb2_grpc.add_ContentServicer_to_server(Content(content, collector), server)
     images_pb2_grpc.add_ImagesServicer_to_server(Images(images, collector), server)
-    snapshots_pb2_grpc.add_SnapshotsServicer_to_server(Snapshots(snapshotters, store, publish, collector), server)
+    snapshots_pb2_grpc.add_SnapshotsServicer_to_server(
+        Snapshots(SnapshotService(snapshotters, store.leases, publish, collector.schedule)), server)
     diff_pb2_grpc.add_DiffServicer_to_server(Diff(content), server)
     events_pb2_grpc.add_EventsServicer_to_server(Events(exchange), server)
     tasks_pb2_grpc.add_TasksServicer_to_server(Tasks(manager, store.containers.get), server)

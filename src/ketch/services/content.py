@@ -19,7 +19,7 @@ from ketch.api.containerd.services.content.v1 import content_pb2 as capi
 from ketch.api.containerd.services.content.v1 import content_pb2_grpc
 from ketch.content import ContentStore, Status
 from ketch.services._common import abort, lease_of, namespace, stream, unary
-from ketch.services.images import Collector
+from ketch.gc import Collector
 
 __all__ = ["Content"]
 

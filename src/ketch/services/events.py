@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
-from google.protobuf import empty_pb2, timestamp_pb2
+from google.protobuf import empty_pb2
 
-from ketch import ttrpc
+from ketch import timestamps, ttrpc
 from ketch.api.containerd.services.events.v1 import events_pb2 as api
 from ketch.api.containerd.services.events.v1 import events_pb2_grpc
 from ketch.api.containerd.services.ttrpc.events.v1 import events_pb2 as ttrpc_api
@@ -17,18 +17,14 @@ from ketch.services._common import namespace, stream, unary
 TTRPC_SERVICE = "containerd.services.events.ttrpc.v1.Events"
 
 
-def _seconds(ts: timestamp_pb2.Timestamp) -> float:
-    return float(ts.seconds + ts.nanos / 1e9)
-
-
 def _envelope(e: api.Envelope | ttrpc_api.Envelope) -> Envelope:
-    return Envelope(timestamp=_seconds(e.timestamp), namespace=e.namespace, topic=e.topic,
+    return Envelope(timestamp=timestamps.seconds(e.timestamp), namespace=e.namespace, topic=e.topic,
                     type_url=e.event.type_url, value=e.event.value)
 
 
 def _to_proto(e: Envelope) -> api.Envelope:
     out = api.Envelope(namespace=e.namespace, topic=e.topic)
-    out.timestamp.FromNanoseconds(int(e.timestamp * 1e9))
+    timestamps.stamp(out.timestamp, e.timestamp)
     out.event.type_url, out.event.value = e.type_url, e.value
     return out
 

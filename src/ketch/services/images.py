@@ -13,11 +13,10 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any, cast
 
 import grpc
-from google.protobuf import empty_pb2, timestamp_pb2
+from google.protobuf import empty_pb2
 
-from ketch import diff, errdefs, gc, metadata
-from ketch.topics import Publish
-from ketch.api.containerd.events import snapshot_pb2 as snapshot_events
+from ketch import diff, metadata, timestamps
+from ketch.gc import Collector
 from ketch.api.containerd.services.diff.v1 import diff_pb2 as dapi
 from ketch.api.containerd.services.diff.v1 import diff_pb2_grpc
 from ketch.api.containerd.services.images.v1 import images_pb2 as iapi
@@ -31,46 +30,9 @@ from ketch.mount import Mount
 from ketch.services._common import lease_of, namespace, stream, unary
 from ketch.snapshots import Info as SnapshotInfo
 from ketch.snapshots import Kind, Snapshotter
+from ketch.snapshots.service import SnapshotService
 
 READ_CHUNK = 1 << 20
-
-
-def _ts(out: timestamp_pb2.Timestamp, t: float) -> None:
-    out.FromNanoseconds(int(t * 1e9))
-
-
-def _seconds(ts: timestamp_pb2.Timestamp) -> float:
-    return float(ts.seconds + ts.nanos / 1e9)
-
-
-class Collector:
-    """Garbage collection for the daemon: ``schedule()`` after a delete (debounced, in a
-    thread), ``now()`` for a synchronous delete."""
-
-    def __init__(self, store: metadata.Store, content: ContentStore, snapshotters: dict[str, Snapshotter],
-                 delay: float = 0.1) -> None:
-        self._store = store
-        self._content = content
-        self._snapshotters = snapshotters
-        self._delay = delay
-        self._pending: asyncio.Task[None] | None = None
-        self._lock = asyncio.Lock()
-
-    async def now(self) -> gc.Stats:
-        async with self._lock:
-            return await asyncio.to_thread(gc.collect, self._store, self._content, self._snapshotters)
-
-    def schedule(self) -> None:
-        if self._pending is None or self._pending.done():
-            self._pending = asyncio.ensure_future(self._later())
-
-    async def _later(self) -> None:
-        await asyncio.sleep(self._delay)
-        await self.now()
-
-    def close(self) -> None:
-        if self._pending is not None:
-            self._pending.cancel()
 
 
 # -- images ----------------------------------------------------------------------------------------
@@ -79,8 +41,8 @@ def _image_to_proto(image: metadata.Image) -> iapi.Image:
     t = image.target
     out = iapi.Image(name=image.name, labels=image.labels, target=descriptor_pb2.Descriptor(
         media_type=t.media_type, digest=t.digest, size=t.size, annotations=t.annotations))
-    _ts(out.created_at, image.created_at)
-    _ts(out.updated_at, image.updated_at)
+    timestamps.stamp(out.created_at, image.created_at)
+    timestamps.stamp(out.updated_at, image.updated_at)
     return out
 
 
@@ -141,49 +103,32 @@ def _from_mounts(mounts: Iterable[mount_pb2.Mount]) -> list[Mount]:
 
 def _snapshot_info(info: SnapshotInfo) -> sapi.Info:
     out = sapi.Info(name=info.name, parent=info.parent, kind=cast(Any, int(info.kind)), labels=info.labels)
-    _ts(out.created_at, info.created_at)
-    _ts(out.updated_at, info.updated_at)
+    timestamps.stamp(out.created_at, info.created_at)
+    timestamps.stamp(out.updated_at, info.updated_at)
     return out
 
 
 
 
 class Snapshots(snapshots_pb2_grpc.SnapshotsServicer):
-    def __init__(self, snapshotters: dict[str, Snapshotter], store: metadata.Store, publish: Publish,
-                 collector: Collector) -> None:
-        self.snapshotters = snapshotters
-        self.store = store
-        self.publish = publish
-        self.collector = collector
+    def __init__(self, snapshots: SnapshotService) -> None:
+        self.snapshots = snapshots
 
     def _get(self, name: str) -> Snapshotter:
-        try:
-            return self.snapshotters[name or "overlayfs"]
-        except KeyError:
-            raise errdefs.InvalidArgument(f"snapshotter not loaded: {name}") from None
-
-    def _lease(self, context: grpc.aio.ServicerContext, ns: str, snapshotter: str, key: str) -> None:
-        lease = lease_of(context)
-        if lease:
-            self.store.leases.add_resource(ns, lease, metadata.LeaseResource(key, f"snapshots/{snapshotter}"))
+        return self.snapshots.get(name)
 
     @unary
     async def Prepare(self, request: sapi.PrepareSnapshotRequest,
                       context: grpc.aio.ServicerContext) -> sapi.PrepareSnapshotResponse:
-        ns, sn = namespace(context), request.snapshotter or "overlayfs"
-        snap = self._get(sn)
-        self._lease(context, ns, sn, request.key)
-        mounts = await asyncio.to_thread(snap.prepare, ns, request.key, request.parent, dict(request.labels))
-        self.publish(ns, snapshot_events.SnapshotPrepare(key=request.key, parent=request.parent))
+        mounts = await self.snapshots.prepare(namespace(context), request.snapshotter, request.key, request.parent,
+                                              dict(request.labels), lease_of(context))
         return sapi.PrepareSnapshotResponse(mounts=_mounts(mounts))
 
     @unary
     async def View(self, request: sapi.ViewSnapshotRequest,
                    context: grpc.aio.ServicerContext) -> sapi.ViewSnapshotResponse:
-        ns, sn = namespace(context), request.snapshotter or "overlayfs"
-        snap = self._get(sn)
-        self._lease(context, ns, sn, request.key)
-        mounts = await asyncio.to_thread(snap.view, ns, request.key, request.parent, dict(request.labels))
+        mounts = await self.snapshots.view(namespace(context), request.snapshotter, request.key, request.parent,
+                                           dict(request.labels), lease_of(context))
         return sapi.ViewSnapshotResponse(mounts=_mounts(mounts))
 
     @unary
@@ -193,19 +138,13 @@ class Snapshots(snapshots_pb2_grpc.SnapshotsServicer):
 
     @unary
     async def Commit(self, request: sapi.CommitSnapshotRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
-        ns, sn = namespace(context), request.snapshotter or "overlayfs"
-        snap = self._get(sn)
-        self._lease(context, ns, sn, request.name)
-        await asyncio.to_thread(snap.commit, ns, request.name, request.key, dict(request.labels))
-        self.publish(ns, snapshot_events.SnapshotCommit(key=request.key, name=request.name))
+        await self.snapshots.commit(namespace(context), request.snapshotter, request.name, request.key,
+                                    dict(request.labels), lease_of(context))
         return empty_pb2.Empty()
 
     @unary
     async def Remove(self, request: sapi.RemoveSnapshotRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
-        ns = namespace(context)
-        await asyncio.to_thread(self._get(request.snapshotter).remove, ns, request.key)
-        self.publish(ns, snapshot_events.SnapshotRemove(key=request.key))
-        self.collector.schedule()
+        await self.snapshots.remove(namespace(context), request.snapshotter, request.key)
         return empty_pb2.Empty()
 
     @unary

@@ -7,7 +7,6 @@ which applies containerd's rules and publishes its events; the store for leases)
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, empty_pb2
@@ -19,6 +18,7 @@ from ketch.api.containerd.services.leases.v1 import leases_pb2 as lapi
 from ketch.api.containerd.services.leases.v1 import leases_pb2_grpc
 from ketch.api.containerd.services.namespaces.v1 import namespace_pb2 as napi
 from ketch.api.containerd.services.namespaces.v1 import namespace_pb2_grpc
+from ketch.gc import Collector
 from ketch.metadata.local import ContainerService, NamespaceService
 from ketch.services._common import namespace, stream, unary
 
@@ -141,7 +141,7 @@ def _lease(lease: metadata.Lease) -> lapi.Lease:
 
 
 class Leases(leases_pb2_grpc.LeasesServicer):
-    def __init__(self, store: metadata.Store, collector: Any) -> None:
+    def __init__(self, store: metadata.Store, collector: Collector) -> None:
         self.store = store
         self.collector = collector
 
