@@ -20,6 +20,7 @@ from ketch.api.containerd.services.tasks.v1 import tasks_pb2_grpc
 from ketch.api.containerd.services.version.v1 import version_pb2_grpc
 from ketch.api.grpc.health.v1 import health_pb2_grpc
 from ketch.content import ContentStore
+from ketch.diff.service import DiffService
 from ketch.events import Exchange
 from ketch.images import ImageService
 from ketch.metadata.local import ContainerService, NamespaceService
@@ -49,6 +50,6 @@ def register_all(server: grpc.aio.Server, *, cfg: config.Config, store: metadata
     images_pb2_grpc.add_ImagesServicer_to_server(Images(images, collector), server)
     snapshots_pb2_grpc.add_SnapshotsServicer_to_server(
         Snapshots(SnapshotService(snapshotters, store.leases, publish, collector.schedule)), server)
-    diff_pb2_grpc.add_DiffServicer_to_server(Diff(content), server)
+    diff_pb2_grpc.add_DiffServicer_to_server(Diff(DiffService(content)), server)
     events_pb2_grpc.add_EventsServicer_to_server(Events(exchange), server)
     tasks_pb2_grpc.add_TasksServicer_to_server(Tasks(manager, store.containers.get), server)

@@ -7,15 +7,13 @@ A lease named in the call's ``containerd-lease`` metadata holds what the call cr
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import tempfile
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, cast
 
 import grpc
 from google.protobuf import empty_pb2
 
-from ketch import diff, metadata, timestamps
+from ketch import metadata, timestamps
 from ketch.gc import Collector
 from ketch.api.containerd.services.diff.v1 import diff_pb2 as dapi
 from ketch.api.containerd.services.diff.v1 import diff_pb2_grpc
@@ -24,7 +22,7 @@ from ketch.api.containerd.services.images.v1 import images_pb2_grpc
 from ketch.api.containerd.services.snapshots.v1 import snapshots_pb2 as sapi
 from ketch.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc
 from ketch.api.containerd.types import descriptor_pb2, mount_pb2
-from ketch.content import ContentStore
+from ketch.diff.service import DiffService
 from ketch.images import ImageService
 from ketch.mount import Mount
 from ketch.services._common import lease_of, namespace, stream, unary
@@ -32,7 +30,6 @@ from ketch.snapshots import Info as SnapshotInfo
 from ketch.snapshots import Kind, Snapshotter
 from ketch.snapshots.service import SnapshotService
 
-READ_CHUNK = 1 << 20
 
 
 # -- images ----------------------------------------------------------------------------------------
@@ -182,42 +179,18 @@ class Snapshots(snapshots_pb2_grpc.SnapshotsServicer):
 # -- diff ---------------------------------------------------------------------------------------------
 
 class Diff(diff_pb2_grpc.DiffServicer):
-    def __init__(self, content: ContentStore) -> None:
-        self.content = content
+    def __init__(self, diffs: DiffService) -> None:
+        self.diffs = diffs
 
     @unary
     async def Apply(self, request: dapi.ApplyRequest, context: grpc.aio.ServicerContext) -> dapi.ApplyResponse:
-        ns = namespace(context)
-        desc = request.diff
-        reader = self.content.reader(ns, desc.digest)
-        try:
-            diff_id, size = await asyncio.to_thread(diff.apply_to_mounts, reader, _from_mounts(request.mounts),
-                                                    desc.media_type)
-        finally:
-            reader.close()
-        return dapi.ApplyResponse(applied=descriptor_pb2.Descriptor(
-            media_type="application/vnd.oci.image.layer.v1.tar", digest=diff_id, size=size))
+        media_type, digest, size = await self.diffs.apply(namespace(context), request.diff.digest,
+                                                          request.diff.media_type, _from_mounts(request.mounts))
+        return dapi.ApplyResponse(applied=descriptor_pb2.Descriptor(media_type=media_type, digest=digest, size=size))
 
     @unary
     async def Diff(self, request: dapi.DiffRequest, context: grpc.aio.ServicerContext) -> dapi.DiffResponse:
-        ns = namespace(context)
-        media_type = request.media_type or "application/vnd.oci.image.layer.v1.tar+gzip"
-        compress = media_type.endswith("gzip")
-        ref = request.ref or f"diff-{id(request)}"
-
-        def make() -> tuple[str, int, str]:
-            with tempfile.TemporaryFile() as out:
-                diff_id, size = diff.compare_mounts(_from_mounts(request.left), _from_mounts(request.right), out,
-                                                    compress=compress)
-                out.seek(0)
-                with contextlib.closing(self.content.writer(ns, ref, lease=lease_of(context))) as w:
-                    while chunk := out.read(READ_CHUNK):
-                        w.write(chunk)
-                    labels = dict(request.labels)
-                    labels.setdefault("containerd.io/uncompressed", diff_id)
-                    digest = w.digest()
-                    w.commit(size, "", labels)
-                return digest, size, diff_id
-
-        digest, size, _ = await asyncio.to_thread(make)
+        media_type, digest, size = await self.diffs.diff(
+            namespace(context), _from_mounts(request.left), _from_mounts(request.right), media_type=request.media_type,
+            ref=request.ref, labels=dict(request.labels), lease=lease_of(context))
         return dapi.DiffResponse(diff=descriptor_pb2.Descriptor(media_type=media_type, digest=digest, size=size))
