@@ -8,9 +8,6 @@ import signal
 import sys
 from pathlib import Path
 
-import pytest
-
-from ketch import errdefs
 from ketch.oci.runc import spawn
 from ketch.shim.process import Process, State
 from ketch.shim.reaper import Monitor, exit_status
@@ -131,49 +128,3 @@ def test_exec_exits_are_published_before_the_init_exit(tmp_path: Path) -> None:
     assert [id for _, id, _ in published][-1] == "c1"
     assert sorted(id for _, id, _ in published[:3]) == ["e0", "e1", "e2"]
     assert all(status == 128 + signal.SIGKILL for _, id, status in published if id != "c1")
-
-
-@pytest.mark.parametrize(
-    ("state", "op"),
-    [(State.CREATED, "pause"), (State.CREATED, "resume"), (State.RUNNING, "start"), (State.RUNNING, "delete"),
-     (State.PAUSED, "start"), (State.PAUSED, "delete"), (State.STOPPED, "start"), (State.STOPPED, "pause"),
-     (State.DELETED, "delete")],
-)
-def test_illegal_moves_name_the_state(state: State, op: str) -> None:
-    p = Process("c1", "", Stdio(), state=state)
-    with pytest.raises(errdefs.FailedPrecondition, match=f"in {state.name.lower()} state"):
-        p.transition(op)
-    assert p.state == state
-
-
-@pytest.mark.parametrize(
-    ("state", "op", "after"),
-    [(State.CREATED, "start", State.RUNNING), (State.RUNNING, "pause", State.PAUSED),
-     (State.PAUSED, "resume", State.RUNNING), (State.RUNNING, "exit", State.STOPPED),
-     (State.PAUSED, "exit", State.STOPPED), (State.CREATED, "exit", State.STOPPED),
-     (State.STOPPED, "delete", State.DELETED), (State.CREATED, "delete", State.DELETED)],
-)
-def test_legal_moves(state: State, op: str, after: State) -> None:
-    p = Process("c1", "", Stdio(), state=state)
-    p.transition(op)
-    assert p.state == after
-
-
-def test_kill_of_a_stopped_process_is_not_found() -> None:
-    p = Process("c1", "e1", Stdio(), state=State.STOPPED)
-    with pytest.raises(errdefs.NotFound, match="already finished"):
-        p.check("kill")
-
-
-@pytest.mark.parametrize("op", ["kill", "resize", "close_io"])
-@pytest.mark.parametrize("pid", [0, -1])
-def test_an_exec_without_a_pid_is_never_signalled(op: str, pid: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """kill(0, sig) would signal the shim's own process group: refused before any syscall."""
-    sent: list[tuple[int, int]] = []
-    monkeypatch.setattr("os.kill", lambda p, s: sent.append((p, s)))
-    p = Process("c1", "e1", Stdio(), state=State.CREATED, pid=pid)
-    with pytest.raises(errdefs.FailedPrecondition, match="not started"):
-        p.check(op)
-    with pytest.raises(errdefs.FailedPrecondition, match="not started"):
-        p.signal(9)
-    assert sent == []

@@ -22,7 +22,6 @@ import logging
 import os
 import signal
 import tempfile
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -390,13 +389,12 @@ class TaskService:
             if proc.io is not None:
                 await proc.io.drain()
                 proc.io.close()
-            if proc.state == State.DELETED:
+            if not proc.record_exit(status):
                 return
-            proc.record_exit(status)
             self.publisher.publish(events.TaskExit(
                 container_id=container.id, id=proc.id, pid=proc.pid, exit_status=proc.exit_status,
                 exited_at=_timestamp(proc.exited_at)))
-            proc.exited.set()
+            proc.mark_exited()
         log.info("process exited container=%s id=%s pid=%d status=%d", container.id, proc.id, proc.pid, status)
 
     async def _after_init_exit(self, container: Container) -> None:
@@ -563,10 +561,9 @@ class TaskService:
     async def delete(self, req: api.DeleteRequest, ctx: ttrpc.Context) -> api.DeleteResponse:
         container = self._container(req.id)
         proc = container.process(req.exec_id)
-        if proc.running:
-            raise errdefs.FailedPrecondition(f"cannot delete a running {proc.kind} ({proc.id})")
+        proc.require("delete")
         if req.exec_id:
-            proc.transition("delete")
+            proc.delete()
             del container.execs[req.exec_id]
             if proc.io is not None:
                 proc.io.close()
@@ -579,11 +576,7 @@ class TaskService:
     async def _delete_init(self, container: Container) -> None:
         init = container.init
         await container.runc.delete(container.id, force=init.state == State.CREATED)
-        if init.state == State.CREATED:
-            # never started: its runc init was killed; the exit handler will find it deleted
-            init.exit_status, init.exited_at = 137, time.time()
-        init.transition("delete")
-        init.exited.set()
+        init.delete()  # never started: runc killed its init; the exit handler will find it deleted
         for p in container.execs.values():
             if p.io is not None:
                 p.io.close()
