@@ -1,4 +1,4 @@
-"""The shim's reaper and exit ordering, with real child processes (no root needed)."""
+"""The shim's reaper, with real child processes (no root needed)."""
 
 from __future__ import annotations
 
@@ -6,16 +6,9 @@ import asyncio
 import os
 import signal
 import sys
-from pathlib import Path
 
-import pytest
-
-from ketch import errdefs
 from ketch.oci.runc import spawn
-from ketch.shim.process import Process, State
 from ketch.shim.reaper import Monitor, exit_status
-from ketch.shim.service import Container, TaskService
-from ketch.shim.stdio import Stdio
 
 
 def child(code: str) -> int:
@@ -94,86 +87,3 @@ def test_kept_exits_are_dropped_when_the_last_hold_ends() -> None:
         return pid in monitor._kept
 
     assert run(scenario) is False
-
-
-class _RecordingPublisher:
-    def __init__(self) -> None:
-        self.events: list[object] = []
-
-    def publish(self, event: object) -> None:
-        self.events.append(event)
-
-
-class _NoRunc:
-    """The container runtime is not what this test is about: init's exit asks runc to kill
-    what is left, and the shim kills its execs itself."""
-
-    async def kill(self, id: str, sig: int, *, all: bool = False) -> None:
-        return None
-
-
-def test_exec_exits_are_published_before_the_init_exit(tmp_path: Path) -> None:
-    async def scenario(monitor: Monitor) -> list[tuple[str, str, int]]:
-        pub = _RecordingPublisher()
-        svc = TaskService(namespace="t", monitor=monitor, publisher=pub, runc_root=str(tmp_path))  # type: ignore[arg-type]
-        init = Process("c1", "", Stdio(), state=State.RUNNING, pid=child("raise SystemExit(0)"))
-        execs = [Process("c1", f"e{i}", Stdio(), state=State.RUNNING,
-                         pid=child("import time; time.sleep(60)")) for i in range(3)]
-        container = Container("c1", str(tmp_path), _NoRunc(), init)  # type: ignore[arg-type]
-        container.execs = {p.exec_id: p for p in execs}
-        for p in [init, *execs]:
-            svc._spawn(svc._on_exit(container, p, monitor.watch(p.pid)))
-        await asyncio.wait_for(init.exited.wait(), 20)
-        return [(type(e).__name__, e.id, e.exit_status) for e in pub.events]  # type: ignore[attr-defined]
-
-    published = run(scenario)
-    assert [name for name, _, _ in published] == ["TaskExit"] * 4
-    assert [id for _, id, _ in published][-1] == "c1"
-    assert sorted(id for _, id, _ in published[:3]) == ["e0", "e1", "e2"]
-    assert all(status == 128 + signal.SIGKILL for _, id, status in published if id != "c1")
-
-
-@pytest.mark.parametrize(
-    ("state", "op"),
-    [(State.CREATED, "pause"), (State.CREATED, "resume"), (State.RUNNING, "start"), (State.RUNNING, "delete"),
-     (State.PAUSED, "start"), (State.PAUSED, "delete"), (State.STOPPED, "start"), (State.STOPPED, "pause"),
-     (State.DELETED, "delete")],
-)
-def test_illegal_moves_name_the_state(state: State, op: str) -> None:
-    p = Process("c1", "", Stdio(), state=state)
-    with pytest.raises(errdefs.FailedPrecondition, match=f"in {state.name.lower()} state"):
-        p.transition(op)
-    assert p.state == state
-
-
-@pytest.mark.parametrize(
-    ("state", "op", "after"),
-    [(State.CREATED, "start", State.RUNNING), (State.RUNNING, "pause", State.PAUSED),
-     (State.PAUSED, "resume", State.RUNNING), (State.RUNNING, "exit", State.STOPPED),
-     (State.PAUSED, "exit", State.STOPPED), (State.CREATED, "exit", State.STOPPED),
-     (State.STOPPED, "delete", State.DELETED), (State.CREATED, "delete", State.DELETED)],
-)
-def test_legal_moves(state: State, op: str, after: State) -> None:
-    p = Process("c1", "", Stdio(), state=state)
-    p.transition(op)
-    assert p.state == after
-
-
-def test_kill_of_a_stopped_process_is_not_found() -> None:
-    p = Process("c1", "e1", Stdio(), state=State.STOPPED)
-    with pytest.raises(errdefs.NotFound, match="already finished"):
-        p.check("kill")
-
-
-@pytest.mark.parametrize("op", ["kill", "resize", "close_io"])
-@pytest.mark.parametrize("pid", [0, -1])
-def test_an_exec_without_a_pid_is_never_signalled(op: str, pid: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """kill(0, sig) would signal the shim's own process group: refused before any syscall."""
-    sent: list[tuple[int, int]] = []
-    monkeypatch.setattr("os.kill", lambda p, s: sent.append((p, s)))
-    p = Process("c1", "e1", Stdio(), state=State.CREATED, pid=pid)
-    with pytest.raises(errdefs.FailedPrecondition, match="not started"):
-        p.check(op)
-    with pytest.raises(errdefs.FailedPrecondition, match="not started"):
-        p.signal(9)
-    assert sent == []

@@ -4,7 +4,9 @@ Every command is started with ``posix_spawn`` and waited for through the shim's
 :class:`~ketch.shim.reaper.Monitor` (anything else that waits for children would race the
 shim's SIGCHLD reaper). Every call is bounded by a timeout; a command that overruns or whose
 caller is cancelled is killed and awaited before the error propagates, so no runc is ever
-orphaned. A failure carries runc's own words, taken from its JSON log.
+orphaned. A failure carries runc's own words, taken from its JSON log, and is classified
+once, by :func:`classify`, into the errdefs class those words mean; callers catch the class
+(``except errdefs.NotFound``), never match the text.
 """
 
 from __future__ import annotations
@@ -106,12 +108,51 @@ class Result:
     stderr: bytes
 
 
-class RuncError(errdefs.Unknown):
-    """runc exited non-zero; the message is runc's own error text."""
+class RuncError(errdefs.KetchError):
+    """runc exited non-zero; the message is runc's own error text. Raised as one of the
+    subclasses below, which :func:`classify` picks: each is also the errdefs class it means."""
 
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
+
+
+class RuncNotFound(RuncError, errdefs.NotFound):
+    """The container or the process is gone: it does not exist, or it is no longer running."""
+
+
+class RuncFailedPrecondition(RuncError, errdefs.FailedPrecondition):
+    """The container is in a state that does not allow the command (paused, stopped...)."""
+
+
+class RuncUnknown(RuncError, errdefs.Unknown):
+    """Any other failure."""
+
+
+#: (words in runc's message, the class they mean), first match wins; runc's messages as of
+#: 1.0–1.1 (libcontainer's ErrNotExist/ErrNotRunning/ErrPaused/..., the kill(2) errors)
+_CLASSES: tuple[tuple[str, type[RuncError]], ...] = (
+    ("does not exist", RuncNotFound),  # container "x" does not exist
+    ("not running", RuncNotFound),  # container not running
+    ("process already finished", RuncNotFound),  # os: process already finished
+    ("no such process", RuncNotFound),  # ESRCH from kill(2)
+    ("not paused", RuncFailedPrecondition),  # resume of a container that is not paused
+    ("container paused", RuncFailedPrecondition),  # ErrPaused
+    ("still running", RuncFailedPrecondition),  # ErrRunning
+    ("not stopped", RuncFailedPrecondition),  # cannot delete container that is not stopped
+    ("cannot start", RuncFailedPrecondition),  # cannot start an already running/stopped container
+    ("stopped container", RuncFailedPrecondition),  # cannot exec in a stopped container
+)
+
+
+def classify(message: str, status: int) -> RuncError:
+    """The error for a runc command that failed with ``message`` and exit ``status``: the one
+    place where runc's words are read."""
+    lowered = message.lower()
+    for words, cls in _CLASSES:
+        if words in lowered:
+            return cls(message, status)
+    return RuncUnknown(message, status)
 
 
 class Runc:
@@ -152,7 +193,8 @@ class Runc:
         stdio: tuple[int | None, ...] | None = None,
         timeout: float | None = None,
     ) -> Result:
-        """Run one runc command; raise RuncError with runc's words when it fails.
+        """Run one runc command; raise a :class:`RuncError` (see :func:`classify`) with
+        runc's words when it fails.
 
         With ``stdio`` the command gets those fds (create/exec pass them on to the container);
         otherwise its stdout and stderr are captured.
@@ -194,7 +236,7 @@ class Runc:
             message = _last_error(self.log_path, log_offset) or err.decode(errors="replace").strip()
             message = message or f"exit status {status}"
             prefix = f"runc {args[0]} failed"
-            raise RuncError(message if message.startswith(prefix) else f"{prefix}: {message}", status)
+            raise classify(message if message.startswith(prefix) else f"{prefix}: {message}", status)
         return Result(status, out, err)
 
     # -- the commands the shim uses -------------------------------------------------------

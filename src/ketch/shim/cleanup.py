@@ -8,14 +8,15 @@ dead shim's socket, and print a containerd.task.v2.DeleteResponse on stdout — 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import time
 
-from ketch import mount
-from ketch.shim.main import UsageError, runc_root
+from ketch import errdefs, mount, timestamps
+from ketch.oci.runc import classify
+from ketch.shim.common import UsageError, connectable, runc_root
+from ketch.shim.options import RuntimeOptions
 
 RUNC_TIMEOUT = 30.0
 
@@ -26,19 +27,16 @@ def delete(flags: dict[str, str]) -> int:
         raise UsageError("delete needs -namespace and -id")
     bundle = flags.get("bundle") or os.getcwd()
     warnings: list[str] = []
-    binary, root = "runc", runc_root(flags.get("address", ""), ns)
-    try:
-        with open(os.path.join(bundle, "options.json")) as f:
-            opts = json.load(f)
-        binary, root = opts.get("binary_name") or binary, opts.get("root") or root
-    except (OSError, ValueError):
-        pass
+    default_root = runc_root(flags.get("address", ""), ns)
+    opts = RuntimeOptions.load(bundle, default_root)
+    binary, root = opts.binary_name or "runc", opts.root or default_root
     try:
         res = subprocess.run([binary, "--root", root, "delete", "--force", id],
                              capture_output=True, timeout=RUNC_TIMEOUT, check=False)
-        err = res.stderr.decode(errors="replace").strip()
-        if res.returncode != 0 and "does not exist" not in err:
-            warnings.append(f"runc delete: {err}")
+        if res.returncode != 0:
+            error = classify(res.stderr.decode(errors="replace").strip(), res.returncode)
+            if not isinstance(error, errdefs.NotFound):  # already gone is what we want
+                warnings.append(f"runc delete: {error.message}")
     except (OSError, subprocess.TimeoutExpired) as e:
         warnings.append(f"runc delete: {e}")
     try:
@@ -56,8 +54,7 @@ def delete(flags: dict[str, str]) -> int:
     from ketch.api.containerd.task.v2 import shim_pb2
 
     resp = shim_pb2.DeleteResponse(pid=pid, exit_status=128 + 9)
-    now = time.time()
-    resp.exited_at.seconds, resp.exited_at.nanos = int(now), int((now % 1) * 1e9)
+    timestamps.stamp(resp.exited_at, time.time())
     sys.stdout.buffer.write(resp.SerializeToString())
     sys.stdout.flush()
     for w in warnings:
@@ -66,14 +63,12 @@ def delete(flags: dict[str, str]) -> int:
 
 
 def _remove_dead_socket(bundle: str) -> None:
-    from ketch.shim.main import _connectable
-
     try:
         with open(os.path.join(bundle, "address")) as f:
             path = f.read().strip().removeprefix("unix://")
     except OSError:
         return
-    if path and os.path.exists(path) and not _connectable(path):
+    if path and os.path.exists(path) and not connectable(path):
         try:
             os.unlink(path)
         except OSError:

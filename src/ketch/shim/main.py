@@ -7,11 +7,8 @@
 socket (no asyncio, no protobuf). It binds the shim's socket, launches the long-lived server
 (``python -m ketch.shim``) with the listening socket as fd 3, writes ``address`` and
 ``shim.pid`` into the bundle, and prints the address. ``delete`` cleans up after a shim that
-died (see ``cleanup.py``). Without an action the process is the server itself.
-
-Where state goes: ``$KETCH_SHIM_STATE_DIR`` if set, else the directory of the daemon's socket
-(``/run/containerd`` for a stock containerd, ``/run/ketch`` for ketchd): sockets in ``s/``, runc
-state in ``runc/<namespace>`` — the same places containerd's runc shim uses.
+died (see ``cleanup.py``). Without an action the process is the server itself. Where state
+goes: see ``common.py``, which this module, the server and ``delete`` share.
 """
 
 from __future__ import annotations
@@ -21,17 +18,12 @@ import socket
 import sys
 
 from ketch.files import write_atomic
+from ketch.shim.common import UsageError, connectable, socket_path
 
 _BOOL_FLAGS = {"debug", "v", "version"}
 _FLAGS = {"namespace", "id", "address", "publish-binary", "bundle", "socket"} | _BOOL_FLAGS
-#: room for "/<32 hex>" in sun_path (108 bytes with the terminating NUL)
-_SUN_PATH_MAX = 107
 #: seconds a shared shim with no task left waits for its group's next task before exiting
 SHARED_LINGER = 10.0
-
-
-class UsageError(Exception):
-    pass
 
 
 def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -60,41 +52,6 @@ def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
     return flags, rest
 
 
-def state_dir(address: str) -> str:
-    env = os.environ.get("KETCH_SHIM_STATE_DIR")
-    if env:
-        return env
-    address = address.removeprefix("unix://")
-    return os.path.dirname(address) if address else "/run/ketch"
-
-
-def runc_root(address: str, namespace: str) -> str:
-    return os.path.join(state_dir(address), "runc", namespace)
-
-
-def socket_path(address: str, namespace: str, group: str) -> str:
-    """The shim's socket for (daemon, namespace, group): short, stable, private to root."""
-    import _sha256
-
-    digest = _sha256.sha256(f"{address}\0{namespace}\0{group}".encode()).hexdigest()[:32]
-    path = os.path.join(state_dir(address), "s", digest)
-    if len(path.encode()) > _SUN_PATH_MAX:
-        raise UsageError(f"shim socket path {path!r} is longer than a unix socket allows; "
-                         "set KETCH_SHIM_STATE_DIR to a shorter directory")
-    return path
-
-
-def _connectable(path: str) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        s.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
 def start(flags: dict[str, str]) -> int:
     ns, id, address = flags.get("namespace", ""), flags.get("id", ""), flags.get("address", "")
     if not ns or not id:
@@ -106,7 +63,7 @@ def start(flags: dict[str, str]) -> int:
     url = "unix://" + path
     options = sys.stdin.buffer.read() if not sys.stdin.isatty() else b""
 
-    if _connectable(path):
+    if connectable(path):
         # a shim for this task is up already (containerd retried start): reuse it
         write_atomic(os.path.join(bundle, "address"), url.encode(), durable=False)
         sys.stdout.write(url)

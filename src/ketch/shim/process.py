@@ -1,18 +1,36 @@
 """Process lifecycle: every state a task or exec process can be in, and every legal move.
 
-Everything that changes a process's state goes through :meth:`Process.transition`, checked
-against the table below; an illegal operation raises FailedPrecondition naming the state.
+Everything that changes a process's state lives here: a move is made only by
+:meth:`Process.transition` (through :meth:`Process.record_exit` and :meth:`Process.delete`,
+which also set what the move means: the exit status and time), checked against
+``TRANSITIONS``; an illegal operation raises FailedPrecondition naming the state. The table,
+as :func:`diagram` renders it (tests/unit/test_process.py keeps this copy in step)::
 
-    created ──start──▶ running ──pause──▶ paused
-       │                 │  ▲──resume──────┘ │
-       │                exit                exit
-       │                 ▼                   │
-       ├─────exit──────▶ stopped ◀───────────┘
-       │                 │
-       └─────delete────▶ deleted ◀──delete──┘
+    created ──start───▶ running
+    created ──exit────▶ stopped
+    created ──delete──▶ deleted
+    running ──pause───▶ paused
+    running ──exit────▶ stopped
+    paused  ──resume──▶ running
+    paused  ──exit────▶ stopped
+    stopped ──delete──▶ deleted
 
-Operations that do not move the state (kill, resize, close_io, update, exec) are allowed
-only in the states listed in ``ALLOWED``.
+    kill      allowed in created, running, paused
+    resize    allowed in created, running, paused
+    close_io  allowed in created, running, stopped, paused
+    update    allowed in created, running, paused
+    exec      allowed in created, running, paused
+    stats     allowed in created, running, paused
+
+Operations that do not move the state (kill, resize, close_io, update, exec, stats) are
+allowed only in the states listed in ``ALLOWED``; kill, resize and close_io also need a pid.
+
+Two moves carry a meaning besides the state:
+* ``delete`` of a created process that has a pid (the init, whose ``runc init`` waits for
+  start): ``runc delete --force`` killed it, so its exit status is 137 (SIGKILL), as
+  containerd's runc shim reports; Waits on it end.
+* an exit reaped after ``delete`` changes nothing: the process is gone and its exit is not
+  reported (:meth:`Process.record_exit` returns False).
 """
 
 from __future__ import annotations
@@ -58,6 +76,9 @@ ALLOWED: dict[str, frozenset[State]] = {
     "stats": frozenset({State.CREATED, State.RUNNING, State.PAUSED}),
 }
 
+
+#: the exit status of a process that ``runc delete --force`` killed before it started
+KILLED = 128 + 9
 
 #: operations that act on the running program: refused while the process has no pid yet (an
 #: exec added but not started, or whose start failed), so nothing is ever signalled by pid 0
@@ -129,11 +150,47 @@ class Process:
             f"cannot {op.replace('_', ' ')} {self.kind} {self.id} in {_describe(self.state)} state"
         )
 
-    def record_exit(self, status: int) -> None:
+    def record_exit(self, status: int) -> bool:
+        """Move to stopped with exit ``status``; False (and nothing changes) when the process
+        was deleted already, whose exit is then not reported."""
+        if self.state == State.DELETED:
+            return False
         self.transition("exit")
         self.exit_status = status
         self.exited_at = time.time()
+        return True
+
+    def delete(self) -> None:
+        """Move to deleted (see the module docstring for a created process with a pid)."""
+        killed = self.state == State.CREATED and self.pid > 0
+        self.transition("delete")
+        if killed:
+            self.exit_status, self.exited_at = KILLED, time.time()
+        if self.pid > 0:
+            self.mark_exited()
+
+    def mark_exited(self) -> None:
+        """Let Waits answer: the exit is recorded, the output drained and TaskExit queued (or
+        the process was deleted). The one place that sets ``exited``."""
+        self.exited.set()
 
     @property
     def running(self) -> bool:
         return self.state in (State.RUNNING, State.PAUSED)
+
+
+def diagram() -> str:
+    """The docstring's picture of ``TRANSITIONS`` and ``ALLOWED``."""
+    width = max(len(_describe(s)) for s in State)
+    op_width = max(len(op) for _, op in TRANSITIONS) + 2
+    lines = [
+        f"    {_describe(a):<{width}} ──{op + '─' * (op_width - len(op))}▶ {_describe(b)}"
+        for (a, op), b in TRANSITIONS.items()
+    ]
+    lines.append("")
+    op_width = max(len(op) for op in ALLOWED) + 2
+    lines += [
+        f"    {op:<{op_width}}allowed in {', '.join(_describe(s) for s in State if s in states)}"
+        for op, states in ALLOWED.items()
+    ]
+    return "\n".join(lines)

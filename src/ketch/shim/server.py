@@ -16,10 +16,12 @@ import socket
 from collections.abc import Callable
 
 from ketch import ttrpc
-from ketch.shim.main import UsageError, runc_root
+from ketch.shim.common import UsageError, runc_root
+from ketch.shim.core import Core
+from ketch.shim.lifetime import Lifetime
 from ketch.shim.publisher import Publisher
 from ketch.shim.reaper import Monitor
-from ketch.shim.service import Lifetime, TaskService
+from ketch.shim.service import TaskService
 
 log = logging.getLogger("ketch.shim")
 
@@ -93,13 +95,12 @@ async def _serve(flags: dict[str, str]) -> None:
             done.set_result(None)
 
     linger = float(os.environ.get("KETCH_SHIM_LINGER", "0") or 0)
-    service = TaskService(namespace=namespace, monitor=monitor, publisher=publisher,
-                          runc_root=runc_root(flags.get("address", ""), namespace),
-                          lifetime=Lifetime(linger, on_exit))
+    core = Core(namespace=namespace, monitor=monitor, publisher=publisher,
+                runc_root=runc_root(flags.get("address", ""), namespace), lifetime=Lifetime(linger, on_exit))
     _setup_logging(os.getcwd(), flags.get("debug") == "true", flags,
-                   lambda: [c.bundle for c in service.containers.values()])
+                   lambda: [c.bundle for c in core.containers.values()])
     server = ttrpc.Server()
-    service.register(server)
+    TaskService(core).register(server)
     sock = socket.socket(fileno=LISTEN_FD)
     path = sock.getsockname()
     # remember which file is ours: a successor shim of the same group may bind the same path

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ketch import errdefs
+from ketch.oci.runc import ExitWatcher, spawn
 
 log = logging.getLogger(__name__)
 
@@ -397,8 +398,30 @@ class Logger:
                 os.kill(self.pid, 9)
 
 
-#: spawn(target, stdout_r, stderr_r) → Logger; the service provides it (it owns the reaper)
+#: spawn(target, stdout_r, stderr_r) → Logger; made by :func:`logger_spawner`
 LoggerSpawn = Callable[[str, int, int], Logger]
+
+
+def logger_spawner(reaper: ExitWatcher, namespace: str, container_id: str) -> LoggerSpawn:
+    """Starts the logging binary of a binary:// stdio of ``container_id``; ``reaper`` (the
+    shim's one reaper) collects its exit."""
+
+    def spawn_logger(target: str, out_r: int, err_r: int) -> Logger:
+        argv = Logger.argv(target)
+        if not os.path.isabs(argv[0]):
+            raise errdefs.InvalidArgument(f"binary:// logger {argv[0]!r} must be an absolute path")
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            pid = spawn(argv, env={"CONTAINER_ID": container_id, "CONTAINER_NAMESPACE": namespace},
+                        fds={3: out_r, 4: err_r, 5: ready_w})
+        except OSError as e:
+            os.close(ready_r)
+            raise errdefs.InvalidArgument(f"binary:// logger {argv[0]!r}: {e.strerror}") from None
+        finally:
+            os.close(ready_w)
+        return Logger(pid, ready_r, reaper.watch(pid))
+
+    return spawn_logger
 
 
 class Console:

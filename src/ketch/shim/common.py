@@ -1,0 +1,55 @@
+"""What the shim's entry point (main.py), its server and its ``delete`` action share: where
+state goes, the shim socket's name, and the usage error. Kept light (os and socket only), as
+``start`` imports it on every new task.
+
+Where state goes: ``$KETCH_SHIM_STATE_DIR`` if set, else the directory of the daemon's socket
+(``/run/containerd`` for a stock containerd, ``/run/ketch`` for ketchd): sockets in ``s/``, runc
+state in ``runc/<namespace>`` — the same places containerd's runc shim uses.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+#: room for "/<32 hex>" in sun_path (108 bytes with the terminating NUL)
+_SUN_PATH_MAX = 107
+
+
+class UsageError(Exception):
+    pass
+
+
+def state_dir(address: str) -> str:
+    env = os.environ.get("KETCH_SHIM_STATE_DIR")
+    if env:
+        return env
+    address = address.removeprefix("unix://")
+    return os.path.dirname(address) if address else "/run/ketch"
+
+
+def runc_root(address: str, namespace: str) -> str:
+    return os.path.join(state_dir(address), "runc", namespace)
+
+
+def socket_path(address: str, namespace: str, group: str) -> str:
+    """The shim's socket for (daemon, namespace, group): short, stable, private to root."""
+    import _sha256
+
+    digest = _sha256.sha256(f"{address}\0{namespace}\0{group}".encode()).hexdigest()[:32]
+    path = os.path.join(state_dir(address), "s", digest)
+    if len(path.encode()) > _SUN_PATH_MAX:
+        raise UsageError(f"shim socket path {path!r} is longer than a unix socket allows; "
+                         "set KETCH_SHIM_STATE_DIR to a shorter directory")
+    return path
+
+
+def connectable(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()

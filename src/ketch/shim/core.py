@@ -1,0 +1,462 @@
+"""The shim's containers and processes over the runc command line: no ttrpc, no requests.
+
+One :class:`Core` can hold several containers (each call names its task by id), which is
+what lets a group of tasks share one shim process. Per container it keeps the init process,
+its execs, its stdio and its OOM watch; process state moves only through ``process.py``.
+Calls take plain arguments and return plain values (or the :class:`Process`); ``service.py``
+maps ttrpc requests onto them.
+
+Ordering guarantees, all relied on by containerd's clients:
+* /tasks/start (or exec-started) is published before that process's /tasks/exit: start and
+  exit handling take the process's lock.
+* A process's /tasks/exit is published after its output is drained (bounded) and before its
+  Wait returns.
+* Exec exits are published before the init exit of the same container.
+* /tasks/oom is published before the /tasks/exit of the OOM-killed init.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import tempfile
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from google.protobuf import message as _message
+
+from ketch import errdefs, mount, timestamps
+from ketch.api.containerd.events import task_pb2 as events
+from ketch.api.containerd.types import mount_pb2
+from ketch.cgroups import Cgroup, OOMWatch
+from ketch.oci.runc import Runc
+from ketch.shim.lifetime import Lifetime
+from ketch.shim.options import RuntimeOptions
+from ketch.shim.process import Process, State
+from ketch.shim.reaper import Monitor
+from ketch.shim.stdio import ProcessIO, Stdio, logger_spawner
+
+log = logging.getLogger(__name__)
+
+#: how long the init exit waits for exec exits to be published first
+EXEC_EXIT_GRACE = 5.0
+
+
+class Publisher(Protocol):
+    def publish(self, event: _message.Message) -> None: ...
+
+
+class RootfsMount(Protocol):
+    """One mount of a task's rootfs (a containerd.types.Mount has these fields)."""
+
+    @property
+    def type(self) -> str: ...
+    @property
+    def source(self) -> str: ...
+    @property
+    def target(self) -> str: ...
+    @property
+    def options(self) -> Sequence[str]: ...
+
+
+@dataclass(eq=False)
+class Container:
+    id: str
+    bundle: str
+    runc: Runc
+    init: Process
+    execs: dict[str, Process] = field(default_factory=dict)
+    mounted_rootfs: bool = False
+    cgroup: Cgroup | None = None
+    oom: OOMWatch | None = None
+
+    def process(self, exec_id: str) -> Process:
+        if not exec_id:
+            return self.init
+        try:
+            return self.execs[exec_id]
+        except KeyError:
+            raise errdefs.NotFound(f"exec {exec_id!r} of task {self.id!r}") from None
+
+
+def _read_pid(path: str) -> int:
+    with open(path) as f:
+        return int(f.read().strip())
+
+
+class Core:
+    def __init__(
+        self,
+        *,
+        namespace: str,
+        monitor: Monitor,
+        publisher: Publisher,
+        runc_root: str,
+        lifetime: Lifetime | None = None,
+    ) -> None:
+        self.namespace = namespace
+        self.monitor = monitor
+        self.publisher = publisher
+        self.runc_root = runc_root
+        self.containers: dict[str, Container] = {}
+        self._creating: set[str] = set()
+        self.lifetime = lifetime
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- lookups -------------------------------------------------------------------------------
+
+    def container(self, id: str) -> Container:
+        try:
+            return self.containers[id]
+        except KeyError:
+            raise errdefs.NotFound(f"task {id!r} in namespace {self.namespace!r}") from None
+
+    def process(self, id: str, exec_id: str) -> Process:
+        return self.container(id).process(exec_id)
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        t = asyncio.ensure_future(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    # -- create / start ------------------------------------------------------------------------
+
+    async def create(
+        self,
+        id: str,
+        *,
+        bundle: str,
+        rootfs: Sequence[RootfsMount],
+        stdio: Stdio,
+        options: tuple[str, bytes],
+        checkpoint: bool = False,
+    ) -> Container:
+        """runc create, with ``options`` the runtime options Any (type URL, value)."""
+        if not id:
+            raise errdefs.InvalidArgument("task id must not be empty")
+        if id in self.containers or id in self._creating:
+            raise errdefs.AlreadyExists(f"task {id}")
+        if checkpoint:
+            raise errdefs.Unimplemented("restoring a task from a checkpoint is not supported yet")
+        bundle = bundle or os.getcwd()
+        if not os.path.isfile(os.path.join(bundle, "config.json")):
+            raise errdefs.InvalidArgument(f"bundle {bundle!r} has no config.json")
+        opts = RuntimeOptions.from_any(*options, self.runc_root)
+        if self.lifetime is not None:
+            self.lifetime.busy()
+        self._creating.add(id)
+        try:
+            container = await self._create(id, bundle, rootfs, stdio, opts)
+        finally:
+            self._creating.discard(id)
+        self.containers[id] = container
+        self.publisher.publish(events.TaskCreate(
+            container_id=id, bundle=bundle, pid=container.init.pid,
+            rootfs=[mount_pb2.Mount(type=m.type, source=m.source, target=m.target, options=m.options)
+                    for m in rootfs],
+            io=events.TaskIO(stdin=stdio.stdin, stdout=stdio.stdout, stderr=stdio.stderr, terminal=stdio.terminal),
+        ))
+        return container
+
+    async def _create(
+        self, id: str, bundle: str, rootfs: Sequence[RootfsMount], stdio: Stdio, opts: RuntimeOptions
+    ) -> Container:
+        os.makedirs(opts.root, mode=0o711, exist_ok=True)
+        opts.save(bundle)
+        runc = Runc(self.monitor, binary=opts.binary_name, root=opts.root,
+                    log_path=os.path.join(bundle, "log.json"), systemd_cgroup=opts.systemd_cgroup)
+        init = Process(id, "", stdio)
+        container = Container(id, bundle, runc, init)
+        rootfs_dir = os.path.join(bundle, "rootfs")
+        io: ProcessIO | None = None
+        try:
+            if rootfs:
+                os.makedirs(rootfs_dir, mode=0o711, exist_ok=True)
+                mount.mount_all((mount.Mount(m.type, m.source, tuple(m.options)) for m in rootfs), rootfs_dir)
+                container.mounted_rootfs = True
+            io = init.io = ProcessIO.create(stdio, uid=opts.io_uid, gid=opts.io_gid,
+                                            logger=logger_spawner(self.monitor, self.namespace, id))
+            await io.ready()
+            pid_file = os.path.join(bundle, "init.pid")
+            init.pid, exited = await self._run_process(io, pid_file, lambda console, stdio: runc.create(
+                id, bundle, pid_file=pid_file, console_socket=console, stdio=stdio,
+                no_pivot=opts.no_pivot_root, no_new_keyring=opts.no_new_keyring))
+        except BaseException:
+            if io is not None:
+                io.close()
+            with contextlib.suppress(Exception):
+                await runc.delete(id, force=True)
+            if container.mounted_rootfs:
+                mount.unmount_all(rootfs_dir)
+            raise
+        self._spawn(self._on_exit(container, init, exited))
+        self._watch_oom(container)
+        return container
+
+    async def _run_process(
+        self,
+        io: ProcessIO,
+        pid_file: str,
+        run: Callable[[str | None, tuple[int | None, ...]], Awaitable[None]],
+    ) -> tuple[int, asyncio.Future[int]]:
+        """Run runc create/exec for a process with ``io``; its pid and a future for its exit.
+
+        The reaper holds exits while runc runs, so a process that exits before its pid file
+        is read is still caught; with a terminal, the pty master is received meanwhile."""
+        with self.monitor.hold():
+            console = asyncio.ensure_future(io.attach_console()) if io.console else None
+            try:
+                await run(io.console.path if io.console else None, tuple(io.runtime_fds))
+                if console is not None:
+                    await console
+            except BaseException:
+                if console is not None:
+                    console.cancel()
+                    with contextlib.suppress(BaseException):
+                        await console
+                raise
+            finally:
+                io.after_spawn()
+            pid = _read_pid(pid_file)
+            return pid, self.monitor.watch(pid)
+
+    def _watch_oom(self, container: Container) -> None:
+        try:
+            container.cgroup = Cgroup.of_pid(container.init.pid)
+            container.oom = OOMWatch(container.cgroup)
+        except OSError as e:
+            log.warning("no OOM watch for %s: %s", container.id, e)
+            return
+        loop = asyncio.get_running_loop()
+        loop.add_reader(container.oom.fd, self._check_oom, container)
+
+    def _check_oom(self, container: Container) -> None:
+        if container.oom is not None and container.oom.check():
+            log.info("container %s: OOM", container.id)
+            self.publisher.publish(events.TaskOOM(container_id=container.id))
+
+    def _stop_oom(self, container: Container) -> None:
+        if container.oom is not None:
+            self._check_oom(container)
+            asyncio.get_running_loop().remove_reader(container.oom.fd)
+            container.oom.close()
+            container.oom = None
+
+    async def start(self, id: str, exec_id: str) -> Process:
+        container = self.container(id)
+        proc = container.process(exec_id)
+        async with proc.lock:
+            proc.require("start")
+            if exec_id:
+                await self._start_exec(container, proc)
+                proc.transition("start")
+                self.publisher.publish(events.TaskExecStarted(
+                    container_id=container.id, exec_id=proc.exec_id, pid=proc.pid))
+            else:
+                await container.runc.start(container.id)
+                proc.transition("start")
+                self.publisher.publish(events.TaskStart(container_id=container.id, pid=proc.pid))
+        return proc
+
+    async def _start_exec(self, container: Container, proc: Process) -> None:
+        io = proc.io = ProcessIO.create(proc.stdio, logger=logger_spawner(self.monitor, self.namespace, container.id))
+        fd, spec_file = tempfile.mkstemp(prefix=".exec-", suffix=".json", dir=container.bundle)
+        pid_file = spec_file[:-len(".json")] + ".pid"
+        try:
+            await io.ready()
+            with os.fdopen(fd, "wb") as f:
+                f.write(proc.spec)
+            proc.pid, exited = await self._run_process(io, pid_file, lambda console, stdio: container.runc.exec(
+                container.id, spec_file, pid_file=pid_file, console_socket=console, stdio=stdio))
+        except BaseException:
+            io.close()
+            proc.io = None
+            raise
+        finally:
+            for path in (spec_file, pid_file):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        self._spawn(self._on_exit(container, proc, exited))
+
+    # -- exits ---------------------------------------------------------------------------------
+
+    async def _on_exit(self, container: Container, proc: Process, exited: asyncio.Future[int]) -> None:
+        status = await exited
+        async with proc.lock:
+            if proc is container.init:
+                await self._after_init_exit(container)
+            if proc.io is not None:
+                await proc.io.drain()
+                proc.io.close()
+            if not proc.record_exit(status):
+                return
+            self.publisher.publish(events.TaskExit(
+                container_id=container.id, id=proc.id, pid=proc.pid, exit_status=proc.exit_status,
+                exited_at=timestamps.timestamp(proc.exited_at)))
+            proc.mark_exited()
+        log.info("process exited container=%s id=%s pid=%d status=%d", container.id, proc.id, proc.pid, status)
+
+    async def _after_init_exit(self, container: Container) -> None:
+        """Before the init exit is published: report a pending OOM, and let the execs (which
+        die with the container) be reported first."""
+        self._stop_oom(container)
+        running = [p for p in container.execs.values() if p.running]
+        if not running:
+            return
+        # a container sharing the host's pid namespace keeps its execs alive: end them
+        with contextlib.suppress(errdefs.KetchError):
+            await container.runc.kill(container.id, signal.SIGKILL, all=True)
+        for p in running:
+            with contextlib.suppress(errdefs.KetchError):
+                p.signal(signal.SIGKILL)
+        await asyncio.wait([asyncio.ensure_future(p.exited.wait()) for p in running], timeout=EXEC_EXIT_GRACE)
+
+    # -- queries -------------------------------------------------------------------------------
+
+    async def pids(self, id: str) -> list[tuple[int, str]]:
+        """(pid, exec id or "") of every process in the container."""
+        container = self.container(id)
+        pids = await container.runc.ps(container.id)
+        by_pid = {p.pid: p.exec_id for p in container.execs.values() if p.pid}
+        return [(pid, by_pid.get(pid, "")) for pid in pids]
+
+    def stats(self, id: str) -> tuple[str, bytes]:
+        """The container's cgroup metrics as an Any (type URL, value)."""
+        container = self.container(id)
+        container.init.check("stats")
+        if container.cgroup is None:
+            raise errdefs.Unavailable(f"task {id}: its cgroup is not known")
+        return container.cgroup.metrics()
+
+    def task_pid(self, id: str) -> int:
+        container = self.containers.get(id)
+        return container.init.pid if container else 0
+
+    async def wait(self, id: str, exec_id: str) -> Process:
+        proc = self.process(id, exec_id)
+        await proc.exited.wait()
+        return proc
+
+    # -- control -------------------------------------------------------------------------------
+
+    async def kill(self, id: str, exec_id: str, sig: int, *, all: bool = False) -> None:
+        container = self.container(id)
+        proc = container.process(exec_id)
+        proc.check("kill")
+        if exec_id:
+            proc.signal(sig)
+            return
+        try:
+            await container.runc.kill(container.id, sig, all=all)
+        except errdefs.NotFound:
+            raise errdefs.NotFound(f"task {id}: process already finished") from None
+
+    async def pause(self, id: str) -> None:
+        container = self.container(id)
+        await self._freeze(container, "pause", container.runc.pause)
+        self.publisher.publish(events.TaskPaused(container_id=container.id))
+
+    async def resume(self, id: str) -> None:
+        container = self.container(id)
+        await self._freeze(container, "resume", container.runc.resume)
+        self.publisher.publish(events.TaskResumed(container_id=container.id))
+
+    async def _freeze(self, container: Container, op: str, run: Callable[[str], Awaitable[None]]) -> None:
+        """Pause or resume the whole container: check the move, ask runc, then make it."""
+        async with container.init.lock:
+            container.init.require(op)
+            await run(container.id)
+            container.init.transition(op)
+
+    def exec(self, id: str, exec_id: str, *, stdio: Stdio, spec: bytes) -> None:
+        """Add an exec process (started by :meth:`start`); ``spec`` is its OCI process JSON."""
+        container = self.container(id)
+        if not exec_id:
+            raise errdefs.InvalidArgument("exec id cannot be empty")
+        if exec_id in container.execs:
+            raise errdefs.AlreadyExists(f"id {exec_id}")
+        container.init.check("exec")
+        try:
+            parsed = json.loads(spec)
+            if not isinstance(parsed, dict) or not parsed.get("args"):
+                raise ValueError("the process has no args")
+        except ValueError as e:
+            raise errdefs.InvalidArgument(f"exec {exec_id}: invalid process spec: {e}") from None
+        container.execs[exec_id] = Process(container.id, exec_id, stdio, spec=spec)
+        self.publisher.publish(events.TaskExecAdded(container_id=container.id, exec_id=exec_id))
+
+    def resize(self, id: str, exec_id: str, width: int, height: int) -> None:
+        proc = self.process(id, exec_id)
+        proc.check("resize")
+        if proc.io is None:
+            raise errdefs.FailedPrecondition(f"{proc.kind} {proc.id} has not started")
+        proc.io.resize(width, height)
+
+    def close_io(self, id: str, exec_id: str, *, stdin: bool) -> None:
+        proc = self.process(id, exec_id)
+        proc.check("close_io")
+        if stdin and proc.io is not None:
+            proc.io.close_stdin()
+
+    async def update(self, id: str, resources: bytes) -> None:
+        """runc update with ``resources``, an OCI LinuxResources JSON object."""
+        container = self.container(id)
+        container.init.check("update")
+        try:
+            parsed = json.loads(resources or b"{}")
+            if not isinstance(parsed, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            raise errdefs.InvalidArgument(f"task {id}: invalid resources: {e}") from None
+        fd, path = tempfile.mkstemp(prefix=".resources-", suffix=".json", dir=container.bundle)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(parsed, f)
+            await container.runc.update(container.id, path)
+        finally:
+            os.unlink(path)
+
+    # -- delete / shutdown ---------------------------------------------------------------------
+
+    async def delete(self, id: str, exec_id: str) -> Process:
+        container = self.container(id)
+        proc = container.process(exec_id)
+        proc.require("delete")
+        if exec_id:
+            proc.delete()
+            del container.execs[exec_id]
+            if proc.io is not None:
+                proc.io.close()
+        else:
+            await self._delete_init(container)
+        return proc
+
+    async def _delete_init(self, container: Container) -> None:
+        init = container.init
+        await container.runc.delete(container.id, force=init.state == State.CREATED)
+        init.delete()  # never started: runc killed its init; the exit handler will find it deleted
+        for p in container.execs.values():
+            if p.io is not None:
+                p.io.close()
+        if init.io is not None:
+            init.io.close()
+        self._stop_oom(container)
+        if container.mounted_rootfs:
+            mount.unmount_all(os.path.join(container.bundle, "rootfs"))
+        del self.containers[container.id]
+        self.publisher.publish(events.TaskDelete(
+            container_id=container.id, id=container.id, pid=init.pid, exit_status=init.exit_status,
+            exited_at=timestamps.timestamp(init.exited_at)))
+
+    def shutdown(self, *, now: bool, named: bool) -> None:
+        """Shutdown: go once no task is left (at once with ``now``); ``named`` is False when the
+        daemon found this shim idle and unclaimed (after its restart)."""
+        if (self.containers or self._creating) and not now:
+            return
+        if self.lifetime is not None:
+            self.lifetime.idle(now=now or not named)

@@ -1,0 +1,174 @@
+"""The shim's container core (shim/core.py) without root or runc: a scripted runc, real
+child processes for exits, a publisher that records."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from ketch import errdefs
+from ketch.oci.runc import classify
+from ketch.shim.core import Container, Core
+from ketch.shim.process import KILLED, Process, State
+from ketch.shim.reaper import Monitor
+from ketch.shim.stdio import Stdio
+
+from .test_reaper import child, run
+
+
+class _RecordingPublisher:
+    def __init__(self) -> None:
+        self.events: list[object] = []
+
+    def publish(self, event: object) -> None:
+        self.events.append(event)
+
+    def names(self) -> list[str]:
+        return [type(e).__name__ for e in self.events]
+
+
+class _ScriptedRunc:
+    """Records the commands; a command named in ``errors`` fails with those runc words."""
+
+    def __init__(self, **errors: str) -> None:
+        self.calls: list[tuple[object, ...]] = []
+        self.errors = errors
+
+    async def _run(self, *call: object) -> None:
+        self.calls.append(call)
+        if call[0] in self.errors:
+            raise classify(f"runc {call[0]} failed: {self.errors[str(call[0])]}", 1)
+
+    async def kill(self, id: str, sig: int, *, all: bool = False) -> None:
+        await self._run("kill", id, sig, all)
+
+    async def delete(self, id: str, *, force: bool = False) -> None:
+        await self._run("delete", id, force)
+
+    async def pause(self, id: str) -> None:
+        await self._run("pause", id)
+
+
+def _core(monitor: Monitor, tmp_path: Path, runc: _ScriptedRunc,
+          init: Process) -> tuple[Core, Container, _RecordingPublisher]:
+    pub = _RecordingPublisher()
+    core = Core(namespace="t", monitor=monitor, publisher=pub, runc_root=str(tmp_path))  # type: ignore[arg-type]
+    container = Container("c1", str(tmp_path), runc, init)  # type: ignore[arg-type]
+    core.containers["c1"] = container
+    return core, container, pub
+
+
+def test_exec_exits_are_published_before_the_init_exit(tmp_path: Path) -> None:
+    async def scenario(monitor: Monitor) -> list[tuple[str, str, int]]:
+        init = Process("c1", "", Stdio(), state=State.RUNNING, pid=child("raise SystemExit(0)"))
+        core, container, pub = _core(monitor, tmp_path, _ScriptedRunc(), init)
+        execs = [Process("c1", f"e{i}", Stdio(), state=State.RUNNING,
+                         pid=child("import time; time.sleep(60)")) for i in range(3)]
+        container.execs = {p.exec_id: p for p in execs}
+        for p in [init, *execs]:
+            core._spawn(core._on_exit(container, p, monitor.watch(p.pid)))
+        await asyncio.wait_for(core.wait("c1", ""), 20)
+        return [(type(e).__name__, e.id, e.exit_status) for e in pub.events]  # type: ignore[attr-defined]
+
+    published = run(scenario)
+    assert [name for name, _, _ in published] == ["TaskExit"] * 4
+    assert [id for _, id, _ in published][-1] == "c1"
+    assert sorted(id for _, id, _ in published[:3]) == ["e0", "e1", "e2"]
+    assert all(status == 128 + signal.SIGKILL for _, id, status in published if id != "c1")
+
+
+@pytest.mark.parametrize("words", ["container not running", 'container "c1" does not exist'])
+def test_killing_a_finished_init_is_not_found(tmp_path: Path, words: str) -> None:
+    async def scenario(monitor: Monitor) -> None:
+        init = Process("c1", "", Stdio(), state=State.RUNNING, pid=12345)
+        core, _, _ = _core(monitor, tmp_path, _ScriptedRunc(kill=words), init)
+        with pytest.raises(errdefs.NotFound, match="task c1: process already finished"):
+            await core.kill("c1", "", signal.SIGTERM)
+
+    run(scenario)
+
+
+def test_other_runc_failures_of_kill_pass_through(tmp_path: Path) -> None:
+    async def scenario(monitor: Monitor) -> None:
+        init = Process("c1", "", Stdio(), state=State.RUNNING, pid=12345)
+        core, _, _ = _core(monitor, tmp_path, _ScriptedRunc(kill="permission denied"), init)
+        with pytest.raises(errdefs.Unknown, match="runc kill failed: permission denied"):
+            await core.kill("c1", "", signal.SIGTERM)
+
+    run(scenario)
+
+
+def test_deleting_a_created_task_reports_it_killed(tmp_path: Path) -> None:
+    async def scenario(monitor: Monitor) -> tuple[list[tuple[object, ...]], list[str], int]:
+        pid = child("import time; time.sleep(60)")
+        init = Process("c1", "", Stdio(), pid=pid)
+        runc = _ScriptedRunc()
+        core, container, pub = _core(monitor, tmp_path, runc, init)
+        core._spawn(core._on_exit(container, init, monitor.watch(pid)))
+        proc = await core.delete("c1", "")
+        assert proc.exited.is_set()  # a Wait answers at once
+        os.kill(pid, signal.SIGKILL)  # what runc delete --force did to the real runc init
+        await asyncio.wait_for(asyncio.gather(*core._tasks), 10)  # the exit handler finds it deleted
+        assert "c1" not in core.containers
+        return runc.calls, pub.names(), proc.exit_status
+
+    calls, names, status = run(scenario)
+    assert calls == [("delete", "c1", True)]
+    assert names == ["TaskDelete"]  # no TaskExit for a process that never started
+    assert status == KILLED
+
+
+@pytest.mark.parametrize("state", [State.RUNNING, State.PAUSED])
+def test_a_live_task_is_not_deleted_and_runc_is_not_asked(tmp_path: Path, state: State) -> None:
+    async def scenario(monitor: Monitor) -> list[tuple[object, ...]]:
+        runc = _ScriptedRunc()
+        core, _, _ = _core(monitor, tmp_path, runc, Process("c1", "", Stdio(), state=state, pid=12345))
+        with pytest.raises(errdefs.FailedPrecondition, match=f"in {state.name.lower()} state"):
+            await core.delete("c1", "")
+        return runc.calls
+
+    assert run(scenario) == []
+
+
+def test_an_exec_added_but_not_started(tmp_path: Path) -> None:
+    async def scenario(monitor: Monitor) -> list[str]:
+        core, container, pub = _core(monitor, tmp_path, _ScriptedRunc(),
+                                     Process("c1", "", Stdio(), state=State.RUNNING, pid=12345))
+        core.exec("c1", "e1", stdio=Stdio(), spec=b'{"args": ["true"]}')
+        with pytest.raises(errdefs.AlreadyExists):
+            core.exec("c1", "e1", stdio=Stdio(), spec=b'{"args": ["true"]}')
+        with pytest.raises(errdefs.FailedPrecondition, match="not started"):
+            await core.kill("c1", "e1", signal.SIGKILL)
+        proc = await core.delete("c1", "e1")
+        assert (proc.state, proc.exit_status) == (State.DELETED, 0)
+        assert "e1" not in container.execs
+        return pub.names()
+
+    assert run(scenario) == ["TaskExecAdded"]
+
+
+def test_pause_asks_runc_then_moves(tmp_path: Path) -> None:
+    async def scenario(monitor: Monitor) -> tuple[State, list[str]]:
+        init = Process("c1", "", Stdio(), state=State.RUNNING, pid=12345)
+        core, _, pub = _core(monitor, tmp_path, _ScriptedRunc(), init)
+        await core.pause("c1")
+        with pytest.raises(errdefs.FailedPrecondition, match="cannot pause task c1 in paused state"):
+            await core.pause("c1")
+        return init.state, pub.names()
+
+    assert run(scenario) == (State.PAUSED, ["TaskPaused"])
+
+
+def test_a_failed_pause_moves_nothing(tmp_path: Path) -> None:
+    async def scenario(monitor: Monitor) -> State:
+        init = Process("c1", "", Stdio(), state=State.RUNNING, pid=12345)
+        core, _, _ = _core(monitor, tmp_path, _ScriptedRunc(pause="container not running"), init)
+        with pytest.raises(errdefs.NotFound):
+            await core.pause("c1")
+        return init.state
+
+    assert run(scenario) == State.RUNNING
