@@ -341,6 +341,14 @@ class Collector:
         async with self._lock:
             return await asyncio.to_thread(collect, self._store, self._content, self._snapshotters)
 
+    async def after_delete(self, sync: bool) -> None:
+        """After a client deleted something: collect now when it asked for a synchronous
+        delete (the call answers once the garbage is gone), else soon."""
+        if sync:
+            await self.now()
+        else:
+            self.schedule()
+
     def schedule(self) -> None:
         if self._pending is None or self._pending.done():
             self._pending = asyncio.ensure_future(self._later())

@@ -566,3 +566,23 @@ def test_content_images_and_gc_import_no_grpc() -> None:
             "print(any(m.split('.')[0] == 'grpc' for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert out.strip() == "False"
+
+
+def test_write_session_runs_containerd_s_write_protocol(cs: ContentStore) -> None:
+    from ketch.content import WriteSession, WriteStep
+    from ketch.content._session import COMMIT, STAT, WRITE
+
+    session = WriteSession(cs, "default")
+    with pytest.raises(errdefs.InvalidArgument, match="must have a ref"):
+        session.step(WriteStep(STAT))
+    st, _ = session.step(WriteStep(STAT, ref="r1", total=len(HELLO), expected=HELLO_D))
+    assert (st.ref, st.offset, session.total) == ("r1", 0, len(HELLO))
+    st, _ = session.step(WriteStep(WRITE, offset=0, data=b"garbage"))
+    assert st.offset == 7
+    st, _ = session.step(WriteStep(WRITE, offset=0))  # no data at 0: start over
+    assert st.offset == 0
+    with pytest.raises(errdefs.InvalidArgument, match="unknown write action 7"):
+        session.step(WriteStep(7))
+    st, digest = session.step(WriteStep(COMMIT, offset=0, data=HELLO, labels={"a": "b"}))
+    assert digest == HELLO_D and cs.info("default", HELLO_D).labels == {"a": "b"}
+    session.close()

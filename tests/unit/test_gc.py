@@ -375,3 +375,25 @@ def test_container_labels_keep_content(cs: ContentStore, store: Store) -> None:
     assert held(cs) == {d}
     cs.update("default", Info(d, labels={}))
     assert held(cs) == {d}
+
+
+def test_collector_after_a_sync_delete_collects_before_answering(cs: ContentStore, store: Store) -> None:
+    import asyncio
+
+    async def body() -> None:
+        collector = gc.Collector(store, cs, {}, delay=0.01)
+        kept, dropped = put(cs, b"kept", **{"containerd.io/gc.root": "1"}), put(cs, b"dropped")
+        cs.delete("default", dropped)
+        await collector.after_delete(sync=True)
+        assert on_disk(cs) == {kept}
+        # without sync the call answers at once and the collection follows shortly
+        later = put(cs, b"later")
+        cs.delete("default", later)
+        await collector.after_delete(sync=False)
+        assert later in on_disk(cs)
+        async with asyncio.timeout(5):
+            while later in on_disk(cs):
+                await asyncio.sleep(0.01)
+        collector.close()
+
+    asyncio.run(body())

@@ -7,13 +7,15 @@ big IO) and encodes.
 
 The pieces, each in its own private module: ``_store`` (:class:`ContentStore`), ``_reader``
 (:class:`BlobReader` and :func:`read_span`, the one set of Read rules), ``_writer``
-(:class:`Writer`, :class:`Status` and the ingest directory's files), ``_locks`` (the GC
+(:class:`Writer`, :class:`Status` and the ingest directory's files), ``_session`` (one
+Content.Write stream's protocol: :class:`WriteSession`), ``_locks`` (the GC
 lock and the per-ref writer locks) and ``_disk`` (OS errors, times, fsync).
 """
 
 from __future__ import annotations
 
 from ketch.content._reader import BlobReader, read_span
+from ketch.content._session import WriteSession, WriteStep
 from ketch.content._store import INGEST_EXPIRY, ContentStore, Sweep
 from ketch.content._writer import Status, Writer
 from ketch.digests import check_digest
@@ -28,6 +30,8 @@ __all__ = [
     "Publish",
     "Status",
     "Sweep",
+    "WriteSession",
+    "WriteStep",
     "Writer",
     "check_digest",
     "read_span",

@@ -3,14 +3,13 @@
 :class:`ImageService` is what the gRPC servicer (and any other client of the core) calls:
 ``store.images`` does the records, this adds ``/images/create``, ``/images/update`` and
 ``/images/delete`` (package ``containerd.services.images.v1``, as containerd's
-``services/images/local.go``), and the ``sync`` of DeleteImageRequest (collect garbage
-before answering).
+``services/images/local.go``).
 """
 
 from __future__ import annotations
 
 import builtins
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ketch.metadata import Image
@@ -24,13 +23,12 @@ __all__ = ["ImageService", "Publish"]
 
 
 class ImageService:
-    """Image records with events. ``collect`` runs garbage collection for ``delete(sync=True)``."""
+    """Image records with events. Garbage collection after a delete is the caller's
+    (:meth:`ketch.gc.Collector.after_delete`, which honours the request's ``sync``)."""
 
-    def __init__(self, store: Store, *, publish: Publish | None = None,
-                 collect: Callable[[], object] | None = None) -> None:
+    def __init__(self, store: Store, *, publish: Publish | None = None) -> None:
         self._store = store
         self._publish = publish
-        self._collect = collect
 
     def create(self, namespace: str, image: Image) -> Image:
         """Store a new image (AlreadyExists ``image "x"``) and publish ``/images/create``."""
@@ -53,13 +51,10 @@ class ImageService:
         self._event(namespace, "ImageUpdate", name=updated.name, labels=updated.labels)
         return updated
 
-    def delete(self, namespace: str, name: str, *, sync: bool = False) -> None:
-        """Remove the image and publish ``/images/delete``; with ``sync``, collect garbage
-        before returning, so the blobs only it kept are gone when the call answers."""
+    def delete(self, namespace: str, name: str) -> None:
+        """Remove the image and publish ``/images/delete``."""
         self._store.images.delete(namespace, name)
         self._event(namespace, "ImageDelete", name=name)
-        if sync and self._collect is not None:
-            self._collect()
 
     def _event(self, namespace: str, kind: str, **fields: Any) -> None:
         if self._publish is None:

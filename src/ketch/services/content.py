@@ -17,7 +17,7 @@ from google.protobuf import empty_pb2
 from ketch import errdefs, metadata, timestamps
 from ketch.api.containerd.services.content.v1 import content_pb2 as capi
 from ketch.api.containerd.services.content.v1 import content_pb2_grpc
-from ketch.content import ContentStore, Status
+from ketch.content import WriteSession, WriteStep, ContentStore, Status
 from ketch.services._common import abort, lease_of, namespace, stream, unary
 from ketch.gc import Collector
 
@@ -92,41 +92,21 @@ class Content(content_pb2_grpc.ContentServicer):
                     context: grpc.aio.ServicerContext) -> AsyncIterator[capi.WriteContentResponse]:
         """The bidirectional write: the first message names the ref; each request (STAT,
         WRITE, COMMIT) gets one response with the writer's state."""
-        writer = None
+        session = None
         try:
-            ns = namespace(context)
-            lease = lease_of(context)
+            session = WriteSession(self.content, namespace(context), lease_of(context))
             async for req in request_iterator:
-                if writer is None:
-                    if not req.ref:
-                        raise errdefs.InvalidArgument("first message of a write must have a ref")
-                    writer = await asyncio.to_thread(self.content.writer, ns, req.ref, req.total, req.expected,
-                                                     lease=lease)
-                    total, expected = req.total, req.expected
-                if req.total:
-                    total = req.total
-                if req.expected:
-                    expected = req.expected
-                if req.action in (capi.WRITE, capi.COMMIT):
-                    if req.data:
-                        await asyncio.to_thread(writer.write, req.data, req.offset)
-                    elif req.action == capi.WRITE and req.offset == 0 and writer.offset:
-                        await asyncio.to_thread(writer.truncate, 0)
-                    if req.action == capi.COMMIT:
-                        await asyncio.to_thread(writer.commit, total, expected, dict(req.labels) or None)
-                elif req.action != capi.STAT:
-                    raise errdefs.InvalidArgument(f"unknown write action {req.action}")
-                st = writer.status()
-                resp = capi.WriteContentResponse(action=req.action, offset=st.offset, total=st.total or total,
-                                                 digest=writer.digest())
-                timestamps.stamp(resp.started_at, st.started_at)
-                timestamps.stamp(resp.updated_at, st.updated_at)
-                yield resp
+                st, digest = await asyncio.to_thread(session.step, WriteStep(
+                    action=req.action, ref=req.ref, total=req.total, expected=req.expected, offset=req.offset,
+                    data=req.data, labels=dict(req.labels)))
+                yield capi.WriteContentResponse(
+                    action=req.action, offset=st.offset, total=st.total or session.total, digest=digest,
+                    started_at=timestamps.timestamp(st.started_at), updated_at=timestamps.timestamp(st.updated_at))
         except errdefs.KetchError as e:
             await abort(context, e)
         finally:
-            if writer is not None:
-                writer.close()
+            if session is not None:
+                session.close()
 
     @unary
     async def Abort(self, request: capi.AbortRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:

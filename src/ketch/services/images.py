@@ -78,13 +78,8 @@ class Images(images_pb2_grpc.ImagesServicer):
 
     @unary
     async def Delete(self, request: iapi.DeleteImageRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
-        ns = namespace(context)
-        if request.sync:
-            await asyncio.to_thread(self.images.delete, ns, request.name)
-            await self.collector.now()
-        else:
-            self.images.delete(ns, request.name)
-            self.collector.schedule()
+        self.images.delete(namespace(context), request.name)
+        await self.collector.after_delete(request.sync)
         return empty_pb2.Empty()
 
 

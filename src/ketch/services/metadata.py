@@ -153,10 +153,7 @@ class Leases(leases_pb2_grpc.LeasesServicer):
     @unary
     async def Delete(self, request: lapi.DeleteRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
         self.store.leases.delete(namespace(context), request.id)
-        if request.sync:
-            await self.collector.now()
-        else:
-            self.collector.schedule()
+        await self.collector.after_delete(request.sync)
         return empty_pb2.Empty()
 
     @unary
