@@ -39,7 +39,7 @@ def _modules(subdir: str) -> list[Path]:
 # (where, forbidden modules and their submodules, allowed exceptions)
 RULES = [
     ("shim", ("ketch.services", "ketch.daemon", "grpc"), ()),
-    ("ttrpc", ("ketch",), ("ketch.errdefs", "ketch.api", "ketch.ttrpc")),
+    ("ttrpc", ("ketch",), ("ketch.errdefs", "ketch.ttrpc")),
     ("oci", ("ketch.services", "ketch.daemon", "ketch.shim", "grpc"), ()),
     ("cgroups", ("ketch.services", "ketch.daemon", "ketch.shim", "grpc"), ()),
     ("runtime", ("ketch.services", "ketch.daemon", "ketch.shim", "grpc"), ()),

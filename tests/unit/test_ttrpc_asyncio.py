@@ -16,7 +16,7 @@ import pytest
 
 from ketch import errdefs
 from ketch.api.google.rpc import status_pb2
-from ketch.api.ttrpc.ttrpc_pb2 import KeyValue, Request, Response
+from ketch.ttrpc.ttrpc_pb2 import KeyValue, Request, Response
 from ketch.errdefs import Code
 from ketch.ttrpc import (
     HEADER_LENGTH,
