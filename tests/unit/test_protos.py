@@ -1,4 +1,4 @@
-"""The generated protobuf modules under ketch.api: fresh, and wire-compatible with containerd 1.6."""
+"""The generated protobuf modules under ketch.api and ketch.ttrpc: fresh, and wire-compatible with containerd 1.6."""
 
 from __future__ import annotations
 
@@ -33,7 +33,9 @@ from ketch.api.containerd.services.version.v1 import version_pb2
 from ketch.api.containerd.task.v2 import shim_pb2
 from ketch.api.containerd.types import descriptor_pb2, metrics_pb2, mount_pb2, platform_pb2
 from ketch.api.containerd.types.task import task_pb2 as types_task
+from ketch.api.google.rpc import status_pb2
 from ketch.api.grpc.health.v1 import health_pb2
+from ketch.ttrpc import ttrpc_pb2
 
 ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "src"
@@ -41,12 +43,15 @@ API = SRC / "ketch" / "api"
 GEN = ROOT / "scripts" / "gen-protos"
 
 
+GENERATED_UNDER = ("api", "ttrpc")  # ketch/ttrpc holds the protocol's own envelope messages
+
+
 def _generated(base: Path) -> set[str]:
-    api = base / "ketch" / "api"
     return {
         str(p.relative_to(base))
+        for under in GENERATED_UNDER
         for pattern in ("*_pb2.py", "*_pb2.pyi", "*_pb2_grpc.py")
-        for p in api.rglob(pattern)
+        for p in (base / "ketch" / under).rglob(pattern)
     }
 
 
@@ -75,8 +80,9 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
 def test_every_generated_module_imports() -> None:
     modules = sorted(
         ".".join(p.relative_to(SRC).with_suffix("").parts)
+        for under in GENERATED_UNDER
         for pattern in ("*_pb2.py", "*_pb2_grpc.py")
-        for p in API.rglob(pattern)
+        for p in (SRC / "ketch" / under).rglob(pattern)
     )
     assert len(modules) >= 43
     for name in modules:
@@ -176,6 +182,9 @@ def test_ttrpc_protos_do_not_import_grpc() -> None:
         (diff_pb2.DiffResponse.DESCRIPTOR, "containerd.services.diff.v1.DiffResponse"),
         (health_pb2.DESCRIPTOR.services_by_name["Health"], "grpc.health.v1.Health"),
         (health_pb2.HealthCheckResponse.DESCRIPTOR, "grpc.health.v1.HealthCheckResponse"),
+        (ttrpc_pb2.Request.DESCRIPTOR, "ttrpc.Request"),
+        (ttrpc_pb2.Response.DESCRIPTOR, "ttrpc.Response"),
+        (ttrpc_pb2.KeyValue.DESCRIPTOR, "ttrpc.KeyValue"),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
@@ -253,6 +262,18 @@ def test_full_names(descriptor, full_name: str) -> None:
 )
 def test_field_numbers(message, field: str, number: int) -> None:
     assert message.DESCRIPTOR.fields_by_name[field].number == number
+
+
+def test_ttrpc_status_is_wire_identical_to_google_rpc_status() -> None:
+    # Go's ttrpc v1.1 (containerd 1.6) puts a google.rpc.Status in its Response; ours is ttrpc.Status.
+    google = status_pb2.Status(code=5, message="not found")
+    google.details.add(type_url="type.googleapis.com/x", value=b"\x01")
+    ours = ttrpc_pb2.Status.FromString(google.SerializeToString())
+    assert (ours.code, ours.message, ours.details[0].value) == (5, "not found", b"\x01")
+    assert ours.SerializeToString() == google.SerializeToString()
+    response = ttrpc_pb2.Response(payload=b"p")
+    response.status.SetInParent()
+    assert response.SerializeToString() == b"\x0a\x00\x12\x01p"  # an empty status, always present
 
 
 def test_status_enum_values() -> None:

@@ -1,4 +1,5 @@
-"""ttrpc client and server over real unix sockets in a temporary directory."""
+"""ttrpc client and server over real unix sockets in a temporary directory, and over the
+in-memory pair (connect_in_memory): the scenarios that do not write raw bytes run over both."""
 
 from __future__ import annotations
 
@@ -16,19 +17,21 @@ import pytest
 
 from ketch import errdefs
 from ketch.api.google.rpc import status_pb2
-from ketch.api.ttrpc.ttrpc_pb2 import KeyValue, Request, Response
 from ketch.errdefs import Code
 from ketch.ttrpc import (
     HEADER_LENGTH,
     MESSAGE_LENGTH_MAX,
+    Client,
     Context,
     FrameType,
     Method,
     Server,
     connect,
+    connect_in_memory,
     decode_header,
     encode_header,
 )
+from ketch.ttrpc.ttrpc_pb2 import KeyValue, Request, Response
 
 T = TypeVar("T")
 SERVICE = "ketch.test.v1.Echo"
@@ -112,6 +115,29 @@ async def serving(tmp_path: Path, server: Server | None = None) -> AsyncIterator
     assert not os.path.exists(path)
 
 
+Dial = Callable[..., Awaitable[Client]]
+BACKENDS = ["unix", "memory"]
+
+
+@contextlib.asynccontextmanager
+async def served(
+    backend: str, tmp_path: Path, server: Server | None = None
+) -> AsyncIterator[tuple[Server, EchoService, Dial]]:
+    """A served EchoService and a way to connect to it: over a unix socket, or in memory (then
+    with no listener at all: connect_in_memory needs none)."""
+    if backend == "unix":
+        async with serving(tmp_path, server) as (server, service, path):
+            yield server, service, lambda **kw: connect(path, **kw)
+        return
+    server = server or Server()
+    service = EchoService()
+    server.register(SERVICE, service.methods())
+    try:
+        yield server, service, lambda **kw: connect_in_memory(server, **kw)
+    finally:
+        await server.shutdown()
+
+
 def raw_request(stream_id: int, method: str, payload: bytes, timeout_nano: int = 0) -> bytes:
     """A request frame built by hand, on any stream id we like."""
     body = Request(service=SERVICE, method=method, payload=payload, timeout_nano=timeout_nano)
@@ -136,7 +162,8 @@ async def read_responses(path: str, data: bytes, count: int) -> dict[int, Respon
         await writer.wait_closed()
 
 
-def test_call_round_trip(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_call_round_trip(backend: str, tmp_path: Path) -> None:
     async def body() -> None:
         async with serving(tmp_path) as (server, service, path):
             async with await connect(f"unix://{path}") as client:
@@ -155,7 +182,8 @@ def test_call_round_trip(tmp_path: Path) -> None:
     run(body)
 
 
-def test_slow_call_does_not_hold_up_a_fast_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_slow_call_does_not_hold_up_a_fast_one(backend: str, tmp_path: Path) -> None:
     async def body() -> None:
         async with serving(tmp_path) as (_, service, path):
             async with await connect(path) as client:
@@ -175,7 +203,8 @@ def test_slow_call_does_not_hold_up_a_fast_one(tmp_path: Path) -> None:
     run(body)
 
 
-def test_unknown_service_and_method_are_unimplemented(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unknown_service_and_method_are_unimplemented(backend: str, tmp_path: Path) -> None:
     async def body() -> None:
         async with serving(tmp_path) as (_, _, path):
             async with await connect(path) as client:
@@ -187,7 +216,8 @@ def test_unknown_service_and_method_are_unimplemented(tmp_path: Path) -> None:
     run(body)
 
 
-def test_handler_errors_keep_their_class(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_handler_errors_keep_their_class(backend: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     async def body() -> None:
         async with serving(tmp_path) as (_, _, path):
             async with await connect(path) as client:
@@ -206,7 +236,8 @@ def test_handler_errors_keep_their_class(tmp_path: Path, caplog: pytest.LogCaptu
     run(body)
 
 
-def test_metadata_and_deadline_reach_the_handler(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_metadata_and_deadline_reach_the_handler(backend: str, tmp_path: Path) -> None:
     async def body() -> None:
         async with serving(tmp_path) as (_, service, path):
             async with await connect(path) as client:
@@ -232,7 +263,8 @@ def test_metadata_and_deadline_reach_the_handler(tmp_path: Path) -> None:
     run(body)
 
 
-def test_timeout_is_deadline_exceeded(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_timeout_is_deadline_exceeded(backend: str, tmp_path: Path) -> None:
     async def body() -> None:
         async with serving(tmp_path) as (_, service, path):
             async with await connect(path) as client:
@@ -273,7 +305,8 @@ def test_bad_frames_are_answered_and_the_connection_survives(tmp_path: Path) -> 
     run(body)
 
 
-def test_shutdown_fails_pending_calls_with_unavailable(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shutdown_fails_pending_calls_with_unavailable(backend: str, tmp_path: Path) -> None:
     async def body() -> None:
         closed: list[bool] = []
         async with serving(tmp_path) as (server, service, path):
@@ -294,7 +327,8 @@ def test_shutdown_fails_pending_calls_with_unavailable(tmp_path: Path) -> None:
     run(body)
 
 
-def test_shutdown_grace_lets_running_calls_finish(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shutdown_grace_lets_running_calls_finish(backend: str, tmp_path: Path) -> None:
     async def body() -> None:
         async with serving(tmp_path) as (server, service, path):
             async with await connect(path) as client:
@@ -309,7 +343,8 @@ def test_shutdown_grace_lets_running_calls_finish(tmp_path: Path) -> None:
     run(body)
 
 
-def test_client_close_fails_its_pending_calls(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_client_close_fails_its_pending_calls(backend: str, tmp_path: Path) -> None:
     async def body() -> None:
         async with serving(tmp_path) as (_, service, path):
             client = await connect(path)
@@ -374,7 +409,8 @@ def test_socket_mode_and_peer_credentials(tmp_path: Path) -> None:
     run(body)
 
 
-def test_cancelling_a_call_leaves_the_connection_usable(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cancelling_a_call_leaves_the_connection_usable(backend: str, tmp_path: Path) -> None:
     async def body() -> None:
         async with serving(tmp_path) as (_, service, path):
             async with await connect(path) as client:
@@ -389,7 +425,8 @@ def test_cancelling_a_call_leaves_the_connection_usable(tmp_path: Path) -> None:
     run(body)
 
 
-def test_status_messages_work_as_requests(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_status_messages_work_as_requests(backend: str, tmp_path: Path) -> None:
     async def body() -> None:
         server = Server()
 
@@ -423,5 +460,97 @@ def test_server_dying_mid_response_fails_the_call(tmp_path: Path) -> None:
                 await client.call(SERVICE, "Echo", KeyValue(), KeyValue)
             await client.wait_closed()
             assert client.closed
+
+    run(body)
+
+
+# -- connect_in_memory: what a unit test of a ttrpc service relies on ----------------------------
+
+
+def test_in_memory_client_is_a_served_connection_from_the_start() -> None:
+    async def body() -> None:
+        server = Server()
+        server.register(SERVICE, EchoService().methods())
+        client = await connect_in_memory(server)
+        assert server.connections == 1 and not client.closed
+        assert client.address == "memory://"
+        assert (await client.call(SERVICE, "Echo", KeyValue(key="k"), KeyValue)).key == "k"
+        await server.shutdown()
+
+    run(body)
+
+
+def test_server_shutdown_closes_in_memory_and_socket_clients_alike(tmp_path: Path) -> None:
+    async def body() -> None:
+        closed: list[str] = []
+        async with serving(tmp_path) as (server, service, path):
+            memory = await connect_in_memory(server, on_close=lambda: closed.append("memory"))
+            sock = await connect(path, on_close=lambda: closed.append("unix"))
+            pending = [
+                asyncio.create_task(client.call(SERVICE, "Block", KeyValue(), KeyValue)) for client in (memory, sock)
+            ]
+            while len(service.contexts) < 2:
+                await asyncio.sleep(0.001)
+            assert server.connections == 2
+            await server.shutdown()
+            assert server.connections == 0
+            for call in pending:
+                with pytest.raises(errdefs.Unavailable, match="connection closed"):
+                    await call
+            await memory.wait_closed()
+            await sock.wait_closed()
+            assert sorted(closed) == ["memory", "unix"]  # each once, after its calls failed
+            for client in (memory, sock):
+                with pytest.raises(errdefs.Unavailable):
+                    await client.call(SERVICE, "Echo", KeyValue(), KeyValue)
+
+    run(body)
+
+
+def test_in_memory_client_close_is_seen_by_the_server() -> None:
+    async def body() -> None:
+        closed: list[bool] = []
+        server = Server()
+        service = EchoService()
+        server.register(SERVICE, service.methods())
+        client = await connect_in_memory(server, on_close=lambda: closed.append(True))
+        pending = asyncio.create_task(client.call(SERVICE, "Block", KeyValue(), KeyValue))
+        await service.blocked.wait()
+        await client.close()
+        assert closed == [True]
+        with pytest.raises(errdefs.Unavailable, match="ttrpc: closed"):
+            await pending
+        await asyncio.wait_for(service.cancelled.wait(), 5)  # the server cancelled the handler
+        assert server.connections == 0
+        await server.shutdown()
+        assert closed == [True]
+
+    run(body)
+
+
+def test_connect_in_memory_to_a_stopped_server_is_unavailable() -> None:
+    async def body() -> None:
+        server = Server()
+        await server.shutdown()
+        with pytest.raises(errdefs.Unavailable, match="shut down"):
+            await connect_in_memory(server)
+
+    run(body)
+
+
+def test_in_memory_peer_is_this_process_for_the_credential_check() -> None:
+    async def body() -> None:
+        server = Server()
+        server.register(SERVICE, EchoService().methods())
+        server.required_peer = (os.geteuid(), os.getegid())
+        async with await connect_in_memory(server) as client:
+            assert (await client.call(SERVICE, "Echo", KeyValue(key="me"), KeyValue)).key == "me"
+        server.required_peer = (os.geteuid() + 1, -1)  # someone else
+        client = await connect_in_memory(server)
+        with pytest.raises(errdefs.Unavailable, match="reset"):
+            await client.call(SERVICE, "Echo", KeyValue(), KeyValue)
+        await client.wait_closed()
+        assert server.connections == 0
+        await server.shutdown()
 
     run(body)

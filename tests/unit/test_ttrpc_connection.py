@@ -7,8 +7,8 @@ import struct
 import pytest
 
 from ketch.api.google.rpc import status_pb2
-from ketch.api.ttrpc import ttrpc_pb2
 from ketch.errdefs import Code
+from ketch.ttrpc import ttrpc_pb2
 from ketch.ttrpc import (
     CLIENT,
     HEADER_LENGTH,

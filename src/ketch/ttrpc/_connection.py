@@ -32,9 +32,9 @@ from collections.abc import Iterable
 
 from google.protobuf.message import DecodeError
 
-from ketch.api.ttrpc import ttrpc_pb2
 from ketch.errdefs import Code
 
+from . import ttrpc_pb2
 from ._errors import LocalProtocolError, RemoteProtocolError
 from ._events import (
     NEED_DATA,
