@@ -1,0 +1,279 @@
+"""The runtime's tasks and their phases, over shims served in memory (ketch.testing.fakeshim):
+the real TaskManager, bundles on disk and ttrpc; only the shim is a fake."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from ketch import errdefs, topics
+from ketch.metadata import Container
+from ketch.metadata.types import Runtime, TypedValue
+from ketch.runtime import CreateOptions, Phase, Stdio, Task, TaskManager
+from ketch.runtime.bundle import Bundle
+from ketch.testing.fakeshim import FakeLauncher, FakeShim
+
+T = TypeVar("T")
+KETCH = "io.containerd.ketch.v2"
+RUNC = "io.containerd.runc.v2"
+SPEC = TypedValue("types.containerd.io/opencontainers/runtime-spec/1/Spec", b"{}")
+
+
+class World:
+    """A TaskManager over a FakeLauncher, with every event it published."""
+
+    def __init__(self, tmp: Path, launcher: FakeLauncher | None = None, grouping: bool = True) -> None:
+        self.tmp = tmp
+        self.launcher = launcher or FakeLauncher()
+        self.events: list[tuple[str, str, Any]] = []
+        self.manager = TaskManager(state=str(tmp / "state"), root=str(tmp / "root"), launcher=self.launcher,
+                                   publish=lambda ns, e: self.events.append((ns, topics.of(e), e)),
+                                   call_timeout=5.0, grouping=grouping)
+
+    async def create(self, ns: str, id: str, runtime: str = KETCH, **kw: Any) -> Task:
+        return await self.manager.create(ns, Container(id, runtime=Runtime(runtime), spec=SPEC), CreateOptions(**kw))
+
+    def shim_of(self, task: Task) -> FakeShim:
+        assert task.group is not None
+        return self.launcher.shims[task.group.address]
+
+    def topics(self) -> list[str]:
+        return [t for _, t, _ in self.events]
+
+    def bundle(self, ns: str, id: str) -> Path:
+        return Bundle.at(str(self.tmp / "state"), str(self.tmp / "root"), ns, id).path
+
+
+def run(tmp_path: Path, body: Callable[[World], Awaitable[T]], **kw: Any) -> T:
+    async def main() -> T:
+        world = World(tmp_path, **kw)
+        try:
+            async with asyncio.timeout(10):
+                return await body(world)
+        finally:
+            await world.manager.close()
+
+    return asyncio.run(main())
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    while not predicate():
+        await asyncio.sleep(0.001)
+
+
+def test_create_start_wait_kill_delete(tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        task = await w.create("default", "web", stdio=Stdio(stdout="/out", terminal=True))
+        assert task.phase is Phase.LIVE and task.pid > 0
+        created = w.shim_of(task).calls[0][1]
+        assert (created.id, created.stdout, created.terminal, created.bundle) == (
+            "web", "/out", True, str(w.bundle("default", "web")))
+        assert await task.start() == task.pid
+        waiter = asyncio.ensure_future(task.wait())
+        await asyncio.sleep(0.01)
+        assert not waiter.done(), "Wait answers only once the process exits"
+        with pytest.raises(errdefs.FailedPrecondition, match="must be stopped before deletion: running"):
+            await w.manager.delete("default", "web")
+        await task.kill(signal.SIGKILL)
+        assert (await waiter).status == 137
+        shim = w.shim_of(task)
+        ended = await w.manager.delete("default", "web")
+        assert (ended.pid, ended.status) == (task.pid, 137)
+        assert shim.methods()[-3:] == ["State", "Delete", "Shutdown"]
+        assert task.phase is Phase.DELETED and not w.bundle("default", "web").exists()
+        with pytest.raises(errdefs.NotFound):
+            w.manager.get("default", "web")
+
+    run(tmp_path, body)
+
+
+def test_a_second_task_is_already_exists_and_a_failed_create_leaves_nothing(tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        await w.create("default", "one")
+        with pytest.raises(errdefs.AlreadyExists, match="task one"):
+            await w.create("default", "one")
+        # the shim refuses the create: no task, bundle or shim connection stays behind
+        shim = w.launcher.shims[next(iter(w.launcher.shims))]
+        shim.fail["Create"] = errdefs.InvalidArgument("bad spec")
+        with pytest.raises(errdefs.InvalidArgument, match="bad spec"):
+            await w.create("default", "two")
+        assert not w.manager.exists("default", "two") and not w.bundle("default", "two").exists()
+        assert ("default", "two") in w.launcher.deleted
+        # no spec, or a checkpoint: refused before anything is made
+        with pytest.raises(errdefs.FailedPrecondition, match="has no spec"):
+            await w.manager.create("default", Container("bare", runtime=Runtime(KETCH)), CreateOptions())
+        with pytest.raises(errdefs.Unimplemented, match="checkpoint"):
+            await w.create("default", "cp", checkpoint="sha256:" + "0" * 64)
+        assert [t.id for t in w.manager.list("default")] == ["one"]
+
+    run(tmp_path, body)
+
+
+def test_exists_while_being_created(tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        gate = asyncio.Event()
+        start = w.launcher.start
+
+        async def slow_start(*args: Any, **kw: Any) -> str:
+            await gate.wait()
+            return await start(*args, **kw)
+
+        w.launcher.start = slow_start  # type: ignore[method-assign]
+        creating = asyncio.ensure_future(w.create("default", "slow"))
+        await asyncio.sleep(0.01)
+        assert w.manager.exists("default", "slow")
+        with pytest.raises(errdefs.NotFound):
+            w.manager.get("default", "slow")  # not visible until created
+        with pytest.raises(errdefs.AlreadyExists):
+            await w.create("default", "slow")
+        gate.set()
+        assert (await creating).phase is Phase.LIVE
+
+    run(tmp_path, body)
+
+
+def test_request_runtime_options_win_over_the_container_s(tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        own = TypedValue("containerd.runc.v1.Options", b"\x0a\x01a")
+        c = Container("a", runtime=Runtime(RUNC, own), spec=SPEC)
+        await w.manager.create("default", c, CreateOptions())
+        await w.manager.create("default", Container("b", runtime=Runtime(RUNC, own), spec=SPEC),
+                               CreateOptions(options=("containerd.runc.v1.Options", b"\x0a\x01b")))
+        creates = [req for s in w.launcher.shims.values() for name, req in s.calls if name == "Create"]
+        assert [(r.id, r.options.value) for r in creates] == [("a", b"\x0a\x01a"), ("b", b"\x0a\x01b")]
+        assert all(opts for opts in w.launcher.start_options), "the shim's start gets the options on stdin"
+
+    run(tmp_path, body)
+
+
+def test_tasks_of_a_namespace_share_one_ketch_shim(tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        a = await w.create("ns1", "a")
+        b = await w.create("ns1", "b")
+        c = await w.create("ns2", "c")
+        r1 = await w.create("ns1", "r1", runtime=RUNC)
+        r2 = await w.create("ns1", "r2", runtime=RUNC)
+        assert a.group is b.group and a.group is not c.group
+        assert r1.group is not r2.group and r1.group is not a.group, "other shims get one process per task"
+        assert len(w.launcher.shims) == 4
+        assert a.group is not None and (w.bundle("ns1", "b") / "address").read_text() == a.group.address
+
+    run(tmp_path, body)
+
+
+def test_grouping_off_gives_every_task_its_own_shim(tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        a = await w.create("ns1", "a")
+        b = await w.create("ns1", "b")
+        assert a.group is not b.group and len(w.launcher.shims) == 2
+
+    run(tmp_path, body, grouping=False)
+
+
+def test_a_dead_shim_buries_its_tasks_once_with_255(tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        a = await w.create("ns", "a")
+        b = await w.create("ns", "b")
+        await a.start()
+        from google.protobuf import any_pb2
+
+        await b.exec("e1", any_pb2.Any(), Stdio())
+        await b.start("e1")
+        waiter = asyncio.ensure_future(a.wait())
+        exec_waiter = asyncio.ensure_future(b.wait("e1"))
+        await asyncio.sleep(0.01)
+        await w.shim_of(a).die()
+        assert (await waiter).status == 255
+        with pytest.raises(errdefs.Unavailable):
+            await exec_waiter  # an exec's Wait ends with its shim: its status died with it
+        await until(lambda: b.phase is Phase.STOPPED)
+        exits = [(e.container_id, e.exit_status) for _, t, e in w.events if t == "/tasks/exit"]
+        assert sorted(exits) == [("a", 255), ("b", 255)]
+        state = await a.state()
+        assert (state.status, state.exit_status) == (3, 255)  # STOPPED
+        with pytest.raises(errdefs.NotFound, match="its shim is gone"):
+            await a.kill(signal.SIGKILL)
+        assert sorted(w.launcher.deleted) == [("ns", "a"), ("ns", "b")]
+        assert (await w.manager.delete("ns", "a")).status == 255
+        assert w.topics()[-1] == "/tasks/delete" and not w.bundle("ns", "a").exists()
+        # the next task of the namespace gets a fresh shim
+        c = await w.create("ns", "c")
+        assert c.group is not None and c.group.client is not None and not c.group.client.closed
+
+    run(tmp_path, body)
+
+
+def test_reload_reconnects_live_shims_and_buries_dead_ones(tmp_path: Path) -> None:
+    launcher = FakeLauncher()
+
+    async def first(w: World) -> dict[str, int]:
+        pids = {}
+        for ns, id in (("keep", "k1"), ("keep", "k2"), ("dead", "d1")):
+            pids[id] = (await w.create(ns, id)).pid
+        await w.manager.delete("keep", "k2")
+        return pids
+
+    pids = run(tmp_path, first, launcher=launcher)
+
+    async def second(w: World) -> None:
+        dead = next(s for s in launcher.shims.values() if "dead" in s.address)
+        await dead.die()
+        await w.manager.load()
+        k1 = w.manager.get("keep", "k1")
+        assert (k1.phase, k1.pid) == (Phase.LIVE, pids["k1"])
+        assert await k1.start() == pids["k1"]
+        d1 = w.manager.get("dead", "d1")
+        assert d1.phase is Phase.LOST and (await d1.state()).status == 0  # UNKNOWN until buried
+        await w.manager.bury_dead(grace=0)
+        assert d1.phase is Phase.STOPPED and w.topics() == ["/tasks/exit"]
+        with pytest.raises(errdefs.NotFound):
+            w.manager.get("keep", "k2")
+
+    run(tmp_path, second, launcher=launcher)
+
+    async def third(w: World) -> None:
+        await w.manager.load()  # the tombstone is on disk: no second /tasks/exit
+        assert w.manager.get("dead", "d1").phase is Phase.STOPPED and w.events == []
+        assert (await w.manager.delete("dead", "d1")).status == 255
+
+    run(tmp_path, third, launcher=launcher)
+
+
+def test_execs_list_and_metrics_filters(tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        web = await w.create("ns", "web")
+        db = await w.create("ns", "db", runtime=RUNC)
+        await web.start()
+        from google.protobuf import any_pb2
+
+        with pytest.raises(errdefs.InvalidArgument, match="exec id cannot be empty"):
+            await web.exec("", any_pb2.Any(), Stdio())
+        await web.exec("e1", any_pb2.Any(), Stdio())
+        with pytest.raises(errdefs.AlreadyExists):
+            await web.exec("e1", any_pb2.Any(), Stdio())
+        assert (await web.delete_process("e1")).status == 0
+        listed = await w.manager.processes("ns", "status==running")
+        assert [p.id for p in listed] == ["web"]
+        assert sorted(p.id for p in await w.manager.processes("ns")) == ["db", "web"]
+        metrics = await w.manager.metrics("ns", [f"runtime=={RUNC}"])
+        assert [(m.id, m.data.value) for m in metrics] == [("db", b"db")]
+        assert len(await w.manager.metrics("ns")) == 2
+        w.shim_of(db).fail["Stats"] = errdefs.NotFound("gone")
+        with pytest.raises(errdefs.NotFound):
+            await w.manager.metrics("ns", ["id==db"])
+
+    run(tmp_path, body)
+
+
+@pytest.mark.parametrize(("phase", "op"), [(Phase.NEW, "delete"), (Phase.LIVE, "bury"), (Phase.STOPPED, "lose"),
+                                           (Phase.DELETED, "release"), (Phase.RELEASING, "attach")])
+def test_illegal_phase_moves_name_the_phase(tmp_path: Path, phase: Phase, op: str) -> None:
+    task = Task("ns", "t", KETCH, "/bin/true", Bundle.at(str(tmp_path), str(tmp_path), "ns", "t"), phase=phase)
+    with pytest.raises(errdefs.FailedPrecondition, match=f"cannot {op} in {phase.value} phase"):
+        task.move(op)
+    assert task.phase is phase
