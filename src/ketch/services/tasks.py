@@ -9,8 +9,7 @@ import grpc
 from google.protobuf import empty_pb2
 
 from ketch import metadata, timestamps
-from ketch.api.containerd.services.tasks.v1 import tasks_pb2 as api
-from ketch.api.containerd.services.tasks.v1 import tasks_pb2_grpc
+from ketch.api.containerd.services.tasks.v1 import tasks_pb2 as api, tasks_pb2_grpc
 from ketch.runtime import CreateOptions, Exit, Stdio, TaskManager
 from ketch.services._common import namespace, unary
 
