@@ -51,6 +51,10 @@ shim_debug = false
 # one ketch shim process serves all the tasks of a namespace (far less memory and no process
 # start per task); false: one shim per task, as containerd does
 shim_grouping = true
+# keep a pre-imported ketch shim (a "template", <state>/shim-template.sock) that forks the shim
+# of each new group: a new group's first task starts as fast as the next ones. It outlives
+# ketchd, like shims, and a restarted ketchd reuses it
+shim_template = true
 
 [runtime.aliases]
 # runtime name asked for = runtime ketchd runs instead. dockerd 20.10 always asks for
@@ -86,6 +90,7 @@ class Runtime:
     shim_delete_timeout: float = 0.0
     shim_debug: bool = False
     shim_grouping: bool = False
+    shim_template: bool = False
     aliases: dict[str, str] = field(default_factory=dict)
 
 

@@ -65,6 +65,18 @@ def _prepare_socket_dir(path: str) -> None:
     raise errdefs.FailedPrecondition(f"{path} is in use: is another ketchd running?")
 
 
+def _template_socket(cfg: config.Config) -> str:
+    """Where the shim template listens: in the state directory, not in ``s/`` (every socket
+    there is a shim's)."""
+    if not cfg.runtime.shim_template:
+        return ""
+    path = os.path.join(cfg.state, "shim-template.sock")
+    if len(path.encode()) > 107:
+        log.warning("no shim template: %s is too long for a unix socket", path)
+        return ""
+    return path
+
+
 async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None) -> None:
     import grpc
 
@@ -101,8 +113,11 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
         grpc_address=cfg.grpc.address, ttrpc_address=cfg.ttrpc_address,
         publish_binary=os.path.realpath(sys.argv[0]) if sys.argv and sys.argv[0] else "ketchd",
         debug=cfg.runtime.shim_debug,
-        start_timeout=cfg.runtime.shim_start_timeout, delete_timeout=cfg.runtime.shim_delete_timeout)
+        start_timeout=cfg.runtime.shim_start_timeout, delete_timeout=cfg.runtime.shim_delete_timeout,
+        template_socket=_template_socket(cfg))
     launcher = Launcher(params, extra_dirs=[os.path.dirname(sys.executable)])
+    # in the background: a new group's first task falls back to spawning its shim meanwhile
+    template = asyncio.ensure_future(launcher.start_template())
     manager = TaskManager(state=cfg.state, root=cfg.root, launcher=launcher, publish=publish,
                           call_timeout=cfg.runtime.shim_call_timeout, aliases=cfg.runtime.aliases,
                           grouping=cfg.runtime.shim_grouping)
@@ -144,6 +159,7 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
     finally:
         log.info("shutting down; shims and containers keep running")
         burial.cancel()
+        template.cancel()
         await server.stop(grace=1.0)
         await events_server.shutdown(grace=0.5)
         ttrpc_task.cancel()

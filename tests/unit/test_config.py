@@ -15,6 +15,18 @@ def test_defaults_are_the_printed_defaults() -> None:
     assert cfg.grpc.address == "/run/ketch/ketchd.sock"
     assert cfg.ttrpc_address == "/run/ketch/ketchd.sock.ttrpc"
     assert cfg.runtime.shim_call_timeout == 30.0 and cfg.log.level == "info"
+    assert cfg.runtime.shim_template is True and "shim_template = true" in config.DEFAULT_TOML
+
+
+def test_the_shim_template_lives_in_the_state_directory_unless_off() -> None:
+    from ketch.daemon import _template_socket
+
+    cfg = config.load()
+    assert _template_socket(cfg) == "/run/ketch/shim-template.sock"  # not in s/: those are shims
+    cfg.runtime.shim_template = False
+    assert _template_socket(cfg) == ""
+    cfg.runtime.shim_template, cfg.state = True, "/" + "x" * 100
+    assert _template_socket(cfg) == ""  # too long for sun_path: none rather than a failure
 
 
 def test_file_overrides(tmp_path: Path) -> None:

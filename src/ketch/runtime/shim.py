@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 SERVICE = "containerd.task.v2.Task"
 #: our shim's binary: the one that can serve a group of tasks
 KETCH_SHIM = "containerd-shim-ketch-v2"
+#: tells our shim's ``start`` where a template forks shims (ketch.shim.template)
+TEMPLATE_ENV = "KETCH_SHIM_TEMPLATE"
 M = TypeVar("M", bound=_message.Message)
 
 
@@ -70,6 +72,8 @@ class ShimParams:
     debug: bool = False
     start_timeout: float = 30.0
     delete_timeout: float = 30.0
+    #: where our shim's template listens (empty: none)
+    template_socket: str = ""
 
 
 def _argv(binary: str, params: ShimParams, namespace: str, id: str, *tail: str) -> list[str]:
@@ -100,13 +104,16 @@ async def _run(argv: list[str], cwd: str, stdin: bytes, timeout: float, params: 
 
 
 async def start(binary: str, params: ShimParams, namespace: str, id: str, bundle: str, options: bytes,
-                group: str = "") -> str:
+                group: str = "", template: str = "") -> str:
     """Run ``binary … start`` in ``bundle``; the ttrpc address the shim serves on. ``group``
-    asks our shim for a process shared by the tasks of that group."""
+    asks our shim for a process shared by the tasks of that group; ``template``, that a shim
+    template at that path fork it."""
     argv = _argv(binary, params, namespace, id, "start")
+    env = {"KETCH_SHIM_GROUP": group} if group else {}
+    if template:
+        env[TEMPLATE_ENV] = template
     try:
-        code, out, err = await _run(argv, bundle, options, params.start_timeout, params,
-                                    {"KETCH_SHIM_GROUP": group} if group else None)
+        code, out, err = await _run(argv, bundle, options, params.start_timeout, params, env)
     except TimeoutError:
         raise errdefs.DeadlineExceeded(f"shim start for task {id}: no answer within {params.start_timeout:.0f}s") from None
     text = (out + err).decode(errors="replace").strip()
@@ -297,12 +304,35 @@ class Launcher:
     def __init__(self, params: ShimParams, *, extra_dirs: list[str] | None = None) -> None:
         self.params = params
         self.extra_dirs = extra_dirs or []
+        #: the binary whose template serves at params.template_socket, once it does
+        self.template_binary = ""
 
     def resolve(self, runtime: str) -> str:
         return resolve(runtime, self.extra_dirs)
 
+    async def start_template(self) -> None:
+        """Have our shim keep a template at ``params.template_socket`` (or keep the one there,
+        from an earlier ketchd): ``containerd-shim-ketch-v2 -socket PATH template`` starts it
+        detached, in its own session. It outlives ketchd, as shims do. A failure only costs speed."""
+        path = self.params.template_socket
+        if not path:
+            return
+        try:
+            binary = self.resolve("io.containerd.ketch.v2")
+            code, out, err = await _run([binary, "-socket", path, "template"], "/", b"",
+                                        self.params.start_timeout, self.params)
+        except (errdefs.KetchError, OSError, TimeoutError) as e:
+            log.warning("no shim template: %s", e)
+            return
+        if code != 0:
+            log.warning("no shim template: %s", (out + err).decode(errors="replace").strip() or f"exit status {code}")
+            return
+        self.template_binary = binary
+        log.info("shim template pid %s on %s", out.decode(errors="replace").strip(), path)
+
     async def start(self, binary: str, namespace: str, id: str, bundle: str, options: bytes, group: str = "") -> str:
-        return await start(binary, self.params, namespace, id, bundle, options, group)
+        template = self.params.template_socket if binary == self.template_binary else ""
+        return await start(binary, self.params, namespace, id, bundle, options, group, template)
 
     async def delete(self, binary: str, namespace: str, id: str, bundle: str) -> shim_pb2.DeleteResponse:
         return await delete(binary, self.params, namespace, id, bundle)

@@ -27,6 +27,8 @@ log = logging.getLogger("ketch.shim")
 
 _PR_SET_CHILD_SUBREAPER = 36
 LISTEN_FD = 3
+#: how this process began, when not by exec: set by a shim template that forked it (template.py)
+ORIGIN = ""
 
 
 class _FifoHandler(logging.Handler):
@@ -106,7 +108,7 @@ async def _serve(flags: dict[str, str]) -> None:
     # remember which file is ours: a successor shim of the same group may bind the same path
     inode = os.stat(path).st_ino if isinstance(path, str) and path else None
     serving = asyncio.ensure_future(server.serve(sock))
-    log.info("shim serving on %s", path)
+    log.info("shim serving on %s%s", path, f" ({ORIGIN})" if ORIGIN else "")
     try:
         await asyncio.wait([serving, done], return_when=asyncio.FIRST_COMPLETED)
     finally:

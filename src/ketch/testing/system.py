@@ -51,8 +51,9 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
-def pids_referencing(marker: str) -> list[int]:
-    """PIDs whose command line or cwd mentions ``marker`` (a test's private directory)."""
+def pids_referencing(marker: str, *, also: str = "") -> list[int]:
+    """PIDs whose command line or cwd mentions ``marker`` (a test's private directory); with
+    ``also``, only those whose command line mentions that too."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
@@ -67,9 +68,15 @@ def pids_referencing(marker: str) -> list[int]:
                 pass
         except OSError:
             continue
-        if marker in cmd or cwd.startswith(marker):
+        if (marker in cmd or cwd.startswith(marker)) and also in cmd:
             found.append(int(entry))
     return found
+
+
+def shim_templates(marker: str) -> list[int]:
+    """PIDs of the ketch shim templates serving under ``marker`` (their command line names
+    their socket). A template outlives its ketchd by design, as shims do."""
+    return pids_referencing(marker, also=" template-server")
 
 
 def kill_pids(pids: list[int], timeout: float = 5.0) -> None:
