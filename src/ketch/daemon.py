@@ -116,8 +116,6 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
         start_timeout=cfg.runtime.shim_start_timeout, delete_timeout=cfg.runtime.shim_delete_timeout,
         template_socket=_template_socket(cfg))
     launcher = Launcher(params, extra_dirs=[os.path.dirname(sys.executable)])
-    # in the background: a new group's first task falls back to spawning its shim meanwhile
-    template = asyncio.ensure_future(launcher.start_template())
     manager = TaskManager(state=cfg.state, root=cfg.root, launcher=launcher, publish=publish,
                           call_timeout=cfg.runtime.shim_call_timeout, aliases=cfg.runtime.aliases,
                           grouping=cfg.runtime.shim_grouping)
@@ -149,6 +147,8 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
     if ready is not None and not ready.done():
         ready.set_result(None)
     burial = asyncio.ensure_future(manager.bury_dead())
+    # in the background: a new group's first task falls back to spawning its shim meanwhile
+    template = asyncio.ensure_future(launcher.start_template())
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -159,7 +159,8 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
     finally:
         log.info("shutting down; shims and containers keep running")
         burial.cancel()
-        template.cancel()
+        # not cancelled while it runs: a subprocess cancelled as it starts can hang asyncio.run's exit
+        await asyncio.wait([template], timeout=params.start_timeout)
         await server.stop(grace=1.0)
         await events_server.shutdown(grace=0.5)
         ttrpc_task.cancel()

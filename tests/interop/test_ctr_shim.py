@@ -238,8 +238,8 @@ def test_missing_binary_is_a_clear_error_and_leaves_nothing(env: Env) -> None:
     assert env.ctr(ns, "tasks", "ls", "-q").stdout.strip() == ""
     env.ctr(ns, "containers", "rm", "nobin", check=False)
     def leftover() -> list[int]:
-        daemon = env.cd.proc.pid if env.cd.proc else -1
-        return [p for p in support.pids_referencing(str(env.cd.base)) if p != daemon]
+        daemon = {env.cd.proc.pid if env.cd.proc else -1, *support.shim_templates(str(env.cd.base))}
+        return [p for p in support.pids_referencing(str(env.cd.base)) if p not in daemon]
 
     deadline = time.monotonic() + 10
     while leftover() and time.monotonic() < deadline:

@@ -95,6 +95,7 @@ TEMPLATE = textwrap.dedent("""
             json.dump(info, f)
         return 0
 
+    template.IDLE_CHECK = 0.1
     sys.exit(template.serve(path, entry))
 """)
 
@@ -155,6 +156,14 @@ def test_a_forked_child_becomes_what_exec_would_make(running_template: tuple[str
     assert info["sigterm"] and int(str(info["blocked"]), 16) == 0
     assert info["template"] == f"forked from template {proc.pid}"
     assert proc.poll() is None  # the template goes on
+
+
+def test_the_template_exits_once_its_socket_is_gone(running_template: tuple[str, subprocess.Popen[bytes]]) -> None:
+    path, proc = running_template
+    time.sleep(0.3)  # a few idle checks
+    assert template.ping(path) == proc.pid
+    os.unlink(path)
+    assert proc.wait(timeout=10) == 0
 
 
 def test_the_template_refuses_other_code_and_exits_when_asked(running_template: tuple[str, subprocess.Popen[bytes]]) -> None:

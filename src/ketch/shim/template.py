@@ -192,7 +192,10 @@ def serve(path: str, entry: Callable[[list[str]], int]) -> int:
         importlib.import_module(name)
     gc.freeze()  # everything imported so far stays shared with the children: no gc writes
     listener = socket.socket(fileno=LISTEN_FD)
-    inode = os.fstat(LISTEN_FD).st_ino
+    try:
+        inode = os.stat(path).st_ino  # the file the launcher bound for us
+    except OSError:
+        return 1
     listener.settimeout(IDLE_CHECK)
     while True:
         try:
