@@ -65,6 +65,7 @@ class Workload:
 #: every workload, in the order of the table; keys are stable across --quick and full runs
 WORKLOADS = (
     Workload("run_rm", "ctr run --rm /bin/true", "ms", "lower"),
+    Workload("first_run", "first run in a new group (ctr run --rm, new namespace)", "ms", "lower"),
     Workload("concurrent_small", "concurrent ctr run --rm (small batch)", "containers/s", "higher"),
     Workload("concurrent_large", "concurrent ctr run --rm (large batch)", "containers/s", "higher"),
     Workload("exec", "ctr task exec /bin/true", "ms", "lower"),
@@ -363,6 +364,18 @@ class Bench:
                 self.sample("run_rm", s, lambda: 1000 * timed(s.run_argv(nss[s.name], f"r{i}", "/bin/true")))
         log(f"run --rm: {n} x {len(self.setups)} done")
 
+    # 1b. run --rm as the first task of a namespace never used before: a new shim group for ketchd
+    def first_run(self) -> None:
+        n = self.cfg.run_n
+        self.results.params["first_run"] = {"n": n, "warmup": 1, "namespace": "new for every run"}
+        for s in self.setups:
+            self.sample("_warmup", s, lambda: timed(s.run_argv(self.ns(s, "first"), "w", "/bin/true")))
+        for i, order in rotations(self.setups, n):
+            for s in order:
+                ns = self.ns(s, "first")
+                self.sample("first_run", s, lambda: 1000 * timed(s.run_argv(ns, f"f{i}", "/bin/true")))
+        log(f"first run in a new group: {n} x {len(self.setups)} done")
+
     # 2. concurrent run --rm
     def concurrent(self) -> None:
         rounds = self.cfg.concurrent_rounds
@@ -516,6 +529,7 @@ class Bench:
         for d in (self.containerd, self.ketchd):
             d.start()
         self.run_rm()
+        self.first_run()
         self.concurrent()
         self.exec()
         self.event_exit()

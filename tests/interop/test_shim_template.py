@@ -57,6 +57,7 @@ def test_a_new_namespace_gets_a_shim_forked_by_the_template(kenv: Env) -> None:
                  "once", "echo", "hello")
     assert r.stdout == "hello\n"
     assert f"(forked from template {template})" in _serving_line(kenv, ns)
+    assert "executing" not in kenv.cd.log.read_text()  # the template ran start: no exec, no fallback
 
     other = kenv.ns()
     kenv.ctr(other, "run", "-d", *kenv.fifo, "--runtime", kenv.runtime, *PATH, "--rootfs", kenv.rootfs,
@@ -82,6 +83,7 @@ def test_a_dead_template_costs_only_speed(kenv: Env) -> None:
     assert r.stdout == "still\n"
     line = _serving_line(kenv, ns)
     assert "forked from template" not in line, line
+    assert "executing" in kenv.cd.log.read_text()  # ketchd said why it fell back
 
 
 def test_the_template_outlives_ketchd_is_reused_and_cleanup_ends_it(kenv: Env) -> None:

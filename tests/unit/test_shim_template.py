@@ -17,28 +17,32 @@ from pathlib import Path
 
 import pytest
 
-from ketch.shim import main, template
+from ketch import templatewire
+from ketch.shim import launch, main, template
 
 
 # --- wire format ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fields", [["ping"], ["spawn", "", "é", "a=b=c"], ["x" * 1000, "y"]])
 def test_messages_round_trip(fields: list[str]) -> None:
-    data = template.encode(fields)
-    assert data[:4] == template.MAGIC
-    assert template.decode_header(data[:8]) == len(data) - 8
-    assert template.decode_body(data[8:]) == fields
+    data = templatewire.encode(fields)
+    assert data[:4] == templatewire.MAGIC
+    assert templatewire.decode_header(data[:8]) == len(data) - 8
+    assert templatewire.decode_body(data[8:]) == fields
 
 
 def test_bad_messages_are_refused() -> None:
     with pytest.raises(ValueError):
-        template.encode(["a\0b"])
+        templatewire.encode(["a\0b"])
     with pytest.raises(ValueError):
-        template.encode(["x" * (template.MESSAGE_MAX + 1)])
-    with pytest.raises(template.TemplateError):
-        template.decode_header(b"HTTP/1.1")
-    with pytest.raises(template.TemplateError):
-        template.decode_header(template.MAGIC + (template.MESSAGE_MAX + 1).to_bytes(4, "big"))
+        templatewire.encode(["x" * (templatewire.MESSAGE_MAX + 1)])
+    with pytest.raises(templatewire.TemplateError):
+        templatewire.decode_header(b"HTTP/1.1")
+    with pytest.raises(templatewire.TemplateError):
+        templatewire.decode_header(templatewire.MAGIC + (templatewire.MESSAGE_MAX + 1).to_bytes(4, "big"))
+    with pytest.raises(templatewire.Refused, match="nope"):
+        templatewire.answer(["error", "nope"])
+    assert templatewire.answer(["ok", "unix:///x"]) == "unix:///x"
 
 
 def test_spawn_request_round_trips() -> None:
@@ -46,6 +50,9 @@ def test_spawn_request_round_trips() -> None:
     fields = template.spawn_request(args, env, "/bundle", 0o027)
     assert fields[:3] == ["spawn", sys.executable, template.__version__]
     assert template.parse_spawn(fields) == ("/bundle", 0o027, args, env)
+    start = templatewire.start_request([*args, "start"], env, "/b", 0o022, b"\x01opt")
+    assert start[:2] == ["start", "016f7074"]
+    assert templatewire.parse_call(start[2:]) == ("/b", 0o022, [*args, "start"], env)
 
 
 @pytest.mark.parametrize("fields", [
@@ -56,7 +63,7 @@ def test_spawn_request_round_trips() -> None:
     ["spawn", "py", "v"],
 ])
 def test_malformed_spawn_requests(fields: list[str]) -> None:
-    with pytest.raises(template.TemplateError):
+    with pytest.raises(templatewire.TemplateError):
         template.parse_spawn(fields)
 
 
@@ -110,7 +117,7 @@ def running_template(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[byt
             try:
                 assert template.ping(path) == proc.pid
                 break
-            except template.TemplateError:
+            except templatewire.TemplateError:
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise
                 time.sleep(0.05)
@@ -158,6 +165,39 @@ def test_a_forked_child_becomes_what_exec_would_make(running_template: tuple[str
     assert proc.poll() is None  # the template goes on
 
 
+def _ask(path: str, fields: list[str]) -> str:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+        template.send(sock, fields)
+        return templatewire.answer(template.receive(sock))
+    finally:
+        sock.close()
+
+
+def test_the_template_runs_start_itself(running_template: tuple[str, subprocess.Popen[bytes]], tmp_path: Path) -> None:
+    """ketchd's way: the template does what ``containerd-shim-ketch-v2 … start`` would, and
+    forks the server from itself."""
+    path, proc = running_template
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    env = {"OUT": str(bundle), "KETCH_SHIM_STATE_DIR": str(tmp_path / "st"), "KETCH_SHIM_GROUP": "g"}
+    argv = ["-namespace", "ns", "-id", "a", "-address", "/x/d.sock", "start"]
+    url = _ask(path, templatewire.start_request(argv, env, str(bundle), 0o022, b"\x08\x01"))
+    assert url.startswith(f"unix://{tmp_path}/st/s/")
+    assert (bundle / "address").read_text() == url
+    info = _wait_for(bundle / "info.json")
+    assert int((bundle / "shim.pid").read_text()) == info["pid"] and info["ppid"] != proc.pid
+    assert info["fd3"] == url.removeprefix("unix://") and info["cwd"] == str(bundle)
+    assert info["argv"] == ["-namespace", "ns", "-id", "a", "-address", "/x/d.sock", "-bundle", str(bundle)]
+    assert info["env"] == {**env, "KETCH_SHIM_LINGER": str(launch.SHARED_LINGER), "KETCH_SHIM_OPTIONS": "0801"}
+    # start's own rules answer for it: a group has one address; flags are checked
+    assert _ask(path, templatewire.start_request(argv, env, str(bundle), 0o022, b"")) == url
+    with pytest.raises(templatewire.Refused, match="start needs -namespace"):
+        _ask(path, templatewire.start_request(["start"], env, str(bundle), 0o022, b""))
+    assert proc.poll() is None
+
+
 def test_the_template_exits_once_its_socket_is_gone(running_template: tuple[str, subprocess.Popen[bytes]]) -> None:
     path, proc = running_template
     time.sleep(0.3)  # a few idle checks
@@ -168,9 +208,9 @@ def test_the_template_exits_once_its_socket_is_gone(running_template: tuple[str,
 
 def test_the_template_refuses_other_code_and_exits_when_asked(running_template: tuple[str, subprocess.Popen[bytes]]) -> None:
     path, proc = running_template
-    with pytest.raises(template.Refused, match="not /other/python"):
+    with pytest.raises(templatewire.Refused, match="not /other/python"):
         template._call(path, ["ping", "/other/python", template.__version__])
-    with pytest.raises(template.Refused, match="exactly one socket"):
+    with pytest.raises(templatewire.Refused, match="exactly one socket"):
         template._call(path, template.spawn_request([], {}, "/", 0o22))
     assert template.stop(path) == proc.pid
     assert proc.wait(timeout=10) == 0
@@ -189,7 +229,7 @@ def start_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple
         spawned.append(argv)
         return 4242
 
-    monkeypatch.setattr(main, "_spawn", fake_spawn)
+    monkeypatch.setattr(launch, "spawn_process", fake_spawn)
     monkeypatch.setenv("KETCH_SHIM_STATE_DIR", str(tmp_path / "st"))
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
     yield bundle, spawned
@@ -275,7 +315,7 @@ def test_start_uses_the_template_s_pid(start_env: tuple[Path, list[list[str]]], 
     seen = json.loads((tmp_path / "seen.json").read_text())
     cwd, _umask, args, env = template.parse_spawn(seen["fields"])
     assert cwd == str(bundle) and args[:4] == ["-namespace", "ns", "-id", "a"]
-    assert env["KETCH_SHIM_LINGER"] == str(main.SHARED_LINGER) and template.ENV not in env
+    assert env["KETCH_SHIM_LINGER"] == str(launch.SHARED_LINGER) and template.ENV not in env
     assert seen["fds"] == 1  # the listening socket, and only it
     sock = next((tmp_path / "st" / "s").iterdir())
     assert (bundle / "address").read_text() == f"unix://{sock}"

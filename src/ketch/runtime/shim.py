@@ -22,7 +22,7 @@ from typing import Protocol, TypeVar
 from google.protobuf import any_pb2, empty_pb2
 from google.protobuf import message as _message
 
-from ketch import errdefs, identifiers, ttrpc
+from ketch import errdefs, identifiers, templatewire, ttrpc
 from ketch.api.containerd.task.v2 import shim_pb2
 from ketch.api.containerd.types.task import task_pb2 as task_types
 
@@ -31,8 +31,6 @@ log = logging.getLogger(__name__)
 SERVICE = "containerd.task.v2.Task"
 #: our shim's binary: the one that can serve a group of tasks
 KETCH_SHIM = "containerd-shim-ketch-v2"
-#: tells our shim's ``start`` where a template forks shims (ketch.shim.template)
-TEMPLATE_ENV = "KETCH_SHIM_TEMPLATE"
 M = TypeVar("M", bound=_message.Message)
 
 
@@ -84,11 +82,17 @@ def _argv(binary: str, params: ShimParams, namespace: str, id: str, *tail: str) 
     return argv + list(tail)
 
 
-async def _run(argv: list[str], cwd: str, stdin: bytes, timeout: float, params: ShimParams,
-               extra_env: dict[str, str] | None = None) -> tuple[int, bytes, bytes]:
+def _env(params: ShimParams, extra_env: dict[str, str] | None = None) -> dict[str, str]:
+    """A shim binary's environment."""
     env = dict(os.environ, TTRPC_ADDRESS=params.ttrpc_address, **(extra_env or {}))
     env.setdefault("GOMAXPROCS", "2")
     env.pop("NOTIFY_SOCKET", None)
+    return env
+
+
+async def _run(argv: list[str], cwd: str, stdin: bytes, timeout: float, params: ShimParams,
+               extra_env: dict[str, str] | None = None) -> tuple[int, bytes, bytes]:
+    env = _env(params, extra_env)
     proc = await asyncio.create_subprocess_exec(
         *argv, cwd=cwd, env=env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, start_new_session=True)
@@ -106,12 +110,16 @@ async def _run(argv: list[str], cwd: str, stdin: bytes, timeout: float, params: 
 async def start(binary: str, params: ShimParams, namespace: str, id: str, bundle: str, options: bytes,
                 group: str = "", template: str = "") -> str:
     """Run ``binary … start`` in ``bundle``; the ttrpc address the shim serves on. ``group``
-    asks our shim for a process shared by the tasks of that group; ``template``, that a shim
-    template at that path fork it."""
+    asks our shim for a process shared by the tasks of that group; ``template``: our shim's
+    template serves there, and runs ``start`` in-process (forking the server) instead; if that
+    fails, the binary is executed as always."""
     argv = _argv(binary, params, namespace, id, "start")
     env = {"KETCH_SHIM_GROUP": group} if group else {}
     if template:
-        env[TEMPLATE_ENV] = template
+        try:  # the template runs start itself: no interpreter to exec
+            return await _start_by_template(template, argv[1:], _env(params, env), bundle, options)
+        except (templatewire.TemplateError, OSError, ValueError, TimeoutError) as e:
+            log.warning("shim template: %s; executing %s start", e, binary)
     try:
         code, out, err = await _run(argv, bundle, options, params.start_timeout, params, env)
     except TimeoutError:
@@ -128,6 +136,32 @@ async def start(binary: str, params: ShimParams, namespace: str, id: str, bundle
     if not address:
         raise errdefs.Unknown(f"shim for task {id} printed no address: {text!r}")
     return str(address)
+
+
+def _umask() -> int:
+    """This process's umask, read without setting it (other threads may be creating files)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
+
+
+async def _start_by_template(path: str, argv: list[str], env: dict[str, str], cwd: str, options: bytes) -> str:
+    """Ask the shim template at ``path`` to run ``start`` with these flags, environment, cwd and
+    options (what exec'ing the binary would give it); the address."""
+    async with asyncio.timeout(templatewire.TIMEOUT):
+        reader, writer = await asyncio.open_unix_connection(path)
+        try:
+            writer.write(templatewire.encode(templatewire.start_request(argv, env, cwd, _umask(), options)))
+            await writer.drain()
+            header = await reader.readexactly(templatewire.HEADER.size)
+            body = await reader.readexactly(templatewire.decode_header(header))
+        except asyncio.IncompleteReadError:
+            raise templatewire.TemplateError("the template closed the connection") from None
+        finally:
+            writer.close()
+    return templatewire.answer(templatewire.decode_body(body))
 
 
 async def delete(binary: str, params: ShimParams, namespace: str, id: str, bundle: str) -> shim_pb2.DeleteResponse:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Mapping
 
 #: room for "/<32 hex>" in sun_path (108 bytes with the terminating NUL)
 _SUN_PATH_MAX = 107
@@ -20,8 +21,8 @@ class UsageError(Exception):
     pass
 
 
-def state_dir(address: str) -> str:
-    env = os.environ.get("KETCH_SHIM_STATE_DIR")
+def state_dir(address: str, environ: Mapping[str, str] | None = None) -> str:
+    env = (os.environ if environ is None else environ).get("KETCH_SHIM_STATE_DIR")
     if env:
         return env
     address = address.removeprefix("unix://")
@@ -32,12 +33,12 @@ def runc_root(address: str, namespace: str) -> str:
     return os.path.join(state_dir(address), "runc", namespace)
 
 
-def socket_path(address: str, namespace: str, group: str) -> str:
+def socket_path(address: str, namespace: str, group: str, environ: Mapping[str, str] | None = None) -> str:
     """The shim's socket for (daemon, namespace, group): short, stable, private to root."""
     import _sha256
 
     digest = _sha256.sha256(f"{address}\0{namespace}\0{group}".encode()).hexdigest()[:32]
-    path = os.path.join(state_dir(address), "s", digest)
+    path = os.path.join(state_dir(address, environ), "s", digest)
     if len(path.encode()) > _SUN_PATH_MAX:
         raise UsageError(f"shim socket path {path!r} is longer than a unix socket allows; "
                          "set KETCH_SHIM_STATE_DIR to a shorter directory")
@@ -53,3 +54,33 @@ def connectable(path: str) -> bool:
         return False
     finally:
         s.close()
+
+
+_BOOL_FLAGS = {"debug", "v", "version"}
+_FLAGS = {"namespace", "id", "address", "publish-binary", "bundle", "socket"} | _BOOL_FLAGS
+
+
+def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Go-flag style: -name value, --name value, -name=value; booleans take no value."""
+    flags: dict[str, str] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if not arg.startswith("-") or arg in ("-", "--"):
+            rest.append(arg)
+            continue
+        name, eq, value = arg.lstrip("-").partition("=")
+        if name not in _FLAGS:
+            raise UsageError(f"flag provided but not defined: -{name}")
+        if not eq:
+            if name in _BOOL_FLAGS:
+                value = "true"
+            elif i < len(argv):
+                value = argv[i]
+                i += 1
+            else:
+                raise UsageError(f"flag needs an argument: -{name}")
+        flags[name] = value
+    return flags, rest

@@ -2,29 +2,30 @@
 
 A shim server started by exec spends ~60 ms importing asyncio, protobuf and ketch before it
 answers its first call, and every new group (every pod, under CRI) pays it. The template pays
-it once: it imports what the server needs, ``gc.freeze()``s, then serves spawn requests on a
-unix socket. For each one it forks a child that becomes exactly what ``python -I -m ketch.shim
-…`` would have been (own session, stdio on /dev/null, fd 3 = the listening socket handed over,
-the environment, cwd, umask and command line of the request, signals and mask reset, no asyncio
-loop yet) and answers with the child's pid. The child's pages stay shared with the template
-until written.
+it once: it imports what the server needs, ``gc.freeze()``s, then serves requests on a unix
+socket. For each shim it forks a child that becomes exactly what ``python -I -m ketch.shim …``
+would have been (own session, stdio on /dev/null, fd 3 = the listening socket, the environment,
+cwd, umask and command line of the request — /proc/PID/cmdline and environ too —, signals and
+mask reset, no asyncio loop yet). The child's pages stay shared with the template until written.
 
 It never starts a thread or an asyncio loop (fork would copy them half-alive), and it double
 forks: the intermediate child exits at once, so the shim's parent is never the template.
 
-Wire format (both directions, one message per connection each way)::
+Requests (the framing is :mod:`ketch.templatewire`'s; one message each way per connection):
 
-    "KTP1" | length u32 big-endian | fields: UTF-8 strings joined by NUL (none may contain NUL)
+    ping   executable version                              → ok PID | error REASON
+    spawn  executable version cwd umask argc arg… K=V…   + SCM_RIGHTS [listening socket]
+                                                           → ok PID | error REASON
+    start  options-hex cwd umask argc arg… K=V…           → ok ADDRESS | error REASON
+    exit                                                   → ok PID, then the template exits
 
-    ping   executable version                                   → ok pid      | error reason
-    spawn  executable version cwd umask argc arg… KEY=VALUE…  + SCM_RIGHTS [listening socket]
-                                                                → ok pid      | error reason
-    exit                                                        → ok pid (then the template exits)
-
-A request whose interpreter or ketch version differs from the template's is refused, so a
-caller never gets a shim of other code than its own. Peers of another uid are refused
-(SO_PEERCRED). This module is imported by the light ``start`` path: os, sys, socket, struct only
-at import time.
+``spawn`` is what ``start`` (main.py) sends when ``$KETCH_SHIM_TEMPLATE`` names a template: it
+has bound the socket and asks only for the server. ``start`` is ketchd's: the whole start action
+(``launch.start``: socket, files, server) run here, which also saves exec'ing an interpreter
+for ``start`` itself. A spawn or ping from another interpreter or ketch version is refused, so a
+caller never gets a shim of other code than its own (ketchd's ``start`` goes to the template its
+own launch of the shim binary made or checked). Peers of another uid are refused (SO_PEERCRED).
+This module is imported by the light ``start`` path: os, sys, socket, struct at import time.
 """
 
 from __future__ import annotations
@@ -36,75 +37,24 @@ import sys
 from collections.abc import Callable
 
 from ketch import __version__
+from ketch.shim import launch
+from ketch.shim.common import UsageError, parse_args
+from ketch.templatewire import (HEADER, TIMEOUT, Refused, TemplateError, answer, call_fields, decode_body,
+                                decode_header, encode, parse_call)
 
-#: the environment variable that tells ``start`` where a template listens
-ENV = "KETCH_SHIM_TEMPLATE"
-MAGIC = b"KTP1"
-_HEADER = struct.Struct(">4sI")
-MESSAGE_MAX = 1 << 20
-#: how long ``start`` waits for a template before it spawns the server itself
-TIMEOUT = 1.0
+ENV = launch.TEMPLATE_ENV
+
 #: how often an idle template checks that its socket is still its own (else it exits)
 IDLE_CHECK = 10.0
-#: the server's command line before its flags, as ``start`` execs it
-SERVER_ARGV = ("-I", "-m", "ketch.shim")
-
-
-class TemplateError(Exception):
-    """The template refused, or could not be reached or understood."""
-
-
-class Refused(TemplateError):
-    """The template answered, with an error."""
-
-
-# --- the wire format -----------------------------------------------------------------------------
-
-def encode(fields: list[str]) -> bytes:
-    for f in fields:
-        if "\0" in f:
-            raise ValueError(f"field {f[:40]!r} contains NUL")
-    body = "\0".join(fields).encode("utf-8", "surrogateescape")
-    if len(body) > MESSAGE_MAX:
-        raise ValueError(f"message of {len(body)} bytes is over {MESSAGE_MAX}")
-    return _HEADER.pack(MAGIC, len(body)) + body
-
-
-def decode_header(header: bytes) -> int:
-    """The body length announced by a message's first 8 bytes."""
-    magic, length = _HEADER.unpack(header)
-    if magic != MAGIC:
-        raise TemplateError(f"not a template message (magic {magic!r})")
-    if length > MESSAGE_MAX:
-        raise TemplateError(f"message of {length} bytes is over {MESSAGE_MAX}")
-    return int(length)
-
-
-def decode_body(body: bytes) -> list[str]:
-    return body.decode("utf-8", "surrogateescape").split("\0") if body else []
 
 
 def spawn_request(args: list[str], env: dict[str, str], cwd: str, umask: int) -> list[str]:
-    return ["spawn", sys.executable, __version__, cwd, f"{umask:o}", str(len(args)), *args,
-            *(f"{k}={v}" for k, v in env.items())]
+    return ["spawn", sys.executable, __version__, *call_fields(cwd, umask, args, env)]
 
 
 def parse_spawn(fields: list[str]) -> tuple[str, int, list[str], dict[str, str]]:
     """(cwd, umask, args, env) of a spawn request whose verb, executable and version are checked."""
-    try:
-        cwd, umask, argc = fields[3], int(fields[4], 8), int(fields[5])
-    except (IndexError, ValueError):
-        raise TemplateError("malformed spawn request") from None
-    if argc < 0 or 6 + argc > len(fields) or not cwd:
-        raise TemplateError("malformed spawn request")
-    args = fields[6:6 + argc]
-    env: dict[str, str] = {}
-    for entry in fields[6 + argc:]:
-        key, eq, value = entry.partition("=")
-        if not eq or not key:
-            raise TemplateError(f"malformed environment entry {entry[:40]!r}")
-        env[key] = value
-    return cwd, umask, args, env
+    return parse_call(fields[3:])
 
 
 def _read(sock: socket.socket, n: int, fds: list[int] | None = None) -> bytes:
@@ -123,7 +73,7 @@ def _read(sock: socket.socket, n: int, fds: list[int] | None = None) -> bytes:
 
 def receive(sock: socket.socket, fds: list[int] | None = None) -> list[str]:
     """One message's fields; file descriptors passed with it are appended to ``fds``."""
-    header = _read(sock, _HEADER.size, fds)
+    header = _read(sock, HEADER.size, fds)
     return decode_body(_read(sock, decode_header(header)))
 
 
@@ -149,9 +99,13 @@ def _call(path: str, fields: list[str], fds: list[int] | None = None, timeout: f
         raise TemplateError(f"template {path}: {e}") from None
     finally:
         sock.close()
-    if len(reply) == 2 and reply[0] == "ok" and reply[1].isdigit():
-        return int(reply[1])
-    raise Refused(f"template {path}: {' '.join(reply[1:]) or 'no answer'}")
+    try:
+        pid = answer(reply)
+    except Refused as e:
+        raise Refused(f"template {path}: {e}") from None
+    if not pid.isdigit():
+        raise Refused(f"template {path}: answered {pid!r}, not a pid")
+    return int(pid)
 
 
 def spawn(path: str, args: list[str], env: dict[str, str], cwd: str, listen_fd: int,
@@ -239,6 +193,14 @@ def _handle(conn: socket.socket, listener: socket.socket, entry: Callable[[list[
         if verb == "exit":
             send(conn, ["ok", str(os.getpid())])
             return True
+        if verb == "start":  # ketchd's: the start action itself, run here rather than exec'd
+            try:
+                url = _start(fields, (conn, listener), entry)
+            except (TemplateError, UsageError, OSError, ValueError) as e:
+                send(conn, ["error", f"start: {e}"])
+                return False
+            send(conn, ["ok", url])
+            return False
         if verb not in ("ping", "spawn"):
             send(conn, ["error", f"unknown request {verb!r}"])
             return False
@@ -266,6 +228,27 @@ def _handle(conn: socket.socket, listener: socket.socket, entry: Callable[[list[
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def _start(fields: list[str], sockets: tuple[socket.socket, ...], entry: Callable[[list[str]], int]) -> str:
+    """Do what ``containerd-shim-ketch-v2 … start`` would (launch.start), forking the server
+    from here; its address."""
+    if len(fields) < 2:
+        raise TemplateError("malformed start request")
+    options = bytes.fromhex(fields[1])
+    cwd, umask, argv, env = parse_call(fields[2:])
+    flags, rest = parse_args(argv)
+    if rest != ["start"]:
+        raise UsageError(f"a start request runs start, not {rest!r}")
+
+    def spawn(args: list[str], server_env: dict[str, str], bundle: str, sock: socket.socket) -> int:
+        return _fork_server(sock.fileno(), bundle, umask, args, server_env, entry, (*sockets, sock))
+
+    old = os.umask(umask)
+    try:
+        return launch.start(flags, env, cwd, options, spawn)
+    finally:
+        os.umask(old)
 
 
 def _is_socket(fd: int) -> bool:
@@ -339,7 +322,7 @@ def _become_server(listen_fd: int, cwd: str, umask: int, args: list[str], env: d
         import ketch.shim
 
         sys.argv = [os.path.join(os.path.dirname(ketch.shim.__file__ or ""), "__main__.py"), *args]
-        _show([sys.executable, *SERVER_ARGV, *args], env)
+        _show([sys.executable, *launch.SERVER_ARGV, *args], env)
         from ketch.shim import server
 
         server.ORIGIN = f"forked from template {template}"
