@@ -48,6 +48,8 @@ RULES = [
     ("timestamps.py", ("ketch",), ()),
     ("files.py", ("ketch",), ("ketch.errdefs",)),
     ("filters.py", ("ketch",), ("ketch.errdefs",)),
+    # the shim template's framing: spoken by the shim's start path and by the daemon's runtime
+    ("templatewire.py", ("ketch",), ()),
     # the protocol core: nothing of ketch but errdefs and its own wire messages
     ("ttrpc", ("ketch",), ("ketch.errdefs", "ketch.ttrpc")),
     # the shim speaks ttrpc and outlives the daemon: no daemon core, no gRPC
