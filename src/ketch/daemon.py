@@ -147,8 +147,7 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
     if ready is not None and not ready.done():
         ready.set_result(None)
     burial = asyncio.ensure_future(manager.bury_dead())
-    # in the background: a new group's first task falls back to spawning its shim meanwhile
-    template = asyncio.ensure_future(launcher.start_template())
+    launcher.launch_template()
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -159,8 +158,7 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
     finally:
         log.info("shutting down; shims and containers keep running")
         burial.cancel()
-        # not cancelled while it runs: a subprocess cancelled as it starts can hang asyncio.run's exit
-        await asyncio.wait([template], timeout=params.start_timeout)
+        await launcher.settle(params.start_timeout)
         await server.stop(grace=1.0)
         await events_server.shutdown(grace=0.5)
         ttrpc_task.cancel()

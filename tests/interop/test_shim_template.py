@@ -1,5 +1,6 @@
 """ketchd's shim template: the first task of a new namespace gets a shim forked from it; without
-it (killed) the shim is spawned as before; it outlives ketchd, is reused, and cleanup ends it."""
+it (killed) the shim is spawned as before and ketchd starts a template anew; it outlives ketchd,
+is reused, and cleanup ends it."""
 
 from __future__ import annotations
 
@@ -14,14 +15,14 @@ from tests.interop.conftest import Env
 from tests.interop.test_ctr_shim import PATH
 
 
-def _template(env: Env) -> int:
-    """The pid of ketchd's template, once ketchd says it serves."""
+def _template(env: Env, other_than: int = 0) -> int:
+    """The pid of ketchd's template, once ketchd says it serves (the latest it said)."""
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        m = re.search(r"shim template pid (\d+)", env.cd.log.read_text())
-        if m:
+        said = [int(pid) for pid in re.findall(r"shim template pid (\d+)", env.cd.log.read_text())]
+        if said and said[-1] != other_than:
             pids = support.shim_templates(str(env.cd.base))
-            assert pids == [int(m.group(1))], (pids, m.group(0))
+            assert pids == [said[-1]], (pids, said)
             return pids[0]
         time.sleep(0.05)
     raise AssertionError(f"no shim template: {env.cd.log.read_text()[-2000:]}")
@@ -84,6 +85,11 @@ def test_a_dead_template_costs_only_speed(kenv: Env) -> None:
     line = _serving_line(kenv, ns)
     assert "forked from template" not in line, line
     assert "executing" in kenv.cd.log.read_text()  # ketchd said why it fell back
+    # and started a template anew, which the next new group gets
+    successor = _template(kenv, other_than=template)
+    ns = kenv.ns()
+    kenv.ctr(ns, "run", "--rm", *kenv.fifo, "--runtime", kenv.runtime, *PATH, "--rootfs", kenv.rootfs, "next", "true")
+    assert f"(forked from template {successor})" in _serving_line(kenv, ns)
 
 
 def test_the_template_outlives_ketchd_is_reused_and_cleanup_ends_it(kenv: Env) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from ketch import templatewire
+from ketch.runtime.shim import Launcher, ShimParams
 from ketch.shim import launch, main, template
 
 
@@ -320,3 +322,59 @@ def test_start_uses_the_template_s_pid(start_env: tuple[Path, list[list[str]]], 
     sock = next((tmp_path / "st" / "s").iterdir())
     assert (bundle / "address").read_text() == f"unix://{sock}"
 
+
+
+# --- ketchd's side: the runtime's Launcher -------------------------------------------------------
+
+def _launcher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Launcher, str, list[int]]:
+    """A Launcher whose template is at tmp_path/t.sock, for a shim binary that prints an address
+    when executed; relaunches of the template are counted, not done."""
+    binary = tmp_path / "containerd-shim-ketch-v2"
+    binary.write_text("#!/bin/sh\necho unix:///executed.sock\n")
+    binary.chmod(0o755)
+    launcher = Launcher(ShimParams(grpc_address="/x/d.sock", ttrpc_address="/x/d.sock.ttrpc", publish_binary="/x/ketchd",
+                                   template_socket=str(tmp_path / "t.sock")))
+    launched: list[int] = []
+
+    async def start_template() -> None:
+        launched.append(1)
+
+    monkeypatch.setattr(launcher, "start_template", start_template)
+    launcher.template_binary = str(binary)
+    return launcher, str(binary), launched
+
+
+def test_ketchd_executes_start_when_the_template_is_gone_and_starts_one_anew(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    launcher, binary, launched = _launcher(tmp_path, monkeypatch)
+
+    async def main() -> str:
+        address = await launcher.start(binary, "ns", "a", str(tmp_path), b"", group="ns")
+        await asyncio.sleep(0)
+        return address
+
+    assert asyncio.run(main()) == "unix:///executed.sock"
+    assert launched == [1] and launcher.template_binary == ""  # executes until the new one is up
+
+
+def test_ketchd_has_the_template_run_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    launcher, binary, launched = _launcher(tmp_path, monkeypatch)
+    seen: list[list[str]] = []
+
+    async def main() -> str:
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            header = await reader.readexactly(templatewire.HEADER.size)
+            seen.append(templatewire.decode_body(await reader.readexactly(templatewire.decode_header(header))))
+            writer.write(templatewire.encode(["ok", "unix:///forked.sock"]))
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_unix_server(answer, str(tmp_path / "t.sock"))
+        async with server:
+            return await launcher.start(binary, "ns", "a", str(tmp_path), b"\x08\x01", group="ns")
+
+    assert asyncio.run(main()) == "unix:///forked.sock" and not launched
+    cwd, _umask, argv, env = templatewire.parse_call(seen[0][2:])
+    assert seen[0][:2] == ["start", "0801"] and cwd == str(tmp_path)
+    assert argv == ["-namespace", "ns", "-address", "/x/d.sock", "-publish-binary", "/x/ketchd", "-id", "a", "start"]
+    assert env["TTRPC_ADDRESS"] == "/x/d.sock.ttrpc" and env["KETCH_SHIM_GROUP"] == "ns"

@@ -108,18 +108,11 @@ async def _run(argv: list[str], cwd: str, stdin: bytes, timeout: float, params: 
 
 
 async def start(binary: str, params: ShimParams, namespace: str, id: str, bundle: str, options: bytes,
-                group: str = "", template: str = "") -> str:
+                group: str = "") -> str:
     """Run ``binary … start`` in ``bundle``; the ttrpc address the shim serves on. ``group``
-    asks our shim for a process shared by the tasks of that group; ``template``: our shim's
-    template serves there, and runs ``start`` in-process (forking the server) instead; if that
-    fails, the binary is executed as always."""
+    asks our shim for a process shared by the tasks of that group."""
     argv = _argv(binary, params, namespace, id, "start")
     env = {"KETCH_SHIM_GROUP": group} if group else {}
-    if template:
-        try:  # the template runs start itself: no interpreter to exec
-            return await _start_by_template(template, argv[1:], _env(params, env), bundle, options)
-        except (templatewire.TemplateError, OSError, ValueError, TimeoutError) as e:
-            log.warning("shim template: %s; executing %s start", e, binary)
     try:
         code, out, err = await _run(argv, bundle, options, params.start_timeout, params, env)
     except TimeoutError:
@@ -147,13 +140,17 @@ def _umask() -> int:
     return 0o022
 
 
-async def _start_by_template(path: str, argv: list[str], env: dict[str, str], cwd: str, options: bytes) -> str:
-    """Ask the shim template at ``path`` to run ``start`` with these flags, environment, cwd and
-    options (what exec'ing the binary would give it); the address."""
+async def start_by_template(path: str, binary: str, params: ShimParams, namespace: str, id: str, bundle: str,
+                            options: bytes, group: str = "") -> str:
+    """What :func:`start` does, by our shim's template at ``path`` (ketch.shim.template): it runs
+    ``start`` in-process with the flags, environment, cwd and options exec'ing ``binary`` would
+    give it, and forks the server: no interpreter to exec. The address."""
+    argv = _argv(binary, params, namespace, id, "start")[1:]
+    env = _env(params, {"KETCH_SHIM_GROUP": group} if group else None)
     async with asyncio.timeout(templatewire.TIMEOUT):
         reader, writer = await asyncio.open_unix_connection(path)
         try:
-            writer.write(templatewire.encode(templatewire.start_request(argv, env, cwd, _umask(), options)))
+            writer.write(templatewire.encode(templatewire.start_request(argv, env, bundle, _umask(), options)))
             await writer.drain()
             header = await reader.readexactly(templatewire.HEADER.size)
             body = await reader.readexactly(templatewire.decode_header(header))
@@ -340,9 +337,23 @@ class Launcher:
         self.extra_dirs = extra_dirs or []
         #: the binary whose template serves at params.template_socket, once it does
         self.template_binary = ""
+        self._launching: asyncio.Future[None] | None = None
 
     def resolve(self, runtime: str) -> str:
         return resolve(runtime, self.extra_dirs)
+
+    def launch_template(self) -> None:
+        """Start (or find) the template in the background, unless that is under way; meanwhile
+        a new group's first task executes the binary."""
+        if self.params.template_socket and (self._launching is None or self._launching.done()):
+            self.template_binary = ""
+            self._launching = asyncio.ensure_future(self.start_template())
+
+    async def settle(self, timeout: float) -> None:
+        """Let a template launch under way finish (cancelling a subprocess as it starts can hang
+        asyncio.run's exit)."""
+        if self._launching is not None:
+            await asyncio.wait([self._launching], timeout=timeout)
 
     async def start_template(self) -> None:
         """Have our shim keep a template at ``params.template_socket`` (or keep the one there,
@@ -365,8 +376,14 @@ class Launcher:
         log.info("shim template pid %s on %s", out.decode(errors="replace").strip(), path)
 
     async def start(self, binary: str, namespace: str, id: str, bundle: str, options: bytes, group: str = "") -> str:
-        template = self.params.template_socket if binary == self.template_binary else ""
-        return await start(binary, self.params, namespace, id, bundle, options, group, template)
+        if binary == self.template_binary:
+            try:
+                return await start_by_template(self.params.template_socket, binary, self.params, namespace, id,
+                                               bundle, options, group)
+            except (templatewire.TemplateError, OSError, ValueError, TimeoutError) as e:
+                log.warning("shim template: %s; executing %s start, and starting a template anew", e, binary)
+                self.launch_template()
+        return await start(binary, self.params, namespace, id, bundle, options, group)
 
     async def delete(self, binary: str, namespace: str, id: str, bundle: str) -> shim_pb2.DeleteResponse:
         return await delete(binary, self.params, namespace, id, bundle)
