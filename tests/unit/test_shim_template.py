@@ -151,7 +151,7 @@ def test_a_forked_child_becomes_what_exec_would_make(running_template: tuple[str
     old = os.umask(0o022)
     try:
         pid = template.spawn(path, ["-namespace", "ns", "-id", "a"], {"OUT": str(bundle), "X": "1"},
-                             str(bundle), listener.fileno())
+                             str(bundle), listener.fileno(), timeout=10)
     finally:
         os.umask(old)
         listener.close()
@@ -203,7 +203,7 @@ def test_the_template_runs_start_itself(running_template: tuple[str, subprocess.
 def test_the_template_exits_once_its_socket_is_gone(running_template: tuple[str, subprocess.Popen[bytes]]) -> None:
     path, proc = running_template
     time.sleep(0.3)  # a few idle checks
-    assert template.ping(path) == proc.pid
+    assert template.ping(path, timeout=10) == proc.pid
     os.unlink(path)
     assert proc.wait(timeout=10) == 0
 
@@ -303,7 +303,7 @@ def test_start_falls_back_when_the_template_refuses(start_env: tuple[Path, list[
     with _fake_template(path, answer, tmp_path / "seen.json"):
         started = time.monotonic()
         assert _start(bundle) == 4242 and len(spawned) == 1
-        assert time.monotonic() - started < template.TIMEOUT + 1
+        assert time.monotonic() - started < template.TIMEOUT + 5  # bounded (with room for a loaded machine)
 
 
 def test_start_uses_the_template_s_pid(start_env: tuple[Path, list[list[str]]], monkeypatch: pytest.MonkeyPatch,
