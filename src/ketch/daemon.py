@@ -26,6 +26,11 @@ from ketch import __version__, config, errdefs, topics, ttrpc
 
 log = logging.getLogger("ketchd")
 
+#: how long after the API serves again the events held while ketchd started (exits that shims
+#: kept during the outage, burials of shims that died meanwhile) wait for reconnecting
+#: clients to resubscribe before they are broadcast
+RESUBSCRIBE_GRACE = 0.5
+
 
 class _JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -82,6 +87,9 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
         os.makedirs(d, mode=0o711, exist_ok=True)
     store = Store(os.path.join(cfg.root, "meta.db"))
     exchange = Exchange()
+    # what shims forward, and what reloading finds, while ketchd starts waits for the clients
+    # that resubscribe once the API serves (see RESUBSCRIBE_GRACE)
+    exchange.hold()
 
     def publish(namespace: str, event: Any) -> None:
         exchange.publish(namespace, topics.of(event), event.DESCRIPTOR.full_name, event.SerializeToString())
@@ -115,9 +123,11 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
     ttrpc_task = asyncio.ensure_future(events_server.serve_path(cfg.ttrpc_address, ttrpc_started, mode=0o660))
     await ttrpc_started
 
+    exchange.accept = manager.first_publication
     started = time.monotonic()
     await manager.load()
     log.info("reloaded tasks in %.3fs", time.monotonic() - started)
+    burial = asyncio.ensure_future(manager.bury_dead())
 
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", cfg.grpc.max_recv_message_size),
@@ -133,7 +143,7 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
     log.info("ketchd %s serving on %s (ttrpc %s)", __version__, cfg.grpc.address, cfg.ttrpc_address)
     if ready is not None and not ready.done():
         ready.set_result(None)
-    burial = asyncio.ensure_future(manager.bury_dead())
+    asyncio.get_running_loop().call_later(RESUBSCRIBE_GRACE, exchange.release)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -29,12 +29,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 
-from ketch import errdefs, filters, timestamps
+from ketch import errdefs, filters, timestamps, topics
 from ketch.api.containerd.events import task_pb2 as events
 from ketch.api.containerd.task.v2 import shim_pb2
 from ketch.api.containerd.types import metrics_pb2, mount_pb2
 from ketch.api.containerd.types.task import task_pb2 as task_types
+from ketch.events import Envelope
 from ketch.files import write_atomic
 from ketch.runtime.bundle import Bundle, walk
 from ketch.runtime.shim import KETCH_SHIM, ShimClient, ShimLauncher, ShimLog, Stdio
@@ -291,6 +293,27 @@ class TaskManager:
             task.log.close()
         task.bundle.delete()
 
+    # -- exits forwarded by shims ------------------------------------------------------------
+
+    def first_publication(self, envelope: Envelope) -> bool:
+        """False for a /tasks/exit a shim forwards again (it resends until it gets an answer,
+        and an answer can be lost when ketchd dies); recorded in the task's bundle, so this
+        holds across ketchd's restarts."""
+        if envelope.topic != topics.of(events.TaskExit()):
+            return True
+        try:
+            exit = events.TaskExit.FromString(envelope.value)
+        except DecodeError:
+            return True
+        task = self._tasks.get((envelope.namespace, exit.container_id))
+        if task is None:
+            return True
+        try:
+            return task.bundle.note_exit(f"{exit.id} {exit.pid} {exit.exited_at.seconds}.{exit.exited_at.nanos:09d}")
+        except OSError as e:
+            log.warning("recording the exit of %s/%s: %s", envelope.namespace, exit.id, e)
+            return True
+
     # -- dead shims --------------------------------------------------------------------------
 
     def _on_shim_close(self, group: ShimGroup) -> None:
@@ -406,11 +429,10 @@ class TaskManager:
                 task.move("lose")
                 self._unburied.append(task)
 
-    async def bury_dead(self, grace: float = 0.5) -> None:
-        """Clean up after the shims :meth:`load` found dead. Run once the API is served, after
-        ``grace``, so that clients reconnecting after the restart can subscribe in time to
-        see the /tasks/exit of those tasks (until then they are UNKNOWN, and Wait blocks)."""
-        await asyncio.sleep(grace)
+    async def bury_dead(self) -> None:
+        """Clean up after the shims :meth:`load` found dead (until then their tasks are
+        UNKNOWN, and Wait blocks). The daemon holds the /tasks/exit this publishes until
+        clients reconnecting after the restart could resubscribe."""
         tasks, self._unburied = self._unburied, []
         await asyncio.gather(*(self._bury(t) for t in tasks))
 
