@@ -189,7 +189,7 @@ def test_restart_with_twenty_running_and_one_dead_shim(kenv: Env) -> None:
     assert len(before) == 20 and all(status == "RUNNING" for _, status in before.values())
 
     kenv.cd.kill(signal.SIGKILL)
-    os.kill(support.shim_pid(other, "victim"), signal.SIGKILL)  # dies while ketchd is down
+    support.kill_shim_group(other, "victim")  # keeper and shim die while ketchd is down
     kenv.cd.start()
     events = Events(kenv, other)
     try:
@@ -210,12 +210,14 @@ def test_restart_with_twenty_running_and_one_dead_shim(kenv: Env) -> None:
         events.close()
 
 
-def test_shim_dying_while_ketchd_runs(kenv: Env) -> None:
+def test_a_whole_shim_group_dying_while_ketchd_runs(kenv: Env) -> None:
+    """The keeper and the serving shim both killed: nothing can take over, so the task is
+    buried (STOPPED, 255) and its container cleaned up."""
     ns = kenv.ns()
     events = Events(kenv, ns)
     try:
         _run_detached(kenv, ns, ["lonely"])
-        os.kill(support.shim_pid(ns, "lonely"), signal.SIGKILL)
+        support.kill_shim_group(ns, "lonely")
         exit_line = events.wait_for("/tasks/exit")[0]
         assert '"exit_status":255' in exit_line
         _wait_status(kenv, ns, "lonely", "STOPPED")

@@ -189,8 +189,8 @@ def test_a_dead_shim_buries_its_tasks_once_with_255(tmp_path: Path) -> None:
         await asyncio.sleep(0.01)
         await w.shim_of(a).die()
         assert (await waiter).status == 255
-        with pytest.raises(errdefs.Unavailable):
-            await exec_waiter  # an exec's Wait ends with its shim: its status died with it
+        with pytest.raises(errdefs.NotFound):
+            await exec_waiter  # no successor: an exec's status died with its shim
         await until(lambda: b.phase is Phase.STOPPED)
         exits = [(e.container_id, e.exit_status) for _, t, e in w.events if t == "/tasks/exit"]
         assert sorted(exits) == [("a", 255), ("b", 255)]
@@ -308,3 +308,25 @@ def test_a_resent_exit_is_published_once_across_restarts(tmp_path: Path) -> None
                                                     exit8.SerializeToString()))
 
     run(tmp_path, after_restart, launcher=launcher)
+
+
+def test_a_shim_replaced_by_its_keeper_is_reconnected_without_losing_a_task(tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        a = await w.create("ns", "a")
+        b = await w.create("ns", "b")
+        await a.start()
+        await b.start()
+        pids = (a.pid, b.pid)
+        waiter = asyncio.ensure_future(a.wait())
+        await asyncio.sleep(0.01)
+        successor = await w.launcher.kill_and_succeed(w.shim_of(a))
+        await until(lambda: a.phase is Phase.LIVE and b.phase is Phase.LIVE)
+        assert (a.pid, b.pid) == pids and a.group is b.group and w.shim_of(a) is successor
+        assert not waiter.done(), "the Wait goes on with the successor"
+        await a.kill(signal.SIGTERM)
+        assert (await waiter).status == 143
+        assert w.topics() == [] and w.launcher.deleted == [], "nothing buried, no 255"
+        assert (await w.manager.delete("ns", "a")).status == 143
+        assert (await b.state()).status == 2  # RUNNING
+
+    run(tmp_path, body)

@@ -1,0 +1,360 @@
+"""The keeper: what lets a group's containers outlive the shim process that serves them.
+
+At start-up, after its imports and before any asyncio, the shim server splits in two
+(:func:`split`): the parent becomes the **keeper**, a small blocking loop, and the child goes
+on as the **serving shim**. Both are child subreapers, so:
+
+* while the serving shim lives, the containers it starts are its children (runc's orphans
+  reparent to the nearest subreaper): it reaps them itself, as before;
+* when the serving shim dies (kill -9, OOM killer, a crash), its containers reparent to the
+  keeper, which reaps them and keeps each exit (pid, status, time) until a shim acknowledges it.
+
+The serving shim hands the keeper (over a SOCK_SEQPACKET pair, with SCM_RIGHTS) a record of
+every container and process, with the fds whose loss would hurt: the pipes to the process's
+stdio (with the read end of an output pipe still open, a process writing while no shim runs
+blocks instead of dying of SIGPIPE), the client's FIFOs (a reader like ``ctr`` sees no EOF),
+pty masters (no hangup). The listening socket stays open in the keeper, so clients that connect
+meanwhile wait in its backlog.
+
+When the serving shim dies, the keeper forks a new one (:class:`Takeover`): it inherits the
+records, their fds and the exits kept, rebuilds its state from them, and serves on the same
+socket. Those containers stay the keeper's children: their exits reach the new shim as
+messages. A shim that exits on purpose says ``bye`` first, and the keeper goes with it.
+
+If the keeper dies while the shim serves, nothing is lost: the containers are the shim's
+children. The group then has no keeper until it is next started; the shim logs it.
+
+Messages (JSON, one per datagram): shim → keeper ``{"op": "put", "key", "data", "fds": [names]}``
+(the fds ride along, replacing the key's previous ones), ``{"op": "drop", "key"}`` (the key and
+every key below it), ``{"op": "ack", "pid"}``, ``{"op": "bye"}``; keeper → shim
+``{"op": "exit", "pid", "status", "at"}``.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import ctypes
+import errno
+import gc
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_PR_SET_NAME = 15
+_PR_SET_CHILD_SUBREAPER = 36
+_MAX_MESSAGE = 1 << 16
+_MAX_FDS = 32
+#: a shim that dies this many times within RESTART_WINDOW seconds is not restarted again
+MAX_RESTARTS = 5
+RESTART_WINDOW = 30.0
+#: the keeper's process name (comm), so tools and tests can tell it from the serving shim
+KEEPER_NAME = b"ketch-keeper"
+
+
+def _prctl(option: int, arg: int | bytes) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(option, arg, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), f"prctl({option})")
+
+
+def become_subreaper() -> None:
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+
+def _exit_status(wait_status: int) -> int:
+    code = os.waitstatus_to_exitcode(wait_status)
+    return 128 - code if code < 0 else code
+
+
+def _send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
+    data = json.dumps(message, separators=(",", ":")).encode()
+    if fds:
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    else:
+        sock.send(data)
+
+
+def _receive(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
+    """One message and its fds; (None, []) at EOF."""
+    fds = array.array("i")
+    data, ancdata, _flags, _addr = sock.recvmsg(_MAX_MESSAGE, socket.CMSG_SPACE(_MAX_FDS * fds.itemsize))
+    for level, kind, cdata in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(cdata[: len(cdata) - (len(cdata) % fds.itemsize)])
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        return None, []
+    return json.loads(data), list(fds)
+
+
+@dataclass
+class Record:
+    """What the serving shim told the keeper about one thing (a container, a process)."""
+
+    data: dict[str, Any]
+    fds: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Takeover:
+    """What a serving shim forked by the keeper starts from."""
+
+    #: the records, by key, with their fds (open in this process)
+    records: dict[str, Record]
+    #: exits the keeper reaped that no shim acknowledged: pid → (status, time)
+    exits: dict[int, tuple[int, float]]
+    #: how many shims served this group before this one
+    generation: int
+
+
+class Keeper:
+    def __init__(self, sock: socket.socket, shim_pid: int) -> None:
+        self.sock = sock
+        self.shim_pid = shim_pid
+        self.records: dict[str, Record] = {}
+        self.exits: dict[int, tuple[int, float]] = {}
+        self.generation = 0
+        #: "serving", "restart" (fork another shim) or "over" (the keeper goes)
+        self.state = "serving"
+        self._bye = False
+        self._restarts: list[float] = []
+
+    # -- the serving shim's messages -------------------------------------------------------
+
+    def handle(self, message: dict[str, Any], fds: list[int]) -> None:
+        op = message.get("op")
+        if op == "put":
+            names = list(message.get("fds", []))
+            old = self.records.pop(str(message["key"]), None)
+            self.records[str(message["key"])] = Record(dict(message.get("data", {})), dict(zip(names, fds)))
+            for fd in fds[len(names):]:
+                os.close(fd)
+            if old is not None:
+                _close_all(old)
+            return
+        for fd in fds:
+            os.close(fd)
+        if op == "drop":
+            key = str(message["key"])
+            for k in [k for k in self.records if k == key or k.startswith(key + "/")]:
+                _close_all(self.records.pop(k))
+        elif op == "ack":
+            self.exits.pop(int(message["pid"]), None)
+        elif op == "bye":
+            self._bye = True
+
+    # -- exits ---------------------------------------------------------------------------------
+
+    def reap(self) -> None:
+        """Collect every exited child (the serving shim's exit sets ``state``)."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid == self.shim_pid:
+                self.state = "restart" if self._shim_died(_exit_status(status)) else "over"
+                continue
+            self.exits[pid] = (_exit_status(status), time.time())
+            try:
+                _send(self.sock, {"op": "exit", "pid": pid, "status": self.exits[pid][0], "at": self.exits[pid][1]})
+            except OSError:
+                pass  # no shim to tell now: the next one inherits self.exits
+
+    def _shim_died(self, status: int) -> bool:
+        """The serving shim exited: go too if it said bye, else fork the next one (True)."""
+        self.shim_pid = 0
+        if self._bye:
+            return False
+        now = time.monotonic()
+        self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW] + [now]
+        if len(self._restarts) > MAX_RESTARTS:
+            log.error("the shim died %d times in %.0fs: giving the group up", len(self._restarts), RESTART_WINDOW)
+            return False
+        log.warning("the serving shim died (status %d): starting another", status)
+        self.generation += 1
+        return True
+
+
+def _close_all(record: Record) -> None:
+    for fd in record.fds.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def split() -> tuple[socket.socket, Takeover | None]:
+    """Become keeper + serving shim (see the module doc). Returns, in the serving shim only,
+    its end of the keeper's socket and, after a takeover, what to start from. The keeper
+    never returns: it exits when the group is over."""
+    become_subreaper()
+    with open("/proc/self/comm", "rb") as f:
+        name = f.read().strip()
+    gc.collect()
+    gc.freeze()  # the keeper's pages stay shared with the shims it forks
+    keeper: Keeper | None = None
+    while True:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            theirs.close()
+            takeover = None
+            if keeper is not None:
+                keeper.sock.close()
+                takeover = Takeover(keeper.records, keeper.exits, keeper.generation)
+            _serving_shim(name)
+            return mine, takeover
+        mine.close()
+        if keeper is None:
+            keeper = Keeper(theirs, pid)
+            _become_keeper()
+        else:
+            keeper.sock.close()
+            keeper.sock, keeper.shim_pid, keeper.state = theirs, pid, "serving"
+        if not _keep(keeper):
+            os._exit(0)
+
+
+def _serving_shim(name: bytes) -> None:
+    """The forked child: its own process group (a signal to the shim's group must not reach
+    the keeper), a subreaper for the containers it starts, default signal handling."""
+    os.setpgid(0, 0)
+    become_subreaper()
+    with contextlib.suppress(OSError):
+        _prctl(_PR_SET_NAME, name)
+    for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_DFL)
+    gc.unfreeze()
+
+
+def _become_keeper() -> None:
+    try:
+        _prctl(_PR_SET_NAME, KEEPER_NAME)
+    except OSError:
+        pass
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+    logging.getLogger().handlers.clear()  # the shim's FIFO handler is not set up here
+
+
+def _keep(keeper: Keeper) -> bool:
+    """The keeper's loop until the serving shim dies (True: fork another) or the group is over."""
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    try:
+        poller = select.poll()
+        poller.register(wake_r, select.POLLIN)
+        poller.register(keeper.sock.fileno(), select.POLLIN)
+        while True:
+            keeper.reap()
+            if keeper.state != "serving":
+                return keeper.state == "restart"
+            try:
+                ready = poller.poll()
+            except InterruptedError:
+                continue
+            for fd, _events in ready:
+                if fd == wake_r:
+                    _drain(wake_r)
+                    continue
+                try:
+                    message, fds = _receive(keeper.sock)
+                except OSError as e:
+                    if e.errno in (errno.EAGAIN, errno.EINTR):
+                        continue
+                    message, fds = None, []
+                if message is None:
+                    poller.unregister(keeper.sock.fileno())  # EOF: the shim is dying; SIGCHLD follows
+                    continue
+                keeper.handle(message, fds)
+    finally:
+        signal.set_wakeup_fd(-1)
+        os.close(wake_r)
+        os.close(wake_w)
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
+
+
+class KeeperLink:
+    """The serving shim's end: tell the keeper what to hold; hear the exits it reaped."""
+
+    def __init__(self, sock: socket.socket, on_exit: Callable[[int, int, float], None]) -> None:
+        self._sock = sock
+        self._on_exit = on_exit
+        self.alive = True
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._sock.setblocking(False)
+        loop.add_reader(self._sock.fileno(), self._read)
+
+    def _read(self) -> None:
+        while True:
+            try:
+                message, fds = _receive(self._sock)
+            except BlockingIOError:
+                return
+            except OSError:
+                message, fds = None, []
+            for fd in fds:
+                os.close(fd)
+            if message is None:
+                self._lost()
+                return
+            if message.get("op") == "exit":
+                self._on_exit(int(message["pid"]), int(message["status"]), float(message["at"]))
+
+    def _lost(self) -> None:
+        if self.alive:
+            self.alive = False
+            log.warning("the group's keeper is gone: its containers stay this shim's children, "
+                        "but they will not outlive this shim")
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._sock.fileno())
+
+    def _send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
+        if not self.alive:
+            return
+        try:
+            self._sock.setblocking(True)
+            _send(self._sock, message, fds)
+        except OSError as e:
+            log.warning("telling the keeper %s: %s", message.get("op"), e)
+            self._lost()
+        finally:
+            if self.alive:
+                self._sock.setblocking(False)
+
+    def put(self, key: str, data: dict[str, Any], fds: dict[str, int] | None = None) -> None:
+        names = list(fds or {})
+        self._send({"op": "put", "key": key, "data": data, "fds": names}, [fds[n] for n in names] if fds else None)
+
+    def drop(self, key: str) -> None:
+        self._send({"op": "drop", "key": key})
+
+    def ack(self, pid: int) -> None:
+        self._send({"op": "ack", "pid": pid})
+
+    def bye(self) -> None:
+        self._send({"op": "bye"})
