@@ -748,7 +748,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke mode: N=2, small sizes, 5 idle containers")
+    p.add_argument("--quick", action="store_true", help="smoke mode: N=2, small sizes, 5 and 10 idle containers (20 and 200 in the full run)")
     p.add_argument("--n", type=int, help="samples per latency workload (run --rm, exec, events); caps the rounds of the others")
     p.add_argument("--results", type=Path, default=RESULTS, help=f"where the JSON goes (default {RESULTS})")
     args = p.parse_args(argv)
