@@ -76,6 +76,7 @@ WORKLOADS = (
     Workload("mem_shim_many", "shim PSS per idle container, many in one namespace", "KiB", "lower"),
     Workload("task_ls_many", "ctr task ls with many running", "ms", "lower"),
     Workload("run_rm_many", "ctr run --rm /bin/true beside many running", "ms", "lower"),
+    Workload("takeover", "kill -9 the shim -> its containers serving again", "ms", "lower"),
 )
 
 
@@ -566,6 +567,48 @@ class Bench:
                     clear(s, ns)
         log(f"memory and recovery: {rounds} round(s) x {len(self.setups)} x {count} containers done")
 
+    # 11. kill -9 of the process that supervises a container (for ketchd: a group's serving shim)
+    def takeover(self) -> None:
+        count, rounds = self.cfg.idle, self.cfg.idle_rounds
+        self.results.params["takeover"] = {
+            "containers": count, "rounds": rounds, "poll_ms": 20,
+            "measured": "from kill -9 of the parent of a container's init until ctr task ls shows every "
+                        "container RUNNING with its pid and an exec in the killed one's container succeeds"}
+        ids = [f"t{j}" for j in range(count)]
+        for i, order in rotations(self.setups, rounds):
+            for s in order:
+                ns = self.ns(s, "takeover")
+                try:
+                    start_detached(s, ns, ids)
+                    self.sample("takeover", s, lambda: self._takeover(s, ns, ids))
+                except (BenchError, OSError, subprocess.TimeoutExpired) as e:
+                    self.results.error("takeover", s.name, str(e))
+                finally:
+                    clear(s, ns)
+        log(f"takeover: {rounds} round(s) x {len(self.setups)} x {count} containers done")
+
+    def _takeover(self, s: Setup, ns: str, ids: list[str]) -> float:
+        before = s.tasks(ns)
+        victim = ids[0]
+        with open(f"/proc/{before[victim][0]}/stat") as f:
+            shim = int(f.read().rsplit(")", 1)[1].split()[1])
+        t0 = time.perf_counter()
+        os.kill(shim, signal.SIGKILL)
+        deadline = t0 + 10
+        while time.perf_counter() < deadline:
+            try:
+                now = s.tasks(ns)
+            except BenchError:
+                now = {}
+            if now and all(now.get(c) == (before[c][0], "RUNNING") for c in ids):
+                argv = s.ctr_argv(ns, "tasks", "exec", *s.fifo, "--exec-id", "after", victim, "/bin/true")
+                if subprocess.run(argv, capture_output=True, timeout=30).returncode == 0:
+                    return 1000 * (time.perf_counter() - t0)
+            if now and now.get(victim, (0, "STOPPED"))[1] == "STOPPED":
+                raise BenchError("the container died with its shim")
+            time.sleep(0.02)
+        raise BenchError("not serving again within 10 s")
+
     def _mem_shim(self, key: str, s: Setup, ns: str, ids: list[str]) -> None:
         """PSS of every supervision process of ``ids`` (see supervision_pids), per container."""
         procs = supervision_pids(s, ns, ids)  # one shim may serve many tasks: each counted once
@@ -636,6 +679,7 @@ class Bench:
         self.stdout()
         self.idle()
         self.many()
+        self.takeover()
 
     def close(self) -> list[str]:
         left = []

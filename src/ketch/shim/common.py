@@ -16,6 +16,10 @@ import socket
 _SUN_PATH_MAX = 107
 
 
+#: the fd ``start`` hands the server its listening socket on
+LISTEN_FD = 3
+
+
 class UsageError(Exception):
     pass
 

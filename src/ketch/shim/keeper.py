@@ -2,7 +2,10 @@
 
 At start-up, after its imports and before any asyncio, the shim server splits in two
 (:func:`split`): the parent becomes the **keeper**, a small blocking loop, and the child goes
-on as the **serving shim**. Both are child subreapers, so:
+on as the **serving shim**. Splitting after the imports (rather than before) costs about the
+same memory — the pages the serving shim dirties stay with the keeper, where imports made
+before the split would be private to the shim — and lets a successor start without importing
+anything; forked from a pre-imported template, the keeper shares its pages with it. Both are child subreapers, so:
 
 * while the serving shim lives, the containers it starts are its children (runc's orphans
   reparent to the nearest subreaper): it reaps them itself, as before;
@@ -18,13 +21,14 @@ meanwhile wait in its backlog.
 
 When the serving shim dies, the keeper forks a new one (:class:`Takeover`): it inherits the
 records, their fds and the exits kept, rebuilds its state from them, and serves on the same
-socket. Those containers stay the keeper's children: their exits reach the new shim as
+socket, milliseconds after the death. Those containers stay the keeper's children: their exits reach the new shim as
 messages. A shim that exits on purpose says ``bye`` first, and the keeper goes with it.
 
 If the keeper dies while the shim serves, nothing is lost: the containers are the shim's
 children. The group then has no keeper until it is next started; the shim logs it.
 
-Messages (JSON, one per datagram): shim → keeper ``{"op": "put", "key", "data", "fds": [names]}``
+Messages (``marshal``ed dicts, one per datagram: no import needed, and both ends run the same
+Python): shim → keeper ``{"op": "put", "key", "data", "fds": [names]}``
 (the fds ride along, replacing the key's previous ones), ``{"op": "drop", "key"}`` (the key and
 every key below it), ``{"op": "ack", "pid"}``, ``{"op": "bye"}``; keeper → shim
 ``{"op": "exit", "pid", "status", "at"}``.
@@ -33,23 +37,16 @@ every key below it), ``{"op": "ack", "pid"}``, ``{"op": "bye"}``; keeper → shi
 from __future__ import annotations
 
 import array
-import asyncio
-import contextlib
 import ctypes
 import errno
 import gc
-import json
-import logging
+import marshal
 import os
 import select
 import signal
 import socket
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 _PR_SET_NAME = 15
 _PR_SET_CHILD_SUBREAPER = 36
@@ -77,15 +74,15 @@ def _exit_status(wait_status: int) -> int:
     return 128 - code if code < 0 else code
 
 
-def _send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
-    data = json.dumps(message, separators=(",", ":")).encode()
+def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
+    data = marshal.dumps(message)
     if fds:
         sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
     else:
         sock.send(data)
 
 
-def _receive(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
+def receive(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
     """One message and its fds; (None, []) at EOF."""
     fds = array.array("i")
     data, ancdata, _flags, _addr = sock.recvmsg(_MAX_MESSAGE, socket.CMSG_SPACE(_MAX_FDS * fds.itemsize))
@@ -96,27 +93,31 @@ def _receive(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
         for fd in fds:
             os.close(fd)
         return None, []
-    return json.loads(data), list(fds)
+    message = marshal.loads(data)
+    return (message if isinstance(message, dict) else {}), list(fds)
 
 
-@dataclass
 class Record:
     """What the serving shim told the keeper about one thing (a container, a process)."""
 
-    data: dict[str, Any]
-    fds: dict[str, int] = field(default_factory=dict)
+    __slots__ = ("data", "fds")
+
+    def __init__(self, data: dict[str, Any], fds: dict[str, int]) -> None:
+        self.data = data
+        self.fds = fds
 
 
-@dataclass
 class Takeover:
-    """What a serving shim forked by the keeper starts from."""
+    """What a serving shim forked by the keeper starts from: the records, by key, with their
+    fds (open in this process); the exits the keeper reaped that no shim acknowledged
+    (pid → (status, time)); how many shims served this group before this one."""
 
-    #: the records, by key, with their fds (open in this process)
-    records: dict[str, Record]
-    #: exits the keeper reaped that no shim acknowledged: pid → (status, time)
-    exits: dict[int, tuple[int, float]]
-    #: how many shims served this group before this one
-    generation: int
+    __slots__ = ("records", "exits", "generation")
+
+    def __init__(self, records: dict[str, Record], exits: dict[int, tuple[int, float]], generation: int) -> None:
+        self.records = records
+        self.exits = exits
+        self.generation = generation
 
 
 class Keeper:
@@ -171,7 +172,7 @@ class Keeper:
                 continue
             self.exits[pid] = (_exit_status(status), time.time())
             try:
-                _send(self.sock, {"op": "exit", "pid": pid, "status": self.exits[pid][0], "at": self.exits[pid][1]})
+                send(self.sock, {"op": "exit", "pid": pid, "status": self.exits[pid][0], "at": self.exits[pid][1]})
             except OSError:
                 pass  # no shim to tell now: the next one inherits self.exits
 
@@ -183,9 +184,8 @@ class Keeper:
         now = time.monotonic()
         self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW] + [now]
         if len(self._restarts) > MAX_RESTARTS:
-            log.error("the shim died %d times in %.0fs: giving the group up", len(self._restarts), RESTART_WINDOW)
+            _say(f"the shim died {len(self._restarts)} times in {RESTART_WINDOW:.0f}s: giving the group up")
             return False
-        log.warning("the serving shim died (status %d): starting another", status)
         self.generation += 1
         return True
 
@@ -235,8 +235,10 @@ def _serving_shim(name: bytes) -> None:
     the keeper), a subreaper for the containers it starts, default signal handling."""
     os.setpgid(0, 0)
     become_subreaper()
-    with contextlib.suppress(OSError):
+    try:
         _prctl(_PR_SET_NAME, name)
+    except OSError:
+        pass
     for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_DFL)
     gc.unfreeze()
@@ -249,7 +251,6 @@ def _become_keeper() -> None:
         pass
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
-    logging.getLogger().handlers.clear()  # the shim's FIFO handler is not set up here
 
 
 def _keep(keeper: Keeper) -> bool:
@@ -274,7 +275,7 @@ def _keep(keeper: Keeper) -> bool:
                     _drain(wake_r)
                     continue
                 try:
-                    message, fds = _receive(keeper.sock)
+                    message, fds = receive(keeper.sock)
                 except OSError as e:
                     if e.errno in (errno.EAGAIN, errno.EINTR):
                         continue
@@ -289,72 +290,17 @@ def _keep(keeper: Keeper) -> bool:
         os.close(wake_w)
 
 
+def _say(line: str) -> None:
+    """The keeper's rare words, on its stderr (the shim's log, if the daemon gave it one)."""
+    try:
+        os.write(2, f"ketch-keeper: {line}\n".encode())
+    except OSError:
+        pass
+
+
 def _drain(fd: int) -> None:
     try:
         while os.read(fd, 4096):
             pass
     except BlockingIOError:
         pass
-
-
-class KeeperLink:
-    """The serving shim's end: tell the keeper what to hold; hear the exits it reaped."""
-
-    def __init__(self, sock: socket.socket, on_exit: Callable[[int, int, float], None]) -> None:
-        self._sock = sock
-        self._on_exit = on_exit
-        self.alive = True
-
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._sock.setblocking(False)
-        loop.add_reader(self._sock.fileno(), self._read)
-
-    def _read(self) -> None:
-        while True:
-            try:
-                message, fds = _receive(self._sock)
-            except BlockingIOError:
-                return
-            except OSError:
-                message, fds = None, []
-            for fd in fds:
-                os.close(fd)
-            if message is None:
-                self._lost()
-                return
-            if message.get("op") == "exit":
-                self._on_exit(int(message["pid"]), int(message["status"]), float(message["at"]))
-
-    def _lost(self) -> None:
-        if self.alive:
-            self.alive = False
-            log.warning("the group's keeper is gone: its containers stay this shim's children, "
-                        "but they will not outlive this shim")
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(self._sock.fileno())
-
-    def _send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
-        if not self.alive:
-            return
-        try:
-            self._sock.setblocking(True)
-            _send(self._sock, message, fds)
-        except OSError as e:
-            log.warning("telling the keeper %s: %s", message.get("op"), e)
-            self._lost()
-        finally:
-            if self.alive:
-                self._sock.setblocking(False)
-
-    def put(self, key: str, data: dict[str, Any], fds: dict[str, int] | None = None) -> None:
-        names = list(fds or {})
-        self._send({"op": "put", "key": key, "data": data, "fds": names}, [fds[n] for n in names] if fds else None)
-
-    def drop(self, key: str) -> None:
-        self._send({"op": "drop", "key": key})
-
-    def ack(self, pid: int) -> None:
-        self._send({"op": "ack", "pid": pid})
-
-    def bye(self) -> None:
-        self._send({"op": "bye"})

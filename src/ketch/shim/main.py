@@ -18,7 +18,7 @@ import socket
 import sys
 
 from ketch.files import write_atomic
-from ketch.shim.common import UsageError, connectable, socket_path
+from ketch.shim.common import LISTEN_FD, UsageError, connectable, socket_path
 
 _BOOL_FLAGS = {"debug", "v", "version"}
 _FLAGS = {"namespace", "id", "address", "publish-binary", "bundle", "socket"} | _BOOL_FLAGS
@@ -116,6 +116,23 @@ def start(flags: dict[str, str]) -> int:
     return 0
 
 
+def serve(flags: dict[str, str]) -> int:
+    """The long-lived server: check what ``start`` handed over, import the server, split into
+    the group's keeper and the serving shim (see keeper.py), then serve."""
+    if not flags.get("namespace") or not flags.get("id"):
+        raise UsageError("the shim server needs -namespace and -id")
+    try:
+        os.fstat(LISTEN_FD)
+    except OSError:
+        raise UsageError("the shim server expects its listening socket on fd 3; run it with 'start'") from None
+    os.chdir(flags.get("bundle") or os.getcwd())
+    from ketch.shim.keeper import split
+    from ketch.shim.server import run
+
+    keeper_sock, takeover = split()
+    return run(flags, keeper_sock, takeover)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
@@ -133,9 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return delete(flags)
         if action == "":
-            from ketch.shim.server import run
-
-            return run(flags)
+            return serve(flags)
         raise UsageError(f"unknown action {action!r} (want start, delete or none)")
     except UsageError as e:
         sys.stderr.write(f"containerd-shim-ketch-v2: {e}\n")

@@ -17,9 +17,10 @@ import socket
 from collections.abc import Callable
 
 from ketch import ttrpc
-from ketch.shim.common import UsageError, runc_root
+from ketch.shim.common import LISTEN_FD, runc_root
 from ketch.shim.core import Core
-from ketch.shim.keeper import KeeperLink, Takeover, split
+from ketch.shim.keeper import Takeover
+from ketch.shim.keeperlink import KeeperLink
 from ketch.shim.lifetime import Lifetime
 from ketch.shim.publisher import Publisher
 from ketch.shim.reaper import Monitor
@@ -27,7 +28,6 @@ from ketch.shim.service import TaskService
 
 log = logging.getLogger("ketch.shim")
 
-LISTEN_FD = 3
 
 
 class _FifoHandler(logging.Handler):
@@ -134,17 +134,8 @@ def _unlink_if_ours(path: object, inode: int | None) -> None:
             log.warning("removing %s: %s", path, e)
 
 
-def run(flags: dict[str, str]) -> int:
-    if not flags.get("namespace") or not flags.get("id"):
-        raise UsageError("the shim server needs -namespace and -id")
-    try:
-        os.fstat(LISTEN_FD)
-    except OSError:
-        raise UsageError("the shim server expects its listening socket on fd 3; run it with 'start'") from None
-    bundle = flags.get("bundle") or os.getcwd()
-    os.chdir(bundle)
-
+def run(flags: dict[str, str], keeper_sock: socket.socket, takeover: Takeover | None) -> int:
+    """Serve, as the serving half of a split (``main.serve`` split the process first)."""
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    keeper_sock, takeover = split()
     asyncio.run(_serve(flags, keeper_sock, takeover))
     return 0
