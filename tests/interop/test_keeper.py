@@ -217,3 +217,68 @@ def test_a_keeper_dying_alone_loses_nothing(kenv: Env) -> None:
     assert _pids(kenv, ns)["calm"][1] == "RUNNING" and support.shim_pid(ns, "calm") == shim
     r = kenv.ctr(ns, "tasks", "exec", *kenv.fifo, "--exec-id", "x", "calm", "echo", "fine")
     assert r.stdout == "fine\n"
+
+
+def test_live_upgrade_to_a_newly_installed_ketch(kenv: Env, tmp_path: Path) -> None:
+    """A newer ketch installed in the same venv (here: the editable install's version bumped)
+    takes over a running group on ``ketchd upgrade-shims``: Connect reports the new version,
+    the containers keep their pids and their output."""
+    import asyncio
+
+    from ketch import identifiers, ttrpc
+    from ketch.api.containerd.task.v2 import shim_pb2
+
+    ns = kenv.ns()
+    log = tmp_path / "counter.log"
+    kenv.ctr(ns, "run", "-d", *kenv.fifo, "--runtime", kenv.runtime, *PATH, "--log-uri", f"file://{log}",
+             "--rootfs", kenv.rootfs, "counter", "sh", "-c", "i=0; while true; do echo $i; i=$((i+1)); usleep 50000; done")
+    _run_detached(kenv, ns, ["sleeper"])
+    before = _pids(kenv, ns)
+    address = kenv.cd.bundle(ns, "counter").joinpath("address").read_text()
+
+    def version() -> str:
+        async def ask() -> str:
+            async with await ttrpc.connect(address, timeout=5) as client:
+                r = await client.call("containerd.task.v2.Task", "Connect", shim_pb2.ConnectRequest(id="counter"),
+                                      shim_pb2.ConnectResponse, timeout=5,
+                                      metadata={identifiers.TTRPC_NAMESPACE_KEY: ns})
+                return r.version
+        return asyncio.run(ask())
+
+    import ketch
+
+    init = Path(ketch.__file__)
+    original = init.read_text()
+    old = version()
+    new = old + "+upgraded"
+    keeper = _parent(_shim_of(kenv, ns, "counter"))
+    try:
+        init.write_text(original.replace(f'__version__ = "{old}"', f'__version__ = "{new}"'))
+        out = subprocess.run([f"{support.VENV_BIN}/ketchd", "--state", str(kenv.cd.base / "state"), "upgrade-shims"],
+                             capture_output=True, text=True, check=True).stdout
+        assert f"keeper {keeper}" in out, out
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if version() == new:
+                    break
+            except Exception:
+                pass
+            time.sleep(0.05)
+        assert version() == new
+    finally:
+        init.write_text(original)
+    assert support.keeper_pids(ns) == {keeper}, "the keeper exec'd in place"
+    deadline = time.monotonic() + 10
+    after = _pids(kenv, ns)
+    while after != before and time.monotonic() < deadline:
+        time.sleep(0.05)
+        after = _pids(kenv, ns)
+    assert after == before
+    seen = _counted(log)
+    time.sleep(0.5)
+    grown = _counted(log)
+    assert len(grown) > len(seen)
+    _assert_no_gap(grown)
+    r = kenv.ctr(ns, "tasks", "exec", *kenv.fifo, "--exec-id", "up", "sleeper", "echo", "upgraded")
+    assert r.stdout == "upgraded\n"

@@ -48,6 +48,8 @@ import socket
 import time
 from typing import Any
 
+from ketch.shim.common import LISTEN_FD
+
 _PR_SET_NAME = 15
 _PR_SET_CHILD_SUBREAPER = 36
 _MAX_MESSAGE = 1 << 16
@@ -127,8 +129,11 @@ class Keeper:
         self.records: dict[str, Record] = {}
         self.exits: dict[int, tuple[int, float]] = {}
         self.generation = 0
-        #: "serving", "restart" (fork another shim) or "over" (the keeper goes)
+        #: "serving", "restart" (fork another shim), "upgrade" (exec the installed ketch, then
+        #: fork a shim of it) or "over" (the keeper goes)
         self.state = "serving"
+        #: SIGHUP asked for a live upgrade: the serving shim is being ended for it
+        self.upgrading = False
         self._bye = False
         self._restarts: list[float] = []
 
@@ -168,13 +173,28 @@ class Keeper:
             if pid == 0:
                 return
             if pid == self.shim_pid:
-                self.state = "restart" if self._shim_died(_exit_status(status)) else "over"
+                if self.upgrading:
+                    self.shim_pid, self.state = 0, "upgrade"
+                else:
+                    self.state = "restart" if self._shim_died(_exit_status(status)) else "over"
                 continue
             self.exits[pid] = (_exit_status(status), time.time())
             try:
                 send(self.sock, {"op": "exit", "pid": pid, "status": self.exits[pid][0], "at": self.exits[pid][1]})
             except OSError:
                 pass  # no shim to tell now: the next one inherits self.exits
+
+    def upgrade(self) -> None:
+        """Live upgrade (SIGHUP): end the serving shim; once it is reaped, the keeper execs the
+        ketch installed now (same pid, so the containers stay its children) and forks a shim of
+        the new version, which takes over like any successor."""
+        if self.upgrading or not self.shim_pid:
+            return
+        self.upgrading = True
+        try:
+            os.kill(self.shim_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def _shim_died(self, status: int) -> bool:
         """The serving shim exited: go too if it said bye, else fork the next one (True)."""
@@ -198,16 +218,19 @@ def _close_all(record: Record) -> None:
             pass
 
 
-def split() -> tuple[socket.socket, Takeover | None]:
+def split(argv: list[str]) -> tuple[socket.socket, Takeover | None]:
     """Become keeper + serving shim (see the module doc). Returns, in the serving shim only,
     its end of the keeper's socket and, after a takeover, what to start from. The keeper
-    never returns: it exits when the group is over."""
+    never returns: it exits when the group is over. ``argv`` is the command that starts this
+    server: a live upgrade execs it."""
     become_subreaper()
     with open("/proc/self/comm", "rb") as f:
         name = f.read().strip()
     gc.collect()
     gc.freeze()  # the keeper's pages stay shared with the shims it forks
-    keeper: Keeper | None = None
+    keeper = _resumed()
+    if keeper is not None:
+        _become_keeper()
     while True:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
@@ -226,8 +249,58 @@ def split() -> tuple[socket.socket, Takeover | None]:
         else:
             keeper.sock.close()
             keeper.sock, keeper.shim_pid, keeper.state = theirs, pid, "serving"
-        if not _keep(keeper):
+        outcome = _keep(keeper)
+        if outcome == "upgrade":
+            _reexec(keeper, argv)
+        elif outcome != "restart":
             os._exit(0)
+
+
+#: the environment variable that hands an exec'd keeper its predecessor's state (a memfd)
+STATE_ENV = "KETCH_SHIM_KEEPER_STATE"
+
+
+def _reexec(keeper: Keeper, argv: list[str]) -> None:
+    """Exec the ketch installed now, keeping this pid (and so every container as a child), the
+    listening socket and every fd the records hold; the state rides in a memfd."""
+    state = {"records": {k: (r.data, r.fds) for k, r in keeper.records.items()}, "exits": keeper.exits,
+             "generation": keeper.generation + 1}
+    fd = os.memfd_create("ketch-keeper-state", 0)
+    os.write(fd, marshal.dumps(state))
+    os.lseek(fd, 0, os.SEEK_SET)
+    for record in keeper.records.values():
+        for held in record.fds.values():
+            os.set_inheritable(held, True)
+    os.set_inheritable(LISTEN_FD, True)
+    keeper.sock.close()
+    os.environ[STATE_ENV] = str(fd)
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGCHLD, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    try:
+        os.execv(argv[0], argv)
+    except OSError as e:
+        _say(f"live upgrade: cannot exec {argv[0]}: {e}; going on with this version")
+        os.environ.pop(STATE_ENV, None)
+        os.close(fd)
+
+
+def _resumed() -> Keeper | None:
+    """The keeper a live upgrade exec'd into: its predecessor's state, from the memfd."""
+    value = os.environ.pop(STATE_ENV, "")
+    if not value:
+        return None
+    fd = int(value)
+    with os.fdopen(fd, "rb") as f:
+        state = marshal.loads(f.read())
+    keeper = Keeper(socket.socket(), 0)  # a placeholder socket, replaced at the first fork
+    keeper.records = {k: Record(data, dict(fds)) for k, (data, fds) in state["records"].items()}
+    keeper.exits = dict(state["exits"])
+    keeper.generation = int(state["generation"])
+    for record in keeper.records.values():
+        for held in record.fds.values():
+            os.set_inheritable(held, False)
+    return keeper
 
 
 def _serving_shim(name: bytes) -> None:
@@ -249,15 +322,17 @@ def _become_keeper() -> None:
         _prctl(_PR_SET_NAME, KEEPER_NAME)
     except OSError:
         pass
-    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE, signal.SIGUSR1, signal.SIGUSR2):
+    for sig in (signal.SIGINT, signal.SIGPIPE, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
 
 
-def _keep(keeper: Keeper) -> bool:
-    """The keeper's loop until the serving shim dies (True: fork another) or the group is over."""
+def _keep(keeper: Keeper) -> str:
+    """The keeper's loop until the serving shim dies: "restart" (fork another), "upgrade"
+    (exec the installed ketch first) or "over"."""
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.signal(signal.SIGHUP, lambda *_: keeper.upgrade())
     try:
         poller = select.poll()
         poller.register(wake_r, select.POLLIN)
@@ -265,7 +340,7 @@ def _keep(keeper: Keeper) -> bool:
         while True:
             keeper.reap()
             if keeper.state != "serving":
-                return keeper.state == "restart"
+                return keeper.state
             try:
                 ready = poller.poll()
             except InterruptedError:

@@ -116,7 +116,7 @@ def start(flags: dict[str, str]) -> int:
     return 0
 
 
-def serve(flags: dict[str, str]) -> int:
+def serve(flags: dict[str, str], args: list[str]) -> int:
     """The long-lived server: check what ``start`` handed over, import the server, split into
     the group's keeper and the serving shim (see keeper.py), then serve."""
     if not flags.get("namespace") or not flags.get("id"):
@@ -129,7 +129,7 @@ def serve(flags: dict[str, str]) -> int:
     from ketch.shim.keeper import split
     from ketch.shim.server import run
 
-    keeper_sock, takeover = split()
+    keeper_sock, takeover = split([sys.executable, "-I", "-m", "ketch.shim", *args])
     return run(flags, keeper_sock, takeover)
 
 
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return delete(flags)
         if action == "":
-            return serve(flags)
+            return serve(flags, args)
         raise UsageError(f"unknown action {action!r} (want start, delete or none)")
     except UsageError as e:
         sys.stderr.write(f"containerd-shim-ketch-v2: {e}\n")
