@@ -60,6 +60,8 @@ class Workload:
     unit: str
     #: "lower" (latency, memory) or "higher" (rates)
     better: str
+    #: the setups that can have a sample at all; the others report why not (an error)
+    only: tuple[str, ...] = ()
 
 
 #: every workload, in the order of the table; keys are stable across --quick and full runs
@@ -74,6 +76,11 @@ WORKLOADS = (
     Workload("mem_shim", "shim PSS per idle container", "KiB", "lower"),
     Workload("mem_daemon", "daemon PSS with the idle containers", "KiB", "lower"),
     Workload("recovery", "kill -9 daemon -> all tasks RUNNING again", "ms", "lower"),
+    Workload("mem_shim_many", "shim PSS per idle container, many in one namespace", "KiB", "lower"),
+    Workload("task_ls_many", "ctr task ls with many running", "ms", "lower"),
+    Workload("run_rm_many", "ctr run --rm /bin/true beside many running", "ms", "lower"),
+    # containerd's runc shim takes its container with it: only ketchd's shim groups come back
+    Workload("takeover", "kill -9 the shim -> its containers serving again", "ms", "lower", only=("ketchd",)),
 )
 
 
@@ -89,16 +96,20 @@ class Config:
     idle_rounds: int = 5
     stdout_bytes: int = 256 * MiB
     stdout_n: int = 3
+    #: idle containers in one namespace (one ketch shim group), started ``many_batch`` at a time
+    many: int = 200
+    many_batch: int = 20
+    many_n: int = 20
 
     @classmethod
     def make(cls, quick: bool, n: int | None) -> Config:
         if quick:
             c = cls(quick=True, run_n=2, exec_n=2, event_n=2, concurrent=(5, 10), concurrent_rounds=1, idle=5,
-                    idle_rounds=1, stdout_bytes=32 * MiB, stdout_n=1)
+                    idle_rounds=1, stdout_bytes=32 * MiB, stdout_n=1, many=10, many_batch=10, many_n=2)
         else:
             c = cls()
         if n is not None:
-            c.run_n = c.exec_n = c.event_n = n
+            c.run_n = c.exec_n = c.event_n = c.many_n = n
             c.concurrent_rounds = min(c.concurrent_rounds, n)
             c.idle_rounds = min(c.idle_rounds, n)
             c.stdout_n = min(c.stdout_n, n)
@@ -207,6 +218,80 @@ def alive(pid: int) -> bool:
             return not f.read().rsplit(") ", 1)[1].startswith("Z")
     except (OSError, IndexError):
         return False
+
+
+def parents() -> dict[int, int]:
+    """pid -> parent pid of every live (non-zombie) process."""
+    out: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                state, ppid = f.read().rsplit(") ", 1)[1].split()[:2]
+        except (OSError, IndexError, ValueError):
+            continue
+        if state != "Z":
+            out[int(entry)] = int(ppid)
+    return out
+
+
+def supervisors(parent: dict[int, int], inits: set[int], recorded: set[int], foreign: set[int]) -> set[int]:
+    """The processes that supervise the tasks whose init processes are ``inits``, by kinship.
+
+    ``parent`` maps pid -> parent pid; ``recorded`` are shim pids the bundles name. From the
+    parent of each init and from each recorded pid it takes every process up the ancestry (a
+    shim, a keeper above it) until one in ``foreign`` (PID 1, the daemon, who started the bench),
+    then every other descendant of those (a template process); never the tasks' own processes
+    (an init and what that started)."""
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent.items():
+        children.setdefault(ppid, []).append(pid)
+    workload: set[int] = set()
+    stack = list(inits)
+    while stack:
+        p = stack.pop()
+        if p not in workload:
+            workload.add(p)
+            stack += children.get(p, [])
+    foreign = foreign | {0, 1}
+    found: set[int] = set()
+    for p in {parent.get(p, 0) for p in inits} | recorded:
+        while p in parent and p not in foreign and p not in found and p not in workload:
+            found.add(p)
+            p = parent[p]
+    stack = list(found)
+    while stack:
+        for c in children.get(stack.pop(), []):
+            if c not in found and c not in workload and c not in foreign:
+                found.add(c)
+                stack.append(c)
+    return found
+
+
+def supervision_pids(s: Setup, ns: str, ids: list[str]) -> set[int]:
+    """Every process that supervises the tasks ``ids`` of ``ns`` (see supervisors): found from
+    the tasks' init pids and the ``shim.pid`` files of their bundles, not by name."""
+    tasks = s.tasks(ns)
+    missing = [cid for cid in ids if cid not in tasks]
+    if missing:
+        raise BenchError(f"no task for {missing[:5]}")
+    recorded = set()
+    for cid in ids:  # a shim writes shim.pid into the bundle it was started for, if at all
+        try:
+            recorded.add(int((s.daemon.bundle(ns, cid) / "shim.pid").read_text()))
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as e:
+            raise BenchError(f"{cid}: unreadable shim.pid in the bundle: {e}") from None
+    parent = parents()
+    assert s.daemon.proc is not None
+    foreign = {s.daemon.proc.pid}
+    p = os.getpid()
+    while p > 1:  # whoever started the bench, up to PID 1
+        foreign.add(p)
+        p = parent.get(p, 0)
+    return supervisors(parent, {tasks[cid][0] for cid in ids}, recorded, foreign)
 
 
 def spawn(d: Daemon) -> None:
@@ -471,12 +556,16 @@ class Bench:
                     self.sample("stdout", s, lambda: size / MiB / timed(argv, stdout=null.fileno()))
         log(f"stdout: {n} x {len(self.setups)} x {size // MiB} MiB done")
 
-    # 5 and 6. memory of idle containers, then recovery of the daemon with them running
+    # 5, 6 and 11. memory of idle containers, recovery of the daemon with them running, then
+    # kill -9 of the process that supervises one of them (for ketchd: the group's serving shim)
     def idle(self) -> None:
         count, rounds = self.cfg.idle, self.cfg.idle_rounds
-        for key in ("mem_shim", "mem_daemon", "recovery"):
+        for key in ("mem_shim", "mem_daemon", "recovery", "takeover"):
             self.results.params[key] = {"containers": count, "rounds": rounds}
         self.results.params["recovery"]["poll_ms"] = 20
+        self.results.params["takeover"].update(poll_ms=20, measured=(
+            "from kill -9 of the parent of a container's init until ctr task ls shows every container "
+            "RUNNING with its pid and an exec in the killed one's container succeeds"))
         ids = [f"i{j}" for j in range(count)]
         for i, order in rotations(self.setups, rounds):
             for s in order:
@@ -486,21 +575,77 @@ class Bench:
                 try:
                     start_detached(s, ns, ids)
                     time.sleep(1.0)  # let the shims settle into idleness
-                    shims = system.shim_pids(ns)  # one shim may serve many tasks: each counted once
-                    if not shims:
-                        raise BenchError("no shim process found")
-                    self.results.add("mem_shim", s.name, sum(pss_kib(p) for p in shims) / count)
+                    self._mem_shim("mem_shim", s, ns, ids)
                     assert s.daemon.proc is not None
                     self.results.add("mem_daemon", s.name, pss_kib(s.daemon.proc.pid))
-                    self.results.params["mem_shim"].setdefault("shim_processes", {})[s.name] = len(shims)  # type: ignore[union-attr]
                     self.sample("recovery", s, lambda: self._recover(s, ns, ids))
+                    self.sample("takeover", s, lambda: self._takeover(s, ns, ids))
                 except (BenchError, OSError, subprocess.TimeoutExpired) as e:
                     self.results.error("mem_shim", s.name, str(e))
                 finally:
                     if s.daemon.proc is None or s.daemon.proc.poll() is not None:
                         s.daemon.start()
                     clear(s, ns)
-        log(f"memory and recovery: {rounds} round(s) x {len(self.setups)} x {count} containers done")
+        log(f"memory, recovery and takeover: {rounds} round(s) x {len(self.setups)} x {count} containers done")
+
+    def _takeover(self, s: Setup, ns: str, ids: list[str]) -> float:
+        before = s.tasks(ns)
+        victim = ids[0]
+        with open(f"/proc/{before[victim][0]}/stat") as f:
+            shim = int(f.read().rsplit(")", 1)[1].split()[1])
+        t0 = time.perf_counter()
+        os.kill(shim, signal.SIGKILL)
+        deadline = t0 + 10
+        while time.perf_counter() < deadline:
+            try:
+                now = s.tasks(ns)
+            except BenchError:
+                now = {}
+            if now and all(now.get(c) == (before[c][0], "RUNNING") for c in ids):
+                argv = s.ctr_argv(ns, "tasks", "exec", *s.fifo, "--exec-id", "after", victim, "/bin/true")
+                if subprocess.run(argv, capture_output=True, timeout=30).returncode == 0:
+                    return 1000 * (time.perf_counter() - t0)
+            if now and now.get(victim, (0, "STOPPED"))[1] == "STOPPED":
+                raise BenchError("the container died with its shim")
+            time.sleep(0.02)
+        raise BenchError("not serving again within 10 s")
+
+    def _mem_shim(self, key: str, s: Setup, ns: str, ids: list[str]) -> None:
+        """PSS of every supervision process of ``ids`` (see supervision_pids), per container."""
+        procs = supervision_pids(s, ns, ids)  # one shim may serve many tasks: each counted once
+        if not procs:
+            raise BenchError("no supervision process found")
+        self.results.add(key, s.name, sum(pss_kib(p) for p in procs) / len(ids))
+        self.results.params[key].setdefault("shim_processes", {})[s.name] = len(procs)  # type: ignore[union-attr]
+
+    # 8, 9 and 10. many idle containers in one namespace (for ketchd: one shim group)
+    def many(self) -> None:
+        count, n = self.cfg.many, self.cfg.many_n
+        self.results.params["mem_shim_many"] = {"containers": count, "batch": self.cfg.many_batch}
+        for key in ("task_ls_many", "run_rm_many"):
+            self.results.params[key] = {"containers": count, "n": n}
+        self.results.params["run_rm_many"]["warmup"] = 1
+        ids = [f"m{j}" for j in range(count)]
+        for s in self.setups:  # one setup's containers at a time, as in idle()
+            ns = self.ns(s, "many")
+            try:
+                t0 = time.perf_counter()
+                start_detached(s, ns, ids, batch=self.cfg.many_batch)
+                self.results.params["mem_shim_many"].setdefault("start_s", {})[s.name] = round(  # type: ignore[union-attr]
+                    time.perf_counter() - t0, 1)
+                time.sleep(1.0)  # let the shims settle into idleness
+                self._mem_shim("mem_shim_many", s, ns, ids)
+                for _ in range(n):
+                    self.sample("task_ls_many", s, lambda: 1000 * timed(s.ctr_argv(ns, "tasks", "ls")))
+                # in the same namespace as the idle ones: for ketchd, the same shim group
+                self.sample("_warmup", s, lambda: timed(s.run_argv(ns, "w", "/bin/true")))
+                for i in range(n):
+                    self.sample("run_rm_many", s, lambda: 1000 * timed(s.run_argv(ns, f"r{i}", "/bin/true")))
+            except (BenchError, OSError, subprocess.TimeoutExpired) as e:
+                self.results.error("mem_shim_many", s.name, str(e))
+            finally:
+                clear(s, ns)
+        log(f"many: {len(self.setups)} x {count} containers, {n} sample(s) each done")
 
     def _recover(self, s: Setup, ns: str, ids: list[str]) -> float:
         d = s.daemon
@@ -535,6 +680,7 @@ class Bench:
         self.event_exit()
         self.stdout()
         self.idle()
+        self.many()
 
     def close(self) -> list[str]:
         left = []
@@ -647,7 +793,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke mode: N=2, small sizes, 5 idle containers")
+    p.add_argument("--quick", action="store_true", help="smoke mode: N=2, small sizes, 5 and 10 idle containers (20 and 200 in the full run)")
     p.add_argument("--n", type=int, help="samples per latency workload (run --rm, exec, events); caps the rounds of the others")
     p.add_argument("--results", type=Path, default=RESULTS, help=f"where the JSON goes (default {RESULTS})")
     args = p.parse_args(argv)

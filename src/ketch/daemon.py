@@ -26,6 +26,11 @@ from ketch import __version__, config, errdefs, topics, ttrpc
 
 log = logging.getLogger("ketchd")
 
+#: how long after the API serves again the events held while ketchd started (exits that shims
+#: kept during the outage, burials of shims that died meanwhile) wait for reconnecting
+#: clients to resubscribe before they are broadcast
+RESUBSCRIBE_GRACE = 0.5
+
 
 class _JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -94,6 +99,9 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
         os.makedirs(d, mode=0o711, exist_ok=True)
     store = Store(os.path.join(cfg.root, "meta.db"))
     exchange = Exchange()
+    # what shims forward, and what reloading finds, while ketchd starts waits for the clients
+    # that resubscribe once the API serves (see RESUBSCRIBE_GRACE)
+    exchange.hold()
 
     def publish(namespace: str, event: Any) -> None:
         exchange.publish(namespace, topics.of(event), event.DESCRIPTOR.full_name, event.SerializeToString())
@@ -128,9 +136,11 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
     ttrpc_task = asyncio.ensure_future(events_server.serve_path(cfg.ttrpc_address, ttrpc_started, mode=0o660))
     await ttrpc_started
 
+    exchange.accept = manager.first_publication
     started = time.monotonic()
     await manager.load()
     log.info("reloaded tasks in %.3fs", time.monotonic() - started)
+    burial = asyncio.ensure_future(manager.bury_dead())
 
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", cfg.grpc.max_recv_message_size),
@@ -146,7 +156,7 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
     log.info("ketchd %s serving on %s (ttrpc %s)", __version__, cfg.grpc.address, cfg.ttrpc_address)
     if ready is not None and not ready.done():
         ready.set_result(None)
-    burial = asyncio.ensure_future(manager.bury_dead())
+    asyncio.get_running_loop().call_later(RESUBSCRIBE_GRACE, exchange.release)
     launcher.launch_template()
 
     stop = asyncio.Event()
@@ -174,6 +184,38 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
                 pass
 
 
+def upgrade_shims(state: str) -> int:
+    """Live upgrade: signal the keeper of every ketch shim group whose tasks live under
+    ``state`` (SIGHUP; see ketch/shim/keeper.py). Each execs the ketch installed now and
+    starts a shim of it, which takes the group over; ketchd reconnects to it."""
+    from ketch.runtime.bundle import walk
+
+    def parent(pid: int) -> int:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+
+    def is_keeper(pid: int) -> bool:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip() == "ketch-keeper"
+
+    keepers: set[int] = set()
+    for bundle in walk(state, state):
+        try:  # the keeper is the parent of the task's serving shim (or, after a takeover, of its init)
+            pid = parent(int((bundle.path / "init.pid").read_text()))
+            for candidate in (pid, parent(pid)):
+                if is_keeper(candidate):
+                    keepers.add(candidate)
+                    break
+        except (OSError, ValueError):
+            continue
+    for pid in sorted(keepers):
+        os.kill(pid, signal.SIGHUP)
+        print(f"upgrading the shim group of keeper {pid}")
+    if not keepers:
+        print(f"no ketch shim group under {state}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ketchd", description="ketch's daemon: containerd's API, in Python")
     parser.add_argument("--config", "-c", help="TOML configuration file")
@@ -182,13 +224,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", "-a", help="gRPC socket (default /run/ketch/ketchd.sock)")
     parser.add_argument("--log-level", "-l", help="debug, info, warn, error")
     parser.add_argument("--version", "-v", action="version", version=f"ketchd {__version__}")
-    parser.add_argument("command", nargs="*", help="'config default' prints the default configuration")
+    parser.add_argument("command", nargs="*", help="'config default' prints the default configuration; "
+                        "'upgrade-shims' has every ketch shim group of this state directory switch to the "
+                        "ketch installed now, without restarting a container")
     args = parser.parse_args(argv)
-    if args.command:
-        if args.command == ["config", "default"]:
-            sys.stdout.write(config.DEFAULT_TOML)
-            return 0
-        parser.error(f"unknown command {' '.join(args.command)!r} (want: config default)")
+    if args.command == ["config", "default"]:
+        sys.stdout.write(config.DEFAULT_TOML)
+        return 0
+    if args.command and args.command != ["upgrade-shims"]:
+        parser.error(f"unknown command {' '.join(args.command)!r} (want: config default, upgrade-shims)")
     try:
         cfg = config.load(args.config)
     except errdefs.KetchError as e:
@@ -202,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.grpc.address = os.path.abspath(args.address)
     if args.log_level:
         cfg.log.level = args.log_level
+    if args.command == ["upgrade-shims"]:
+        return upgrade_shims(cfg.state)
     setup_logging(cfg.log.level, cfg.log.format)
     try:
         asyncio.run(serve(cfg))

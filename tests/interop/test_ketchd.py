@@ -189,7 +189,7 @@ def test_restart_with_twenty_running_and_one_dead_shim(kenv: Env) -> None:
     assert len(before) == 20 and all(status == "RUNNING" for _, status in before.values())
 
     kenv.cd.kill(signal.SIGKILL)
-    os.kill(support.shim_pid(other, "victim"), signal.SIGKILL)  # dies while ketchd is down
+    support.kill_shim_group(other, "victim")  # keeper and shim die while ketchd is down
     kenv.cd.start()
     events = Events(kenv, other)
     try:
@@ -210,12 +210,14 @@ def test_restart_with_twenty_running_and_one_dead_shim(kenv: Env) -> None:
         events.close()
 
 
-def test_shim_dying_while_ketchd_runs(kenv: Env) -> None:
+def test_a_whole_shim_group_dying_while_ketchd_runs(kenv: Env) -> None:
+    """The keeper and the serving shim both killed: nothing can take over, so the task is
+    buried (STOPPED, 255) and its container cleaned up."""
     ns = kenv.ns()
     events = Events(kenv, ns)
     try:
         _run_detached(kenv, ns, ["lonely"])
-        os.kill(support.shim_pid(ns, "lonely"), signal.SIGKILL)
+        support.kill_shim_group(ns, "lonely")
         exit_line = events.wait_for("/tasks/exit")[0]
         assert '"exit_status":255' in exit_line
         _wait_status(kenv, ns, "lonely", "STOPPED")
@@ -370,3 +372,72 @@ def test_calls_on_an_unstarted_exec_are_refused_and_touch_nothing_else(kenv: Env
     # the unstarted exec can still be deleted, and the container goes on
     tasks.DeleteProcess(tasks_pb2.DeleteProcessRequest(container_id="a", exec_id="never-started"), metadata=md(ns))
     assert _pids(kenv, ns) == before
+
+
+class Resubscriber:
+    """A client that keeps its event subscription across ketchd restarts, as dockerd does:
+    when the stream breaks it subscribes again at once, and collects every /tasks/exit."""
+
+    def __init__(self, env: Env, ns: str) -> None:
+        import threading
+
+        from ketch.api.containerd.events import task_pb2 as task_events
+        from ketch.api.containerd.services.events.v1 import events_pb2, events_pb2_grpc
+
+        self.exits: list[tuple[str, int]] = []
+        self._stop = threading.Event()
+        # reconnect within 100 ms (gRPC's default backoff grows to minutes)
+        self._channel = grpc.insecure_channel(f"unix://{env.cd.address}", options=[
+            ("grpc.initial_reconnect_backoff_ms", 50), ("grpc.min_reconnect_backoff_ms", 50),
+            ("grpc.max_reconnect_backoff_ms", 100)])
+        stub = events_pb2_grpc.EventsStub(self._channel)
+        request = events_pb2.SubscribeRequest(filters=[f'namespace=={ns},topic=="/tasks/exit"'])
+
+        def loop() -> None:
+            while not self._stop.is_set():
+                self._stream = stub.Subscribe(request, wait_for_ready=True)
+                try:
+                    for envelope in self._stream:
+                        e = task_events.TaskExit.FromString(envelope.event.value)
+                        self.exits.append((e.container_id, e.exit_status))
+                except grpc.RpcError:
+                    time.sleep(0.02)
+
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._stream.cancel()
+        self._channel.close()
+        self._thread.join(5)
+
+
+OUTAGE = float(os.environ.get("KETCH_TEST_OUTAGE", "60"))
+
+
+def test_an_exit_during_a_long_ketchd_outage_arrives_once_after_the_restart(kenv: Env) -> None:
+    ns = kenv.ns()
+    kenv.ctr(ns, "run", "-d", *kenv.fifo, "--runtime", kenv.runtime, *PATH, "--rootfs", kenv.rootfs, "quitter",
+             "sh", "-c", "sleep 2; exit 7")
+    _run_detached(kenv, ns, ["stayer"])
+    subscriber = Resubscriber(kenv, ns)
+    try:
+        time.sleep(0.3)
+        kenv.cd.kill(signal.SIGKILL)
+        time.sleep(OUTAGE)  # quitter exits 2 s in; its shim keeps the exit while nobody answers
+        assert subscriber.exits == []
+        kenv.cd.start()
+        deadline = time.monotonic() + 15
+        while not subscriber.exits and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(2)  # room for a duplicate to show up
+        assert subscriber.exits == [("quitter", 7)], (kenv.cd.base / "ketchd.log").read_text()[-5000:]
+        tasks = _pids(kenv, ns)
+        assert tasks["quitter"][1] == "STOPPED" and tasks["stayer"][1] == "RUNNING"
+        # Wait, as a client that reconnects asks, gets the true status too
+        wait = tasks_pb2_grpc.TasksStub(grpc.insecure_channel(f"unix://{kenv.cd.address}")).Wait(
+            tasks_pb2.WaitRequest(container_id="quitter"), metadata=md(ns), timeout=10)
+        assert wait.exit_status == 7
+    finally:
+        subscriber.close()

@@ -290,3 +290,40 @@ def test_events_imports_no_grpc() -> None:
     code = "import sys, ketch.events; print(any(m.split('.')[0] == 'grpc' for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert out.strip() == "False"
+
+
+def test_a_held_exchange_keeps_events_until_released_in_order() -> None:
+    async def body() -> None:
+        ex = Exchange()
+        ex.hold()
+        ex.publish("default", "/tasks/exit", EXIT, b"1")
+        ex.forward(Envelope(1.0, "default", "/tasks/exit", EXIT, b"2"))
+        late = ex.subscribe()  # a client resubscribing after the restart
+        ex.release()
+        assert [e.value for e in await take(late, 2)] == [b"1", b"2"]
+        ex.publish("default", "/tasks/exit", EXIT, b"3")
+        assert [e.value for e in await take(late, 1)] == [b"3"]
+
+    run(body)
+
+
+def test_forwarded_events_the_accept_hook_refuses_are_dropped() -> None:
+    async def body() -> None:
+        ex = Exchange()
+        seen: set[bytes] = set()
+
+        def first(e: Envelope) -> bool:
+            new = e.value not in seen
+            seen.add(e.value)
+            return new
+
+        ex.accept = first
+        sub = ex.subscribe()
+        for value in (b"a", b"a", b"b"):
+            ex.forward(Envelope(1.0, "default", "/tasks/exit", EXIT, value))
+        assert [e.value for e in await take(sub, 2)] == [b"a", b"b"]
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await take(sub, 1)  # the duplicate never arrives
+
+    run(body)

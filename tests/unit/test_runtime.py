@@ -189,8 +189,8 @@ def test_a_dead_shim_buries_its_tasks_once_with_255(tmp_path: Path) -> None:
         await asyncio.sleep(0.01)
         await w.shim_of(a).die()
         assert (await waiter).status == 255
-        with pytest.raises(errdefs.Unavailable):
-            await exec_waiter  # an exec's Wait ends with its shim: its status died with it
+        with pytest.raises(errdefs.NotFound):
+            await exec_waiter  # no successor: an exec's status died with its shim
         await until(lambda: b.phase is Phase.STOPPED)
         exits = [(e.container_id, e.exit_status) for _, t, e in w.events if t == "/tasks/exit"]
         assert sorted(exits) == [("a", 255), ("b", 255)]
@@ -229,7 +229,7 @@ def test_reload_reconnects_live_shims_and_buries_dead_ones(tmp_path: Path) -> No
         assert await k1.start() == pids["k1"]
         d1 = w.manager.get("dead", "d1")
         assert d1.phase is Phase.LOST and (await d1.state()).status == 0  # UNKNOWN until buried
-        await w.manager.bury_dead(grace=0)
+        await w.manager.bury_dead()
         assert d1.phase is Phase.STOPPED and w.topics() == ["/tasks/exit"]
         with pytest.raises(errdefs.NotFound):
             w.manager.get("keep", "k2")
@@ -277,3 +277,56 @@ def test_illegal_phase_moves_name_the_phase(tmp_path: Path, phase: Phase, op: st
     with pytest.raises(errdefs.FailedPrecondition, match=f"cannot {op} in {phase.value} phase"):
         task.move(op)
     assert task.phase is phase
+
+
+def test_a_resent_exit_is_published_once_across_restarts(tmp_path: Path) -> None:
+    from ketch.api.containerd.events import task_pb2 as events
+    from ketch.events import Envelope
+    from ketch.timestamps import timestamp
+
+    launcher = FakeLauncher()
+    exit7 = events.TaskExit(container_id="c", id="c", pid=42, exit_status=7, exited_at=timestamp(1700000000.5))
+    envelope = Envelope(1.0, "ns", "/tasks/exit", "containerd.events.TaskExit", exit7.SerializeToString())
+
+    async def first(w: World) -> None:
+        await w.create("ns", "c")
+        assert w.manager.first_publication(envelope)
+        assert not w.manager.first_publication(envelope), "the shim resent it: already published"
+        other = Envelope(1.0, "ns", "/tasks/start", "containerd.events.TaskStart", b"")
+        assert w.manager.first_publication(other) and w.manager.first_publication(other)
+        stranger = events.TaskExit(container_id="not-ours", id="x", pid=1)
+        assert w.manager.first_publication(Envelope(1.0, "ns", "/tasks/exit", "containerd.events.TaskExit",
+                                                    stranger.SerializeToString()))
+
+    run(tmp_path, first, launcher=launcher)
+
+    async def after_restart(w: World) -> None:
+        await w.manager.load()
+        assert not w.manager.first_publication(envelope)
+        exit8 = events.TaskExit(container_id="c", id="e1", pid=43, exit_status=8, exited_at=timestamp(1700000001))
+        assert w.manager.first_publication(Envelope(1.0, "ns", "/tasks/exit", "containerd.events.TaskExit",
+                                                    exit8.SerializeToString()))
+
+    run(tmp_path, after_restart, launcher=launcher)
+
+
+def test_a_shim_replaced_by_its_keeper_is_reconnected_without_losing_a_task(tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        a = await w.create("ns", "a")
+        b = await w.create("ns", "b")
+        await a.start()
+        await b.start()
+        pids = (a.pid, b.pid)
+        waiter = asyncio.ensure_future(a.wait())
+        await asyncio.sleep(0.01)
+        successor = await w.launcher.kill_and_succeed(w.shim_of(a))
+        await until(lambda: a.phase is Phase.LIVE and b.phase is Phase.LIVE)
+        assert (a.pid, b.pid) == pids and a.group is b.group and w.shim_of(a) is successor
+        assert not waiter.done(), "the Wait goes on with the successor"
+        await a.kill(signal.SIGTERM)
+        assert (await waiter).status == 143
+        assert w.topics() == [] and w.launcher.deleted == [], "nothing buried, no 255"
+        assert (await w.manager.delete("ns", "a")).status == 143
+        assert (await b.state()).status == 2  # RUNNING
+
+    run(tmp_path, body)

@@ -177,6 +177,24 @@ class Exchange:
         self._queue_size = queue_size
         self._decoder = decoder
         self._subscribers: list[Subscription] = []
+        #: envelopes published while held (see :meth:`hold`), in order; None when open
+        self._held: list[Envelope] | None = None
+        #: asked of every forwarded envelope: False drops it (a duplicate of one already
+        #: broadcast, say); exceptions refuse the forward
+        self.accept: Callable[[Envelope], bool] | None = None
+
+    def hold(self) -> None:
+        """Keep what is published from now on until :meth:`release`. The daemon holds its
+        exchange while it starts: events that shims forward (or that reloading produces)
+        then, reach the clients that resubscribe once the API serves again."""
+        if self._held is None:
+            self._held = []
+
+    def release(self) -> None:
+        """Broadcast everything held, in order, and stop holding."""
+        held, self._held = self._held, None
+        for envelope in held or ():
+            self._broadcast(envelope)
 
     @property
     def subscribers(self) -> int:
@@ -205,6 +223,10 @@ class Exchange:
         validate_topic(envelope.topic)
         if envelope.timestamp <= 0:
             raise InvalidArgument("timestamp must be set on forwarded event")
+        if self.accept is not None and not self.accept(envelope):
+            log.info("dropped a forwarded event already published", extra={"topic": envelope.topic,
+                                                                          "namespace": envelope.namespace})
+            return
         self._broadcast(envelope)
 
     def subscribe(self, filters: Sequence[str] = ()) -> Subscription:
@@ -228,6 +250,9 @@ class Exchange:
             pass
 
     def _broadcast(self, envelope: Envelope) -> None:
+        if self._held is not None:
+            self._held.append(envelope)
+            return
         adaptor = envelope_adaptor(envelope, self._decoder)
         for subscription in tuple(self._subscribers):
             if not subscription._offer(envelope, adaptor):

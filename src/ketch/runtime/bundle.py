@@ -8,6 +8,8 @@
         ketch.json       what ketchd needs to reload the task: runtime name, shim binary
         address          the shim's ttrpc address (written by the shim's start)
         exited.json      written when the shim died: the task is a tombstone until deleted
+        exits            one line per /tasks/exit a shim forwarded (process id, pid, time):
+                         a shim that resends one after a lost answer is not published twice
 
 Namespace and id are validated before any path is built from them.
 """
@@ -81,6 +83,19 @@ class Bundle:
     def write_exit(self, pid: int, exit_status: int, exited_at: float) -> None:
         write_atomic(self.path / "exited.json",
                      json.dumps({"pid": pid, "exit_status": exit_status, "exited_at": exited_at}).encode())
+
+    def note_exit(self, key: str) -> bool:
+        """Record that the exit ``key`` was published; False if it was already."""
+        path = self.path / "exits"
+        line = key + "\n"
+        try:
+            if line in path.read_text().splitlines(keepends=True):
+                return False
+        except FileNotFoundError:
+            pass
+        with open(path, "a") as f:
+            f.write(line)
+        return True
 
     def delete(self) -> None:
         """Remove the bundle and its work directory, unmounting a rootfs left mounted."""

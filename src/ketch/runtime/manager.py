@@ -29,12 +29,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 
-from ketch import errdefs, filters, timestamps
+from ketch import errdefs, filters, timestamps, topics
 from ketch.api.containerd.events import task_pb2 as events
 from ketch.api.containerd.task.v2 import shim_pb2
 from ketch.api.containerd.types import metrics_pb2, mount_pb2
 from ketch.api.containerd.types.task import task_pb2 as task_types
+from ketch.events import Envelope
 from ketch.files import write_atomic
 from ketch.runtime.bundle import Bundle, walk
 from ketch.runtime.shim import KETCH_SHIM, ShimClient, ShimLauncher, ShimLog, Stdio
@@ -85,6 +87,7 @@ class TaskManager:
         call_timeout: float = 30.0,
         aliases: dict[str, str] | None = None,
         grouping: bool = True,
+        takeover_timeout: float = 2.0,
     ) -> None:
         self.state_dir = state
         self.root_dir = root
@@ -95,6 +98,8 @@ class TaskManager:
         self.aliases = aliases or {}
         #: tasks of one namespace share one ketch shim process (see ShimGroup)
         self.grouping = grouping
+        #: how long a lost shim's successor has to answer before its tasks are buried
+        self.takeover_timeout = takeover_timeout
         self._groups: dict[tuple[str, str], ShimGroup] = {}
         self._group_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._tasks: dict[tuple[str, str], Task] = {}
@@ -291,21 +296,80 @@ class TaskManager:
             task.log.close()
         task.bundle.delete()
 
+    # -- exits forwarded by shims ------------------------------------------------------------
+
+    def first_publication(self, envelope: Envelope) -> bool:
+        """False for a /tasks/exit a shim forwards again (it resends until it gets an answer,
+        and an answer can be lost when ketchd dies); recorded in the task's bundle, so this
+        holds across ketchd's restarts."""
+        if envelope.topic != topics.of(events.TaskExit()):
+            return True
+        try:
+            exit = events.TaskExit.FromString(envelope.value)
+        except DecodeError:
+            return True
+        task = self._tasks.get((envelope.namespace, exit.container_id))
+        if task is None:
+            return True
+        try:
+            return task.bundle.note_exit(f"{exit.id} {exit.pid} {exit.exited_at.seconds}.{exit.exited_at.nanos:09d}")
+        except OSError as e:
+            log.warning("recording the exit of %s/%s: %s", envelope.namespace, exit.id, e)
+            return True
+
     # -- dead shims --------------------------------------------------------------------------
 
     def _on_shim_close(self, group: ShimGroup) -> None:
-        """A shim's connection closed: bury every task it still served (none, when it was
-        shut down on purpose)."""
+        """A shim's connection closed: every task it still served (none, when it was shut down
+        on purpose) is lost until a successor answers on the same address, else buried."""
         if group.key is not None and self._groups.get(group.key) is group:
             del self._groups[group.key]
+        lost = []
         for task in list(group.tasks.values()):
             if not task.can("lose") or task.phase is Phase.NEW:
                 continue  # released on purpose, or a create in progress whose error path cleans up
-            log.warning("shim of task %s/%s went away", task.namespace, task.id)
             task.move("lose")
-            t = asyncio.ensure_future(self._bury(task))
+            lost.append(task)
+        if lost:
+            log.warning("the shim at %s went away (tasks %s): looking for its successor", group.address,
+                        ", ".join(f"{t.namespace}/{t.id}" for t in lost))
+            t = asyncio.ensure_future(self._recover(group, lost))
             self._background.add(t)
             t.add_done_callback(self._background.discard)
+
+    async def _recover(self, group: ShimGroup, tasks: builtins.list[Task]) -> None:
+        """Reconnect ``tasks`` to the successor their group's keeper starts on the same address:
+        the keeper holds the listening socket, so a connection is accepted at once and answered
+        once the successor serves (milliseconds). Nobody listening means no keeper: bury them."""
+        successor: ShimGroup | None = None
+        try:
+            successor = await self._connect_group(group.address, tasks[0].namespace,
+                                                  group.key if group.key not in self._groups else None)
+        except errdefs.KetchError as e:
+            log.info("no successor at %s: %s", group.address, e)
+        alive: builtins.list[Task] = []
+        if successor is not None and successor.client is not None:
+            for task in tasks:
+                try:
+                    async with asyncio.timeout(self.takeover_timeout):
+                        pid = await successor.client.connect(task.id)
+                except (errdefs.KetchError, TimeoutError) as e:
+                    log.warning("the successor at %s does not serve task %s: %s", group.address, task.id, e)
+                    continue
+                if not task.can("attach"):
+                    continue
+                task.pid = pid or task.pid
+                group.tasks.pop(task.id, None)
+                self._attach(task, successor)
+                task.move("attach")
+                alive.append(task)
+            if successor.key is not None and alive:
+                self._groups[successor.key] = successor
+            elif not alive:
+                await successor.client.close()
+            log.info("reconnected %d of %d tasks to the successor shim at %s", len(alive), len(tasks),
+                     group.address)
+        await asyncio.gather(*(self._bury(t) for t in tasks if t not in alive and t.can("bury")))
 
     async def _bury(self, task: Task, exit_status: int = UNKNOWN_EXIT) -> None:
         """The shim is gone: clean up after it, publish the exit, keep a STOPPED tombstone."""
@@ -406,11 +470,10 @@ class TaskManager:
                 task.move("lose")
                 self._unburied.append(task)
 
-    async def bury_dead(self, grace: float = 0.5) -> None:
-        """Clean up after the shims :meth:`load` found dead. Run once the API is served, after
-        ``grace``, so that clients reconnecting after the restart can subscribe in time to
-        see the /tasks/exit of those tasks (until then they are UNKNOWN, and Wait blocks)."""
-        await asyncio.sleep(grace)
+    async def bury_dead(self) -> None:
+        """Clean up after the shims :meth:`load` found dead (until then their tasks are
+        UNKNOWN, and Wait blocks). The daemon holds the /tasks/exit this publishes until
+        clients reconnecting after the restart could resubscribe."""
         tasks, self._unburied = self._unburied, []
         await asyncio.gather(*(self._bury(t) for t in tasks))
 

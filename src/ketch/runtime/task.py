@@ -6,7 +6,7 @@ phase). The process states inside a live task (created, running, paused, stopped
 shim's business; this table is about the task's link to its shim.
 
     new ──attach──▶ live ──lose──▶ lost ──bury──▶ stopped ──delete──▶ deleted
-     │  ╲            │               │              │
+     │  ╲            │ ◀──attach──┘ │              │
      │   ╲lose       release         │              │
      │    ╲          ▼               │              │
      │     ╲──▶ lost releasing ──released──▶ deleted
@@ -15,8 +15,10 @@ shim's business; this table is about the task's link to its shim.
 
 - **new**: the bundle exists; the shim is being started (create) or reconnected (load).
 - **live**: attached to a connected shim; every call goes to it.
-- **lost**: the shim died; the cleanup (``shim delete``) is still to come. State is UNKNOWN;
-  Wait blocks until the burial.
+- **lost**: the shim's connection closed. Its group's keeper may have started a successor,
+  which the manager reconnects to (``attach``: live again, same pid); if none answers, the
+  cleanup (``shim delete``) follows (``bury``). Meanwhile calls are Unavailable, state is
+  UNKNOWN, and Wait blocks until one or the other.
 - **stopped**: a tombstone: the shim is gone and the exit recorded (status 255: the real one
   died with the shim), in the bundle too, until the task is deleted.
 - **releasing**: being deleted, or ketchd is shutting down: a closing shim connection is
@@ -67,6 +69,7 @@ TRANSITIONS: dict[tuple[Phase, str], Phase] = {
     (Phase.NEW, "abandon"): Phase.DELETED,
     (Phase.LIVE, "lose"): Phase.LOST,
     (Phase.LIVE, "release"): Phase.RELEASING,
+    (Phase.LOST, "attach"): Phase.LIVE,
     (Phase.LOST, "bury"): Phase.STOPPED,
     (Phase.LOST, "release"): Phase.RELEASING,
     (Phase.STOPPED, "release"): Phase.RELEASING,
@@ -100,8 +103,10 @@ class Task:
     log: ShimLog | None = None
     #: the recorded exit once ``stopped``
     tombstone: Exit | None = None
-    #: set when the task leaves ``lost`` (buried, or released), so waiters wake
+    #: set when the task is settled for good (stopped, released or deleted)
     settled: asyncio.Event = field(default_factory=asyncio.Event)
+    #: set (and replaced) on every move, so waiters see the task come back to life
+    _moved: asyncio.Event = field(default_factory=asyncio.Event)
 
     # -- the phase table -----------------------------------------------------------------
 
@@ -114,6 +119,8 @@ class Task:
         self.phase = TRANSITIONS[(self.phase, op)]
         if self.phase not in (Phase.NEW, Phase.LIVE, Phase.LOST):
             self.settled.set()
+        moved, self._moved = self._moved, asyncio.Event()
+        moved.set()
 
     @property
     def released(self) -> bool:
@@ -121,8 +128,11 @@ class Task:
         return self.phase in (Phase.RELEASING, Phase.DELETED)
 
     def shim(self) -> ShimClient:
-        """The shim serving this task; NotFound unless the task is live."""
+        """The shim serving this task: Unavailable while it is being replaced, NotFound once
+        it is gone for good."""
         client = self.group.client if self.group is not None else None
+        if self.phase is Phase.LOST:
+            raise errdefs.Unavailable(f"task {self.id}: its shim is restarting; try again")
         if self.phase is not Phase.LIVE or client is None:
             raise errdefs.NotFound(f"task {self.id}: its shim is gone; the task has exited")
         return client
@@ -191,16 +201,23 @@ class Task:
                                   exited_at=timestamps.timestamp(self.tombstone.exited_at))
 
     async def wait(self, exec_id: str = "") -> Exit:
-        """Block until the process exits. When the shim dies first, the init process's wait
-        ends with the tombstone once the task is buried; an exec's is NotFound."""
-        if self.phase is Phase.LIVE:
-            try:
-                resp = await self.shim().wait(self.id, exec_id)
-                return Exit(0, resp.exit_status, timestamps.seconds(resp.exited_at))
-            except errdefs.Unavailable:
-                if exec_id or self.released:
-                    raise
-        await self.settled.wait()
-        if exec_id or self.tombstone is None:
-            raise errdefs.NotFound(f"process {exec_id or self.id} of task {self.id}")
-        return self.tombstone
+        """Block until the process exits. When the shim dies first, the wait goes on with its
+        successor; if there is none, the init process's wait ends with the tombstone once the
+        task is buried, an exec's with NotFound."""
+        while True:
+            moved = self._moved
+            if self.phase is Phase.LIVE:
+                try:
+                    resp = await self.shim().wait(self.id, exec_id)
+                    return Exit(0, resp.exit_status, timestamps.seconds(resp.exited_at))
+                except errdefs.Unavailable:
+                    if self.released:
+                        raise
+                    await moved.wait()  # the connection closed: see what comes of the shim
+                    continue
+            if self.phase in (Phase.NEW, Phase.LOST):
+                await moved.wait()
+                continue
+            if exec_id or self.tombstone is None:
+                raise errdefs.NotFound(f"process {exec_id or self.id} of task {self.id}")
+            return self.tombstone

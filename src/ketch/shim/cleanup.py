@@ -4,6 +4,11 @@ The daemon runs this when a shim died (or after it shut down): force-delete the 
 from runc's state (which kills whatever is left of it), unmount the bundle's rootfs, remove a
 dead shim's socket, and print a containerd.task.v2.DeleteResponse on stdout — exit status 137
 (SIGKILL), as containerd's runc shim reports, since the real status died with the shim.
+
+A ketch shim that dies is replaced by its group's keeper (``keeper.py``), but containerd
+takes a closed connection for a dead shim and runs this at once. So when a successor answers
+on the task's socket, it is told to forget the task too (Delete, then Shutdown): it exits
+at once if it serves nothing else, and its keeper with it, leaving nothing behind.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ def delete(flags: dict[str, str]) -> int:
     except OSError as e:
         warnings.append(str(e))
     _remove_dead_socket(bundle)
+    _forget_in_successor(bundle, ns, id, warnings)
 
     pid = 0
     try:
@@ -60,6 +66,48 @@ def delete(flags: dict[str, str]) -> int:
     for w in warnings:
         sys.stderr.write(w + "\n")
     return 0
+
+
+def _forget_in_successor(bundle: str, namespace: str, id: str, warnings: list[str]) -> None:
+    try:
+        with open(os.path.join(bundle, "address")) as f:
+            address = f.read().strip()
+    except OSError:
+        return
+    if not address or not connectable(address.removeprefix("unix://")):
+        return
+    import asyncio
+
+    from google.protobuf import empty_pb2
+
+    from ketch import identifiers, ttrpc
+    from ketch.api.containerd.task.v2 import shim_pb2
+
+    service = "containerd.task.v2.Task"
+    md: dict[str, str | list[str]] = {identifiers.TTRPC_NAMESPACE_KEY: namespace}
+
+    async def forget() -> None:
+        async with await ttrpc.connect(address, timeout=5.0) as client:
+            deadline = time.monotonic() + 5.0
+            while True:  # the successor may not have seen the kill's exit yet
+                try:
+                    await client.call(service, "Delete", shim_pb2.DeleteRequest(id=id), shim_pb2.DeleteResponse,
+                                      timeout=5.0, metadata=md)
+                    break
+                except errdefs.NotFound:
+                    break
+                except errdefs.FailedPrecondition:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.05)
+            # no task named: "exit now if you serve nothing", as to an idle shim nobody claims
+            await client.call(service, "Shutdown", shim_pb2.ShutdownRequest(), empty_pb2.Empty,
+                              timeout=5.0, metadata=md)
+
+    try:
+        asyncio.run(forget())
+    except (errdefs.KetchError, OSError) as e:
+        warnings.append(f"telling the group's shim to forget task {id}: {e}")
 
 
 def _remove_dead_socket(bundle: str) -> None:

@@ -17,6 +17,10 @@ from collections.abc import Mapping
 _SUN_PATH_MAX = 107
 
 
+#: the fd ``start`` hands the server its listening socket on
+LISTEN_FD = 3
+
+
 class UsageError(Exception):
     pass
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ import signal
 import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from google.protobuf import message as _message
 
@@ -39,7 +40,7 @@ from ketch.shim.lifetime import Lifetime
 from ketch.shim.options import RuntimeOptions
 from ketch.shim.process import Process, State
 from ketch.shim.reaper import Monitor
-from ketch.shim.stdio import ProcessIO, Stdio, logger_spawner
+from ketch.shim.stdio import Logger, ProcessIO, Stdio, logger_spawner
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,14 @@ EXEC_EXIT_GRACE = 5.0
 
 class Publisher(Protocol):
     def publish(self, event: _message.Message) -> None: ...
+
+
+class Keeper(Protocol):
+    """Where the core records what a successor shim needs (``keeper.KeeperLink``)."""
+
+    def put(self, key: str, data: dict[str, Any], fds: dict[str, int] | None = None) -> None: ...
+    def drop(self, key: str) -> None: ...
+    def ack(self, pid: int) -> None: ...
 
 
 class RootfsMount(Protocol):
@@ -84,6 +93,10 @@ class Container:
             raise errdefs.NotFound(f"exec {exec_id!r} of task {self.id!r}") from None
 
 
+def _process_key(container_id: str, exec_id: str) -> str:
+    return f"p/{container_id}/{exec_id or '-'}"
+
+
 def _read_pid(path: str) -> int:
     with open(path) as f:
         return int(f.read().strip())
@@ -107,6 +120,11 @@ class Core:
         self._creating: set[str] = set()
         self.lifetime = lifetime
         self._tasks: set[asyncio.Task[None]] = set()
+        #: the group's keeper (None: this shim has none, as under tests)
+        self.keeper: Keeper | None = None
+        #: exits the keeper reported and this shim has not recorded yet
+        self._unacked: set[int] = set()
+        self.monitor.on_orphan = self._orphan_exit
 
     # -- lookups -------------------------------------------------------------------------------
 
@@ -123,6 +141,96 @@ class Core:
         t = asyncio.ensure_future(coro)
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
+
+    # -- what the keeper holds for a successor -------------------------------------------------
+
+    def _record(self, container: Container, proc: Process | None = None) -> None:
+        """Tell the keeper the current state of ``container`` (and of ``proc``), with the fds
+        of its stdio; a successor shim rebuilds itself from these (:meth:`restore`)."""
+        if self.keeper is None:
+            return
+        if proc is None:
+            self.keeper.put(f"c/{container.id}", {"bundle": container.bundle,
+                                                  "mounted_rootfs": container.mounted_rootfs})
+            return
+        io = proc.io
+        data = {"state": int(proc.state), "pid": proc.pid, "exit_status": proc.exit_status,
+                "exited_at": proc.exited_at, "stdio": dataclasses.asdict(proc.stdio),
+                "spec": proc.spec.hex() if proc.state == State.CREATED else "",
+                "logger": io.logger.pid if io is not None and io.logger is not None else 0}
+        self.keeper.put(_process_key(container.id, proc.exec_id), data,
+                        io.kept() if io is not None and not io.closed else None)
+
+    def _follow(self, container: Container, proc: Process) -> None:
+        """Keep the keeper's record of ``proc`` current as its stdio changes."""
+        if proc.io is not None:
+            proc.io.on_change = lambda: self._record(container, proc)
+        self._record(container, proc)
+
+    def keeper_exit(self, pid: int, status: int, at: float) -> None:
+        """An exit the keeper reaped (a process whose shim died): route it like our own,
+        acknowledged once recorded."""
+        self._unacked.add(pid)
+        self.monitor.notify(pid, status, at)
+
+    def _orphan_exit(self, pid: int, status: int) -> None:
+        if pid in self._unacked and self.keeper is not None:
+            self._unacked.discard(pid)
+            self.keeper.ack(pid)
+
+    def restore(self, records: dict[str, tuple[dict[str, Any], dict[str, int]]],
+                exits: dict[int, tuple[int, float]]) -> None:
+        """Take over from a shim that died: rebuild containers and processes from the keeper's
+        records (``key → (data, fds)``), resume their stdio, and route the exits the keeper
+        kept meanwhile."""
+        for key, (data, _fds) in sorted(records.items()):
+            if not key.startswith("c/"):
+                continue
+            id = key[2:]
+            opts = RuntimeOptions.load(data["bundle"], self.runc_root)
+            runc = Runc(self.monitor, binary=opts.binary_name, root=opts.root,
+                        log_path=os.path.join(data["bundle"], "log.json"), systemd_cgroup=opts.systemd_cgroup)
+            container = Container(id, data["bundle"], runc, Process(id, "", Stdio()),
+                                  mounted_rootfs=bool(data.get("mounted_rootfs")))
+            self.containers[id] = container
+        for key, (data, fds) in sorted(records.items()):
+            if not key.startswith("p/"):
+                continue
+            cid, _, exec_id = key[2:].partition("/")
+            owner = self.containers.get(cid)
+            if owner is None:
+                for fd in fds.values():
+                    os.close(fd)
+                continue
+            self._restore_process(owner, "" if exec_id == "-" else exec_id, data, fds)
+        for container in self.containers.values():
+            if container.init.running:
+                self._watch_oom(container)
+        for pid, (status, at) in exits.items():
+            self.keeper_exit(pid, status, at)
+        log.info("took over %d containers", len(self.containers))
+
+    def _restore_process(self, container: Container, exec_id: str, data: dict[str, Any],
+                         fds: dict[str, int]) -> None:
+        proc = Process(container.id, exec_id, Stdio(**data["stdio"]), state=State(data["state"]), pid=data["pid"],
+                       exit_status=data["exit_status"], exited_at=data["exited_at"],
+                       spec=bytes.fromhex(data.get("spec", "")))
+        if exec_id:
+            container.execs[exec_id] = proc
+        else:
+            container.init = proc
+        if proc.state == State.STOPPED or proc.pid <= 0:
+            for fd in fds.values():
+                os.close(fd)
+            if proc.state == State.STOPPED:
+                proc.mark_exited()
+            return
+        logger = None
+        if data.get("logger"):
+            logger = Logger(int(data["logger"]), -1, self.monitor.watch(int(data["logger"])))
+        proc.io = ProcessIO.adopt(proc.stdio, fds, logger)
+        self._spawn(self._on_exit(container, proc, self.monitor.watch(proc.pid)))
+        self._follow(container, proc)
 
     # -- create / start ------------------------------------------------------------------------
 
@@ -155,6 +263,8 @@ class Core:
         finally:
             self._creating.discard(id)
         self.containers[id] = container
+        self._record(container)
+        self._follow(container, container.init)
         self.publisher.publish(events.TaskCreate(
             container_id=id, bundle=bundle, pid=container.init.pid,
             rootfs=[mount_pb2.Mount(type=m.type, source=m.source, target=m.target, options=m.options)
@@ -255,11 +365,13 @@ class Core:
             if exec_id:
                 await self._start_exec(container, proc)
                 proc.transition("start")
+                self._follow(container, proc)
                 self.publisher.publish(events.TaskExecStarted(
                     container_id=container.id, exec_id=proc.exec_id, pid=proc.pid))
             else:
                 await container.runc.start(container.id)
                 proc.transition("start")
+                self._record(container, proc)
                 self.publisher.publish(events.TaskStart(container_id=container.id, pid=proc.pid))
         return proc
 
@@ -287,19 +399,28 @@ class Core:
 
     async def _on_exit(self, container: Container, proc: Process, exited: asyncio.Future[int]) -> None:
         status = await exited
+        at = self.monitor.exit_time(proc.pid)
         async with proc.lock:
             if proc is container.init:
                 await self._after_init_exit(container)
             if proc.io is not None:
                 await proc.io.drain()
                 proc.io.close()
-            if not proc.record_exit(status):
+            if not proc.record_exit(status, at):
+                self._acknowledge(proc.pid)
                 return
+            self._record(container, proc)
+            self._acknowledge(proc.pid)
             self.publisher.publish(events.TaskExit(
                 container_id=container.id, id=proc.id, pid=proc.pid, exit_status=proc.exit_status,
                 exited_at=timestamps.timestamp(proc.exited_at)))
             proc.mark_exited()
         log.info("process exited container=%s id=%s pid=%d status=%d", container.id, proc.id, proc.pid, status)
+
+    def _acknowledge(self, pid: int) -> None:
+        if pid in self._unacked and self.keeper is not None:
+            self._unacked.discard(pid)
+            self.keeper.ack(pid)
 
     async def _after_init_exit(self, container: Container) -> None:
         """Before the init exit is published: report a pending OOM, and let the execs (which
@@ -372,6 +493,7 @@ class Core:
             container.init.require(op)
             await run(container.id)
             container.init.transition(op)
+            self._record(container, container.init)
 
     def exec(self, id: str, exec_id: str, *, stdio: Stdio, spec: bytes) -> None:
         """Add an exec process (started by :meth:`start`); ``spec`` is its OCI process JSON."""
@@ -388,6 +510,7 @@ class Core:
         except ValueError as e:
             raise errdefs.InvalidArgument(f"exec {exec_id}: invalid process spec: {e}") from None
         container.execs[exec_id] = Process(container.id, exec_id, stdio, spec=spec)
+        self._record(container, container.execs[exec_id])
         self.publisher.publish(events.TaskExecAdded(container_id=container.id, exec_id=exec_id))
 
     def resize(self, id: str, exec_id: str, width: int, height: int) -> None:
@@ -432,13 +555,16 @@ class Core:
             del container.execs[exec_id]
             if proc.io is not None:
                 proc.io.close()
+            if self.keeper is not None:
+                self.keeper.drop(_process_key(id, exec_id))
         else:
             await self._delete_init(container)
         return proc
 
     async def _delete_init(self, container: Container) -> None:
         init = container.init
-        await container.runc.delete(container.id, force=init.state == State.CREATED)
+        with contextlib.suppress(errdefs.NotFound):  # runc forgot it already (``shim delete`` ran)
+            await container.runc.delete(container.id, force=init.state == State.CREATED)
         init.delete()  # never started: runc killed its init; the exit handler will find it deleted
         for p in container.execs.values():
             if p.io is not None:
@@ -449,6 +575,9 @@ class Core:
         if container.mounted_rootfs:
             mount.unmount_all(os.path.join(container.bundle, "rootfs"))
         del self.containers[container.id]
+        if self.keeper is not None:
+            self.keeper.drop(f"c/{container.id}")
+            self.keeper.drop(f"p/{container.id}")
         self.publisher.publish(events.TaskDelete(
             container_id=container.id, id=container.id, pid=init.pid, exit_status=init.exit_status,
             exited_at=timestamps.timestamp(init.exited_at)))

@@ -23,7 +23,7 @@ import socket
 import sys
 
 from ketch.shim import launch, template
-from ketch.shim.common import UsageError, parse_args
+from ketch.shim.common import LISTEN_FD, UsageError, parse_args
 from ketch.templatewire import Refused, TemplateError
 
 
@@ -71,6 +71,23 @@ def start_template(flags: dict[str, str]) -> int:
     return 0
 
 
+def serve(flags: dict[str, str], args: list[str]) -> int:
+    """The long-lived server: check what ``start`` handed over, import the server, split into
+    the group's keeper and the serving shim (see keeper.py), then serve."""
+    if not flags.get("namespace") or not flags.get("id"):
+        raise UsageError("the shim server needs -namespace and -id")
+    try:
+        os.fstat(LISTEN_FD)
+    except OSError:
+        raise UsageError("the shim server expects its listening socket on fd 3; run it with 'start'") from None
+    os.chdir(flags.get("bundle") or os.getcwd())
+    from ketch.shim.keeper import split
+    from ketch.shim.server import run
+
+    keeper_sock, takeover = split([sys.executable, *launch.SERVER_ARGV, *args])
+    return run(flags, keeper_sock, takeover)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
@@ -92,9 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return delete(flags)
         if action == "":
-            from ketch.shim.server import run
-
-            return run(flags)
+            return serve(flags, args)
         raise UsageError(f"unknown action {action!r} (want start, delete, template or none)")
     except UsageError as e:
         sys.stderr.write(f"containerd-shim-ketch-v2: {e}\n")

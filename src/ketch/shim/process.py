@@ -150,14 +150,14 @@ class Process:
             f"cannot {op.replace('_', ' ')} {self.kind} {self.id} in {_describe(self.state)} state"
         )
 
-    def record_exit(self, status: int) -> bool:
-        """Move to stopped with exit ``status``; False (and nothing changes) when the process
-        was deleted already, whose exit is then not reported."""
+    def record_exit(self, status: int, at: float | None = None) -> bool:
+        """Move to stopped with exit ``status`` (reaped at ``at``, default now); False (and
+        nothing changes) when the process was deleted already, whose exit is then not reported."""
         if self.state == State.DELETED:
             return False
         self.transition("exit")
         self.exit_status = status
-        self.exited_at = time.time()
+        self.exited_at = time.time() if at is None else at
         return True
 
     def delete(self) -> None:

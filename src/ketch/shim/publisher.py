@@ -1,9 +1,13 @@
 """Task events from the shim to the daemon: Events.Forward over ttrpc at TTRPC_ADDRESS.
 
-One worker sends events in the order they were queued; a failed send is retried with a
-growing pause and a fresh connection (the daemon may be restarting), then dropped with a log
-line. ``flush`` waits for the queue to empty, so the shim can exit without losing
-/tasks/delete.
+One worker sends events in the order they were queued. While the daemon cannot be reached
+(restarting, or down for any length of time) the event at the head is retried with a growing
+pause (up to RETRY_MAX) over a fresh connection, and nothing behind it is lost or reordered:
+a /tasks/exit that happened during a daemon outage is delivered when the daemon is back. An
+event the daemon answers with an error is dropped with a log line (resending cannot help). A
+resend after an answer lost in a daemon crash is dropped by the daemon (see
+``TaskManager.first_publication``). ``flush`` waits for the queue to empty, so the shim can
+exit without losing /tasks/delete.
 """
 
 from __future__ import annotations
@@ -21,8 +25,11 @@ from ketch.api.containerd.services.ttrpc.events.v1 import events_pb2
 log = logging.getLogger(__name__)
 
 SERVICE = "containerd.services.events.ttrpc.v1.Events"
-ATTEMPTS = 5
 CALL_TIMEOUT = 5.0
+#: the longest pause between two tries to reach the daemon
+RETRY_MAX = 1.0
+#: how often a daemon outage is logged again
+LOG_EVERY = 30.0
 QUEUE_MAX = 2048
 
 
@@ -64,7 +71,8 @@ class Publisher:
                 self._queue.task_done()
 
     async def _send(self, req: events_pb2.ForwardRequest) -> None:
-        for attempt in range(1, ATTEMPTS + 1):
+        pause, logged = 0.05, 0.0
+        while True:
             try:
                 if self._client is None or self._client.closed:
                     self._client = await ttrpc.connect(self.address, timeout=CALL_TIMEOUT)
@@ -72,14 +80,23 @@ class Publisher:
                     SERVICE, "Forward", req, empty_pb2.Empty, timeout=CALL_TIMEOUT,
                     metadata={identifiers.TTRPC_NAMESPACE_KEY: self.namespace},
                 )
+                if logged:
+                    log.info("the daemon is back: forwarded %s", req.envelope.topic)
                 return
-            except errdefs.KetchError as e:
-                log.warning("forwarding %s failed (attempt %d): %s", req.envelope.topic, attempt, e)
+            except (errdefs.Unavailable, errdefs.DeadlineExceeded) as e:
+                # no daemon, or no answer: keep the event
+                now = time.monotonic()
+                if now - logged >= LOG_EVERY:
+                    log.warning("cannot forward %s yet, retrying: %s", req.envelope.topic, e)
+                    logged = now
                 if self._client is not None:
                     await self._client.close()
                     self._client = None
-                await asyncio.sleep(0.1 * attempt)
-        log.error("dropped event %s after %d attempts", req.envelope.topic, ATTEMPTS)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, RETRY_MAX)
+            except errdefs.KetchError as e:
+                log.error("the daemon refused event %s: %s", req.envelope.topic, e)
+                return
 
     async def flush(self, timeout: float = 10.0) -> None:
         """Wait until every queued event was sent or given up."""

@@ -45,6 +45,8 @@ class Monitor:
         self._watchers: dict[int, asyncio.Future[int]] = {}
         self._holds = 0
         self._kept: dict[int, int] = {}
+        #: when an exit was reaped, for exits reported from elsewhere (the keeper)
+        self._times: dict[int, float] = {}
         #: called with (pid, status) for each orphan's exit (logging, tests)
         self.on_orphan: Callable[[int, int], None] | None = None
 
@@ -71,8 +73,11 @@ class Monitor:
         for pid, status in exits:
             self.notify(pid, status)
 
-    def notify(self, pid: int, status: int) -> None:
-        """Route one exit (the reaper calls this; tests may too)."""
+    def notify(self, pid: int, status: int, at: float | None = None) -> None:
+        """Route one exit (the reaper calls this; the keeper's reports too, with the time the
+        keeper reaped it, ``at``; tests may)."""
+        if at is not None:
+            self._times[pid] = at
         fut = self._watchers.pop(pid, None)
         if fut is not None:
             if not fut.done():
@@ -84,6 +89,10 @@ class Monitor:
         log.debug("reaped orphan pid=%d status=%d", pid, status)
         if self.on_orphan is not None:
             self.on_orphan(pid, status)
+
+    def exit_time(self, pid: int) -> float | None:
+        """When ``pid`` was reaped, if it was reaped elsewhere (else None: just now)."""
+        return self._times.pop(pid, None)
 
     def watch(self, pid: int) -> asyncio.Future[int]:
         """A future for ``pid``'s exit status; resolved at once if it was kept by a hold."""

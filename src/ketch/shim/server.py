@@ -1,13 +1,14 @@
 """The long-lived shim server: a subreaper serving containerd.task.v2.Task on fd 3.
 
-``start`` (main.py) binds the socket and hands it over as fd 3; this process logs to the
-bundle's ``log`` FIFO (which the daemon reads) and exits once Shutdown finds no task left.
+``start`` (main.py) binds the socket and hands it over as fd 3. The process then splits into
+the group's keeper and the serving shim (``keeper.py``); the serving shim logs to the bundle's
+``log`` FIFO (which the daemon reads) and exits once Shutdown finds no task left, and the keeper
+with it. When the serving shim dies instead, the keeper starts another that takes over.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
 import logging
 import os
@@ -16,8 +17,10 @@ import socket
 from collections.abc import Callable
 
 from ketch import ttrpc
-from ketch.shim.common import UsageError, runc_root
+from ketch.shim.common import LISTEN_FD, runc_root
 from ketch.shim.core import Core
+from ketch.shim.keeper import Takeover
+from ketch.shim.keeperlink import KeeperLink
 from ketch.shim.lifetime import Lifetime
 from ketch.shim.publisher import Publisher
 from ketch.shim.reaper import Monitor
@@ -25,8 +28,6 @@ from ketch.shim.service import TaskService
 
 log = logging.getLogger("ketch.shim")
 
-_PR_SET_CHILD_SUBREAPER = 36
-LISTEN_FD = 3
 #: how this process began, when not by exec: set by a shim template that forked it (template.py)
 ORIGIN = ""
 
@@ -78,13 +79,7 @@ def _setup_logging(bundle: str, debug: bool, flags: dict[str, str], bundles: Cal
     root.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
-def _become_subreaper() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
-
-
-async def _serve(flags: dict[str, str]) -> None:
+async def _serve(flags: dict[str, str], keeper_sock: socket.socket, takeover: Takeover | None) -> None:
     loop = asyncio.get_running_loop()
     monitor = Monitor()
     monitor.install(loop)
@@ -101,6 +96,14 @@ async def _serve(flags: dict[str, str]) -> None:
                 runc_root=runc_root(flags.get("address", ""), namespace), lifetime=Lifetime(linger, on_exit))
     _setup_logging(os.getcwd(), flags.get("debug") == "true", flags,
                    lambda: [c.bundle for c in core.containers.values()])
+    link = KeeperLink(keeper_sock, core.keeper_exit)
+    link.start(loop)
+    core.keeper = link
+    if takeover is not None:
+        log.info("taking over the group (shim %d of this group)", takeover.generation + 1)
+        core.restore({k: (r.data, r.fds) for k, r in takeover.records.items()}, takeover.exits)
+        if core.lifetime is not None and not core.containers:
+            core.lifetime.idle()
     server = ttrpc.Server()
     TaskService(core).register(server)
     sock = socket.socket(fileno=LISTEN_FD)
@@ -111,6 +114,8 @@ async def _serve(flags: dict[str, str]) -> None:
     log.info("shim serving on %s%s", path, f" ({ORIGIN})" if ORIGIN else "")
     try:
         await asyncio.wait([serving, done], return_when=asyncio.FIRST_COMPLETED)
+        if done.done() and not core.containers:
+            link.bye()  # over on purpose: the keeper goes too
     finally:
         _unlink_if_ours(path, inode)  # first, so that no new client finds a dying shim
         await publisher.flush()
@@ -131,17 +136,8 @@ def _unlink_if_ours(path: object, inode: int | None) -> None:
             log.warning("removing %s: %s", path, e)
 
 
-def run(flags: dict[str, str]) -> int:
-    if not flags.get("namespace") or not flags.get("id"):
-        raise UsageError("the shim server needs -namespace and -id")
-    try:
-        os.fstat(LISTEN_FD)
-    except OSError:
-        raise UsageError("the shim server expects its listening socket on fd 3; run it with 'start'") from None
-    bundle = flags.get("bundle") or os.getcwd()
-    os.chdir(bundle)
-
+def run(flags: dict[str, str], keeper_sock: socket.socket, takeover: Takeover | None) -> int:
+    """Serve, as the serving half of a split (``main.serve`` split the process first)."""
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    _become_subreaper()
-    asyncio.run(_serve(flags))
+    asyncio.run(_serve(flags, keeper_sock, takeover))
     return 0

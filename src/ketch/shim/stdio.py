@@ -175,13 +175,16 @@ class ProcessIO:
     #: fds to hand to runc as the process's 0, 1, 2 (None = /dev/null); closed after spawn
     runtime_fds: list[int | None] = field(default_factory=lambda: [None, None, None])
     console: Console | None = None
-    _held: list[int] = field(default_factory=list)
+    #: the fds we hold that the process's stdio depends on, by role (see :meth:`kept`)
+    _held: dict[str, int] = field(default_factory=dict)
     _stdin_keeper: int | None = None
     _stdin_w: int | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _output_tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _closed: bool = False
     logger: Logger | None = None
+    #: called when the set of fds :meth:`kept` returns changes (the keeper holds copies)
+    on_change: Callable[[], None] | None = None
 
     @classmethod
     def create(cls, stdio: Stdio, *, uid: int = -1, gid: int = -1, logger: LoggerSpawn | None = None) -> ProcessIO:
@@ -226,33 +229,82 @@ class ProcessIO:
         if self.logger is not None:
             await self.logger.ready(timeout)
 
-    def _hold(self, fd: int) -> int:
-        self._held.append(fd)
+    def _hold(self, role: str, fd: int) -> int:
+        self._held[role] = fd
+        if self.on_change is not None:
+            self.on_change()
         return fd
 
-    def _copy_out(self, src: int, uri: str) -> None:
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def kept(self) -> dict[str, int]:
+        """The fds whose loss would hurt the process or its client, by role: the pipes to the
+        process (``in.w``, ``out.r``, ``err.r``), the client's FIFOs (``in.src``, ``in.keep``,
+        ``out.dst``, ``out.rd``, …) and a pty master (``pty``). A successor shim adopts them."""
+        fds = dict(self._held)
+        if self._stdin_keeper is not None:
+            fds["in.keep"] = self._stdin_keeper
+        if self._stdin_w is not None:
+            fds["in.w"] = self._stdin_w
+        if self.console is not None and self.console.master is not None:
+            fds["pty"] = self.console.master
+        return fds
+
+    def _copy_out(self, src: int, uri: str, stream: str) -> None:
         """Copy ``src`` to the client's ``uri`` (a FIFO, opened once the client reads it, or a
-        file:// path) until EOF."""
+        file:// path) until EOF; ``stream`` is ``out`` or ``err``."""
         kind, path = _path_of(uri)
-        if kind == "file":
+        dst = self._held.get(f"{stream}.dst")
+        if dst is None and kind == "file":
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            dst = self._hold(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640))
+            dst = self._hold(f"{stream}.dst",
+                             os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640))
+        if dst is not None:  # a file, or a FIFO opened already (by the shim we took over from)
             self._output_tasks.append(asyncio.ensure_future(pump(src, dst)))
             return
+
         async def copy() -> None:
-            dst = self._hold(await _open_fifo_writer(path))
             # our own reader keeps the FIFO alive if the client goes away: the process then
             # blocks on a full pipe instead of dying of EPIPE
-            self._hold(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+            dst = await _open_fifo_writer(path)
+            self._held[f"{stream}.rd"] = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            self._hold(f"{stream}.dst", dst)
             await pump(src, dst)
 
         self._output_tasks.append(asyncio.ensure_future(copy()))
+
+    @classmethod
+    def adopt(cls, stdio: Stdio, fds: dict[str, int], logger: Logger | None = None) -> ProcessIO:
+        """The stdio of a running process whose shim died, from the fds the keeper kept
+        (:meth:`kept` of the old shim's ProcessIO): copying resumes where it stopped."""
+        io = cls(stdio, logger=logger)
+        io._stdin_keeper = fds.pop("in.keep", None)
+        io._stdin_w = fds.pop("in.w", None)
+        master = fds.pop("pty", None)
+        io._held.update(fds)
+        for fd in [*fds.values(), *(f for f in (io._stdin_w, master) if f is not None)]:
+            os.set_inheritable(fd, False)
+        if master is not None:
+            io.console = Console.adopt(master)
+            if stdio.stdout:
+                io._copy_out(master, stdio.stdout, "out")
+            if "in.src" in fds:
+                io._tasks.append(asyncio.ensure_future(pump(fds["in.src"], master)))
+            return io
+        if io._stdin_w is not None and "in.src" in fds:
+            io._tasks.append(asyncio.ensure_future(io._copy_stdin(fds["in.src"], io._stdin_w)))
+        for stream, uri in (("out", stdio.stdout), ("err", stdio.stderr)):
+            if f"{stream}.r" in fds and uri:
+                io._copy_out(fds[f"{stream}.r"], uri, stream)
+        return io
 
     def _make_pipes(self, uid: int, gid: int) -> None:
         s = self.stdio
         if s.stdin:
             kind, path = _path_of(s.stdin)
-            src = self._hold(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+            src = self._hold("in.src", os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
             if kind == "fifo":
                 self._stdin_keeper = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             r, w = os.pipe2(os.O_CLOEXEC)
@@ -260,15 +312,15 @@ class ProcessIO:
             self.runtime_fds[0] = r
             self._stdin_w = w
             self._tasks.append(asyncio.ensure_future(self._copy_stdin(src, w)))
-        for i, uri in ((1, s.stdout), (2, s.stderr)):
+        for i, stream, uri in ((1, "out", s.stdout), (2, "err", s.stderr)):
             if not uri:
                 continue
             r, w = os.pipe2(os.O_CLOEXEC)
             _set_pipe_size(r)
             _nonblock(r)
             self.runtime_fds[i] = w
-            self._hold(r)
-            self._copy_out(r, uri)
+            self._hold(f"{stream}.r", r)
+            self._copy_out(r, uri, stream)
         if uid >= 0 or gid >= 0:
             for fd in self.runtime_fds:
                 if fd is not None:
@@ -284,6 +336,11 @@ class ProcessIO:
         if self._stdin_w is not None:
             os.close(self._stdin_w)
             self._stdin_w = None
+            self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None and not self._closed:
+            self.on_change()
 
     def after_spawn(self) -> None:
         """The runtime has the process's ends now: close ours so EOF can happen."""
@@ -298,10 +355,10 @@ class ProcessIO:
         master = await self.console.receive(timeout)
         s = self.stdio
         if s.stdout:
-            self._copy_out(master, s.stdout)
+            self._copy_out(master, s.stdout, "out")
         if s.stdin:
             kind, path = _path_of(s.stdin)
-            src = self._hold(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+            src = self._hold("in.src", os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
             if kind == "fifo":
                 self._stdin_keeper = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             self._tasks.append(asyncio.ensure_future(pump(src, master)))
@@ -316,6 +373,7 @@ class ProcessIO:
         if self._stdin_keeper is not None:
             os.close(self._stdin_keeper)
             self._stdin_keeper = None
+            self._changed()
         elif self.console is None:
             self._close_stdin_pipe()
 
@@ -340,7 +398,7 @@ class ProcessIO:
         if self._stdin_keeper is not None:
             os.close(self._stdin_keeper)
             self._stdin_keeper = None
-        for fd in self._held:
+        for fd in self._held.values():
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._held.clear()
@@ -427,11 +485,19 @@ def logger_spawner(reaper: ExitWatcher, namespace: str, container_id: str) -> Lo
 class Console:
     """A console socket runc connects to, to hand over a new pty master."""
 
-    def __init__(self, sock: socket.socket, directory: str) -> None:
+    def __init__(self, sock: socket.socket | None, directory: str) -> None:
         self._sock = sock
         self._dir = directory
         self.path = os.path.join(directory, "pty.sock")
         self.master: int | None = None
+
+    @classmethod
+    def adopt(cls, master: int) -> Console:
+        """The console of a process whose pty master a previous shim received."""
+        console = cls.__new__(cls)
+        console._sock, console._dir, console.path, console.master = None, "", "", master
+        _nonblock(master)
+        return console
 
     @classmethod
     def listen(cls) -> Console:
@@ -443,6 +509,7 @@ class Console:
         return cls(sock, directory)
 
     async def receive(self, timeout: float) -> int:
+        assert self._sock is not None
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(timeout):
             conn, _ = await loop.sock_accept(self._sock)
@@ -463,12 +530,15 @@ class Console:
         return self.master
 
     def _cleanup_socket(self) -> None:
+        if self._sock is None:
+            return
         with contextlib.suppress(OSError):
             self._sock.close()
         with contextlib.suppress(OSError):
             os.unlink(self.path)
         with contextlib.suppress(OSError):
             os.rmdir(self._dir)
+        self._sock = None
 
     def close(self) -> None:
         self._cleanup_socket()

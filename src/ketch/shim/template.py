@@ -38,7 +38,7 @@ from collections.abc import Callable
 
 from ketch import __version__
 from ketch.shim import launch
-from ketch.shim.common import UsageError, parse_args
+from ketch.shim.common import LISTEN_FD, UsageError, parse_args
 from ketch.templatewire import (HEADER, TIMEOUT, Refused, TemplateError, answer, call_fields, decode_body,
                                 decode_header, encode, parse_call)
 
@@ -130,9 +130,8 @@ def stop(path: str, timeout: float = TIMEOUT) -> int:
 # --- the template process ------------------------------------------------------------------------
 
 #: what the server imports at startup or on its first Create, loaded before the fork
-PRELOAD = ("ketch.shim.server", "ketch.api.containerd.runc.options.oci_pb2",
+PRELOAD = ("ketch.shim.server", "ketch.shim.keeper", "ketch.shim.keeperlink", "ketch.api.containerd.runc.options.oci_pb2",
            "ketch.api.containerd.linux.runctypes.runc_pb2", "select", "urllib.parse")
-LISTEN_FD = 3
 
 
 def serve(path: str, entry: Callable[[list[str]], int]) -> int:

@@ -187,5 +187,14 @@ class FakeLauncher:
             raise errdefs.Unavailable(f"no shim answers at {address}")
         return ShimClient(await ttrpc.connect_in_memory(shim.server, on_close=on_close), namespace, timeout)
 
+    async def kill_and_succeed(self, shim: FakeShim) -> FakeShim:
+        """kill -9 of a ketch shim and what its group's keeper then does: a new shim on the
+        same address (which never stopped accepting), serving the same processes."""
+        successor = FakeShim(shim.address)
+        successor.tasks = shim.tasks
+        self.shims[shim.address] = successor
+        await shim.die()
+        return successor
+
     def sockets(self) -> list[str]:
         return [a for a, s in self.shims.items() if s.alive]

@@ -129,8 +129,13 @@ def remove_cgroups(name: str) -> None:
                 pass
 
 
-def _shims(namespace: str) -> Iterator[tuple[int, list[tuple[bytes, bytes]]]]:
-    """(pid, flag pairs) of every long-lived shim process of ``namespace`` (ours or runc's)."""
+#: the process name (comm) of a ketch shim group's keeper (ketch.shim.keeper.KEEPER_NAME)
+KEEPER_COMM = "ketch-keeper"
+
+
+def _shims(namespace: str, keepers: bool = False) -> Iterator[tuple[int, list[tuple[bytes, bytes]]]]:
+    """(pid, flag pairs) of every long-lived shim process of ``namespace`` (ours or runc's):
+    the serving ones, or with ``keepers`` the keepers of ketch shim groups."""
     want = (b"-namespace", namespace.encode())
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -138,13 +143,33 @@ def _shims(namespace: str) -> Iterator[tuple[int, list[tuple[bytes, bytes]]]]:
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 args = f.read().split(b"\0")
+            with open(f"/proc/{entry}/comm") as f:
+                keeper = f.read().strip() == KEEPER_COMM
         except OSError:
             continue
         if not any(b"shim" in a for a in args[:4]) or args[-2:-1] in ([b"start"], [b"delete"]):
             continue
         pairs = list(zip(args, args[1:]))
-        if want in pairs:
+        if want in pairs and keeper == keepers:
             yield int(entry), pairs
+
+
+def keeper_pids(namespace: str) -> set[int]:
+    """The keeper of every ketch shim group serving tasks of ``namespace``."""
+    return {pid for pid, _ in _shims(namespace, keepers=True)}
+
+
+def kill_shim_group(namespace: str, id: str) -> None:
+    """kill -9 of everything that supervises task ``id``: the keeper of its ketch shim group
+    first (else it would start a successor), then the serving shim (ours or runc's)."""
+    pid = shim_pid(namespace, id)
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/stat") as f:
+            parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        if parent in keeper_pids(namespace):
+            os.kill(parent, signal.SIGKILL)
+            time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
 
 
 def shim_pids(namespace: str) -> set[int]:
