@@ -271,7 +271,8 @@ def supervisors(parent: dict[int, int], inits: set[int], recorded: set[int], for
 
 def supervision_pids(s: Setup, ns: str, ids: list[str]) -> set[int]:
     """Every process that supervises the tasks ``ids`` of ``ns`` (see supervisors): found from
-    the tasks' init pids and the ``shim.pid`` files of their bundles, not by name."""
+    the tasks' init pids and the ``shim.pid`` files of their bundles, not by name; and the
+    daemon's shim template, if it has one."""
     tasks = s.tasks(ns)
     missing = [cid for cid in ids if cid not in tasks]
     if missing:
@@ -291,7 +292,10 @@ def supervision_pids(s: Setup, ns: str, ids: list[str]) -> set[int]:
     while p > 1:  # whoever started the bench, up to PID 1
         foreign.add(p)
         p = parent.get(p, 0)
-    return supervisors(parent, {tasks[cid][0] for cid in ids}, recorded, foreign)
+    # a shim template (ketchd's, shared by all its groups) supervises nothing itself but forks
+    # every group's shim: counted whole, as if these tasks were all it served
+    templates = set(system.shim_templates(str(s.daemon.base))) if s.runtime == KETCH_RUNTIME else set()
+    return supervisors(parent, {tasks[cid][0] for cid in ids}, recorded, foreign) | templates
 
 
 def spawn(d: Daemon) -> None:

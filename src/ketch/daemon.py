@@ -184,10 +184,12 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
                 pass
 
 
-def upgrade_shims(state: str) -> int:
+def upgrade_shims(state: str, template: str = "") -> int:
     """Live upgrade: signal the keeper of every ketch shim group whose tasks live under
     ``state`` (SIGHUP; see ketch/shim/keeper.py). Each execs the ketch installed now and
-    starts a shim of it, which takes the group over; ketchd reconnects to it."""
+    starts a shim of it, which takes the group over; ketchd reconnects to it. The shim
+    template (``template``, its socket) is replaced by one of the new version too, so new
+    groups start on it."""
     from ketch.runtime.bundle import walk
 
     def parent(pid: int) -> int:
@@ -213,6 +215,14 @@ def upgrade_shims(state: str) -> int:
         print(f"upgrading the shim group of keeper {pid}")
     if not keepers:
         print(f"no ketch shim group under {state}")
+    if template and os.path.exists(template):
+        import subprocess
+
+        # the template action of the new binary replaces a template of another version
+        binary = os.path.join(os.path.dirname(sys.executable), "containerd-shim-ketch-v2")
+        r = subprocess.run([binary, "-socket", template, "template"], capture_output=True, text=True, timeout=30)
+        print(f"shim template: pid {r.stdout.strip()}" if r.returncode == 0 else
+              f"shim template not replaced: {(r.stdout + r.stderr).strip()}")
     return 0
 
 
@@ -247,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.log_level:
         cfg.log.level = args.log_level
     if args.command == ["upgrade-shims"]:
-        return upgrade_shims(cfg.state)
+        return upgrade_shims(cfg.state, _template_socket(cfg))
     setup_logging(cfg.log.level, cfg.log.format)
     try:
         asyncio.run(serve(cfg))

@@ -252,11 +252,19 @@ def test_live_upgrade_to_a_newly_installed_ketch(kenv: Env, tmp_path: Path) -> N
     old = version()
     new = old + "+upgraded"
     keeper = _parent(_shim_of(kenv, ns, "counter"))
+    deadline = time.monotonic() + 10  # ketchd starts its shim template in the background
+    while not support.shim_templates(str(kenv.cd.base)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    templates = support.shim_templates(str(kenv.cd.base))
+    assert len(templates) == 1
     try:
         init.write_text(original.replace(f'__version__ = "{old}"', f'__version__ = "{new}"'))
         out = subprocess.run([f"{support.VENV_BIN}/ketchd", "--state", str(kenv.cd.base / "state"), "upgrade-shims"],
                              capture_output=True, text=True, check=True).stdout
-        assert f"keeper {keeper}" in out, out
+        assert f"keeper {keeper}" in out and "shim template: pid" in out, out
+        # the template is replaced by one of the new version, for the groups to come
+        new_template = int(out.split("shim template: pid")[1].split()[0])
+        assert new_template != templates[0] and support.shim_templates(str(kenv.cd.base)) == [new_template]
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
