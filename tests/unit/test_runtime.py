@@ -330,3 +330,15 @@ def test_a_shim_replaced_by_its_keeper_is_reconnected_without_losing_a_task(tmp_
         assert (await b.state()).status == 2  # RUNNING
 
     run(tmp_path, body)
+
+
+def test_the_exits_a_bundle_remembers_are_bounded(tmp_path: Path) -> None:
+    from ketch.runtime.bundle import EXITS_KEPT
+
+    bundle = Bundle.at(str(tmp_path), str(tmp_path), "ns", "t")
+    bundle.path.mkdir(parents=True)
+    for i in range(5 * EXITS_KEPT):
+        assert bundle.note_exit(f"e{i} 1 0.0")
+        assert not bundle.note_exit(f"e{i} 1 0.0")
+    assert len((bundle.path / "exits").read_text().splitlines()) <= 2 * EXITS_KEPT
+    assert not bundle.note_exit(f"e{5 * EXITS_KEPT - 1} 1 0.0")

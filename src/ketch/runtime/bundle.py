@@ -27,6 +27,10 @@ from ketch import errdefs, identifiers, mount
 from ketch.files import write_atomic
 
 
+#: how many forwarded exits a bundle remembers (see Bundle.note_exit)
+EXITS_KEPT = 64
+
+
 @dataclass(frozen=True)
 class Bundle:
     namespace: str
@@ -85,16 +89,21 @@ class Bundle:
                      json.dumps({"pid": pid, "exit_status": exit_status, "exited_at": exited_at}).encode())
 
     def note_exit(self, key: str) -> bool:
-        """Record that the exit ``key`` was published; False if it was already."""
+        """Record that the exit ``key`` was published; False if it was already. Only the last
+        EXITS_KEPT are remembered: a shim resends an exit right after a lost answer, never
+        one from long ago (and a task with many execs must not grow this file forever)."""
         path = self.path / "exits"
-        line = key + "\n"
         try:
-            if line in path.read_text().splitlines(keepends=True):
-                return False
+            seen = path.read_text().splitlines()
         except FileNotFoundError:
-            pass
-        with open(path, "a") as f:
-            f.write(line)
+            seen = []
+        if key in seen:
+            return False
+        if len(seen) >= 2 * EXITS_KEPT:
+            write_atomic(path, "".join(f"{k}\n" for k in [*seen[-EXITS_KEPT:], key]).encode(), durable=False)
+        else:
+            with open(path, "a") as f:
+                f.write(key + "\n")
         return True
 
     def delete(self) -> None:
