@@ -283,6 +283,10 @@ def _reexec(keeper: Keeper, argv: list[str]) -> None:
         _say(f"live upgrade: cannot exec {argv[0]}: {e}; going on with this version")
         os.environ.pop(STATE_ENV, None)
         os.close(fd)
+        for record in keeper.records.values():
+            for held in record.fds.values():
+                os.set_inheritable(held, False)
+        keeper.upgrading = False  # a later SIGHUP may try again; a death is a plain restart
 
 
 def _resumed() -> Keeper | None:
