@@ -441,3 +441,27 @@ def test_an_exit_during_a_long_ketchd_outage_arrives_once_after_the_restart(kenv
         assert wait.exit_status == 7
     finally:
         subscriber.close()
+
+
+def test_every_wait_on_an_exec_ends(kenv: Env, channel: grpc.Channel) -> None:
+    """Wait on an exec whose runc exec failed, and on one deleted before it ran, returns at once."""
+    ns = kenv.ns()
+    _run_detached(kenv, ns, ["host"])
+    tasks = tasks_pb2_grpc.TasksStub(channel)
+    for exec_id, args in (("broken", ["/no/such/binary"]), ("never", ["true"])):
+        req = tasks_pb2.ExecProcessRequest(container_id="host", exec_id=exec_id)
+        req.spec.type_url = "types.containerd.io/opencontainers/runtime-spec/1/Process"
+        req.spec.value = json.dumps({"args": args, "cwd": "/", "env": ["PATH=/bin"]}).encode()
+        tasks.Exec(req, metadata=md(ns))
+        wait = tasks.Wait.future(tasks_pb2.WaitRequest(container_id="host", exec_id=exec_id), metadata=md(ns),
+                                 timeout=10)
+        time.sleep(0.2)
+        assert not wait.done()
+        if exec_id == "broken":
+            assert code_of(tasks.Start, tasks_pb2.StartRequest(container_id="host", exec_id=exec_id),
+                           metadata=md(ns)) != grpc.StatusCode.OK
+        else:
+            tasks.DeleteProcess(tasks_pb2.DeleteProcessRequest(container_id="host", exec_id=exec_id),
+                                metadata=md(ns))
+        assert wait.result(timeout=5).exit_status == 0
+    assert _pids(kenv, ns)["host"][1] == "RUNNING"

@@ -143,8 +143,13 @@ def test_an_exec_added_but_not_started(tmp_path: Path) -> None:
             core.exec("c1", "e1", stdio=Stdio(), spec=b'{"args": ["true"]}')
         with pytest.raises(errdefs.FailedPrecondition, match="not started"):
             await core.kill("c1", "e1", signal.SIGKILL)
+        waiter = asyncio.ensure_future(core.wait("c1", "e1"))
+        await asyncio.sleep(0.01)
+        assert not waiter.done()
         proc = await core.delete("c1", "e1")
         assert (proc.state, proc.exit_status) == (State.DELETED, 0)
+        async with asyncio.timeout(1):
+            assert (await waiter) is proc, "a Wait on an exec deleted before it ran ends"
         assert "e1" not in container.execs
         return pub.names()
 
@@ -172,3 +177,24 @@ def test_a_failed_pause_moves_nothing(tmp_path: Path) -> None:
         return init.state
 
     assert run(scenario) == State.RUNNING
+
+
+def test_a_wait_on_an_exec_whose_start_failed_ends(tmp_path: Path) -> None:
+    async def scenario(monitor: Monitor) -> None:
+        core, container, pub = _core(monitor, tmp_path, _ScriptedRunc(),
+                                     Process("c1", "", Stdio(), state=State.RUNNING, pid=12345))
+        core.exec("c1", "e1", stdio=Stdio(), spec=b'{"args": ["/no/such/binary"]}')
+        waiter = asyncio.ensure_future(core.wait("c1", "e1"))
+
+        async def failing_exec(container: Container, proc: Process) -> None:
+            raise errdefs.Unknown("OCI runtime exec failed: exec: no such file")
+
+        core._start_exec = failing_exec  # type: ignore[method-assign]
+        with pytest.raises(errdefs.Unknown, match="exec failed"):
+            await core.start("c1", "e1")
+        async with asyncio.timeout(1):
+            proc = await waiter
+        assert proc.state == State.CREATED and proc.exit_status == 0
+        assert (await core.delete("c1", "e1")).state == State.DELETED
+
+    run(scenario)

@@ -363,7 +363,11 @@ class Core:
         async with proc.lock:
             proc.require("start")
             if exec_id:
-                await self._start_exec(container, proc)
+                try:
+                    await self._start_exec(container, proc)
+                except BaseException:
+                    proc.mark_exited()  # runc exec failed: a Wait on it ends now, as containerd's
+                    raise
                 proc.transition("start")
                 self._follow(container, proc)
                 self.publisher.publish(events.TaskExecStarted(

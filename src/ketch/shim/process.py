@@ -161,13 +161,13 @@ class Process:
         return True
 
     def delete(self) -> None:
-        """Move to deleted (see the module docstring for a created process with a pid)."""
+        """Move to deleted (see the module docstring for a created process with a pid). Every
+        Wait on it ends: also for an exec that never ran (status 0, as containerd answers)."""
         killed = self.state == State.CREATED and self.pid > 0
         self.transition("delete")
         if killed:
             self.exit_status, self.exited_at = KILLED, time.time()
-        if self.pid > 0:
-            self.mark_exited()
+        self.mark_exited()
 
     def mark_exited(self) -> None:
         """Let Waits answer: the exit is recorded, the output drained and TaskExit queued (or
