@@ -86,7 +86,7 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
     import grpc
 
     from ketch.content import ContentStore
-    from ketch.events import Exchange
+    from ketch.events import Exchange, decode_protobuf
     from ketch.images import ImageService
     from ketch.metadata import Store
     from ketch.snapshots import NativeSnapshotter, OverlaySnapshotter, Snapshotter, supported
@@ -98,7 +98,7 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
     for d in (cfg.root, cfg.state):
         os.makedirs(d, mode=0o711, exist_ok=True)
     store = Store(os.path.join(cfg.root, "meta.db"))
-    exchange = Exchange()
+    exchange = Exchange(decoder=decode_protobuf)  # event.<field> filters see the payload
     # what shims forward, and what reloading finds, while ketchd starts waits for the clients
     # that resubscribe once the API serves (see RESUBSCRIBE_GRACE)
     exchange.hold()

@@ -465,3 +465,21 @@ def test_every_wait_on_an_exec_ends(kenv: Env, channel: grpc.Channel) -> None:
                                 metadata=md(ns))
         assert wait.result(timeout=5).exit_status == 0
     assert _pids(kenv, ns)["host"][1] == "RUNNING"
+
+
+def test_ctr_events_filters_on_event_fields(kenv: Env) -> None:
+    ns = kenv.ns()
+    proc = subprocess.Popen(["ctr", "--address", kenv.cd.address, "--namespace", ns, "events",
+                             "event.container_id==wanted"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        time.sleep(0.3)
+        for name in ("other", "wanted"):
+            kenv.ctr(ns, "run", "--rm", *kenv.fifo, "--runtime", kenv.runtime, *PATH, "--rootfs", kenv.rootfs,
+                     name, "true")
+        time.sleep(0.5)
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=10)
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert lines and all('"container_id":"wanted"' in line for line in lines), out
+    assert any("/tasks/exit" in line for line in lines), out

@@ -327,3 +327,21 @@ def test_forwarded_events_the_accept_hook_refuses_are_dropped() -> None:
                 await take(sub, 1)  # the duplicate never arrives
 
     run(body)
+
+
+def test_event_field_filters_see_the_protobuf_payload() -> None:
+    from ketch.api.containerd.events import task_pb2
+    from ketch.events import decode_protobuf
+
+    async def body() -> None:
+        ex = Exchange(decoder=decode_protobuf)
+        web = ex.subscribe(["event.container_id==web"])
+        db = ex.subscribe(['topic=="/tasks/exit",event.id==db'])
+        for cid, status in (("db", 0), ("web", 7)):
+            ex.publish("default", "/tasks/exit", EXIT, task_pb2.TaskExit(container_id=cid, id=cid, exit_status=status)
+                       .SerializeToString())
+        assert [task_pb2.TaskExit.FromString(e.value).container_id for e in await take(web, 1)] == ["web"]
+        assert [task_pb2.TaskExit.FromString(e.value).exit_status for e in await take(db, 1)] == [0]
+        assert decode_protobuf("no.such.Type", b"") is None
+
+    run(body)

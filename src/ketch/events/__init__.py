@@ -5,6 +5,7 @@ No grpc here: servicers turn :class:`Envelope` into ``containerd.services.events
 
 from __future__ import annotations
 
+from ketch.events._decode import decode_protobuf
 from ketch.events._exchange import (
     DEFAULT_QUEUE_SIZE,
     Decoder,
@@ -21,6 +22,7 @@ __all__ = [
     "Envelope",
     "Exchange",
     "Subscription",
+    "decode_protobuf",
     "envelope_adaptor",
     "validate_topic",
 ]
