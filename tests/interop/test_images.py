@@ -384,3 +384,19 @@ def test_docker_save_archive_usage_diff_and_plugins(kenv: Env, image: images.Ima
     for kind, name in [("io.containerd.content.v1", "content"), ("io.containerd.snapshotter.v1", "overlayfs"),
                        ("io.containerd.differ.v1", "walking"), ("io.containerd.lease.v1", "manager")]:
         assert any(line.split()[:2] == [kind, name] for line in plugins.splitlines()), (kind, name)
+
+
+def test_the_same_diff_twice_gives_the_same_descriptor(kenv: Env, channel: grpc.Channel) -> None:
+    ns = kenv.ns()
+    snaps = snapshots_pb2_grpc.SnapshotsStub(channel)
+    mounts = snaps.Prepare(snapshots_pb2.PrepareSnapshotRequest(snapshotter="native", key="work"),
+                           metadata=md(ns)).mounts
+    source = Path(mounts[0].source)
+    (source / "hello.txt").write_text("hello\n")
+    differ = diff_pb2_grpc.DiffStub(channel)
+    first, second = (differ.Diff(diff_pb2.DiffRequest(right=mounts), metadata=md(ns)).diff for _ in range(2))
+    assert (first.digest, first.size, first.media_type) == (second.digest, second.size, second.media_type)
+    info = content_pb2_grpc.ContentStub(channel).Info(content_pb2.InfoRequest(digest=first.digest), metadata=md(ns))
+    assert info.info.labels["containerd.io/uncompressed"].startswith("sha256:")
+    snaps.Remove(snapshots_pb2.RemoveSnapshotRequest(snapshotter="native", key="work"), metadata=md(ns))
+    kenv.ctr(ns, "content", "rm", first.digest)

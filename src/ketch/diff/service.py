@@ -2,20 +2,23 @@
 
 ``apply`` unpacks a layer blob onto mounts and tells its diff id; ``diff`` writes the changes
 between two sets of mounts as a layer blob (gzip unless an uncompressed media type is asked
-for), labelled ``containerd.io/uncompressed`` with its diff id, held by ``lease``. The disk
-work runs in a thread.
+for), labelled ``containerd.io/uncompressed`` with its diff id, held by ``lease``; the same
+diff twice gives the same descriptor (the blob being there already is success). The disk work
+runs in a thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
+import secrets
 import tempfile
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ketch.diff._mounts import apply_to_mounts, compare_mounts
+from ketch.errdefs import AlreadyExists
 from ketch.diff._streams import MEDIA_TYPE_LAYER, MEDIA_TYPE_LAYER_GZIP
 from ketch.mount import Mount
 
@@ -25,7 +28,6 @@ if TYPE_CHECKING:
 __all__ = ["Applied", "DiffService"]
 
 _COPY_CHUNK = 1 << 20
-_refs = itertools.count(1)
 
 #: (media type, digest, size) of a blob
 Applied = tuple[str, str, int]
@@ -48,7 +50,7 @@ class DiffService:
                    ref: str = "", labels: dict[str, str] | None = None, lease: str | None = None) -> Applied:
         """Write the changes from ``lower`` to ``upper`` as a blob; its descriptor."""
         media_type = media_type or MEDIA_TYPE_LAYER_GZIP
-        ref = ref or f"diff-{next(_refs)}-{id(self)}"
+        ref = ref or f"diff-{time.time_ns()}-{secrets.token_hex(6)}"  # unique, as containerd's
 
         def make() -> tuple[str, int]:
             with tempfile.TemporaryFile() as out:
@@ -60,7 +62,10 @@ class DiffService:
                     blob_labels = dict(labels or {})
                     blob_labels.setdefault("containerd.io/uncompressed", diff_id)
                     digest = w.digest()
-                    w.commit(size, "", blob_labels)
+                    try:
+                        w.commit(size, "", blob_labels)
+                    except AlreadyExists:
+                        pass  # the same diff again: the blob is there, and this is its descriptor
                 return digest, size
 
         digest, size = await asyncio.to_thread(make)

@@ -13,7 +13,7 @@ from typing import Any, cast
 import grpc
 from google.protobuf import empty_pb2
 
-from ketch import metadata, timestamps
+from ketch import errdefs, metadata, timestamps
 from ketch.gc import Collector
 from ketch.api.containerd.services.diff.v1 import diff_pb2 as dapi
 from ketch.api.containerd.services.diff.v1 import diff_pb2_grpc
@@ -93,6 +93,14 @@ def _from_mounts(mounts: Iterable[mount_pb2.Mount]) -> list[Mount]:
     return [Mount(m.type, m.source, tuple(m.options)) for m in mounts]
 
 
+def _kind(value: int) -> Kind:
+    try:
+        return Kind(value)
+    except ValueError:
+        known = ", ".join(f"{k.value} ({k.name})" for k in Kind)
+        raise errdefs.InvalidArgument(f"snapshot kind {value} is not one of {known}") from None
+
+
 def _snapshot_info(info: SnapshotInfo) -> sapi.Info:
     out = sapi.Info(name=info.name, parent=info.parent, kind=cast(Any, int(info.kind)), labels=info.labels)
     timestamps.stamp(out.created_at, info.created_at)
@@ -148,7 +156,7 @@ class Snapshots(snapshots_pb2_grpc.SnapshotsServicer):
     @unary
     async def Update(self, request: sapi.UpdateSnapshotRequest,
                      context: grpc.aio.ServicerContext) -> sapi.UpdateSnapshotResponse:
-        info = SnapshotInfo(kind=Kind(request.info.kind), name=request.info.name, parent=request.info.parent,
+        info = SnapshotInfo(kind=_kind(request.info.kind), name=request.info.name, parent=request.info.parent,
                             labels=dict(request.info.labels))
         updated = self._get(request.snapshotter).update(namespace(context), info, list(request.update_mask.paths))
         return sapi.UpdateSnapshotResponse(info=_snapshot_info(updated))
