@@ -67,6 +67,7 @@ COMBINATIONS = [
 def running(daemon: str, runtime: str, rootfs: Path) -> Iterator[Env]:
     # short base path: the shim's socket lives under it and unix socket paths are short
     base = Path(tempfile.mkdtemp(prefix="kt-", dir="/tmp"))
+    base.chmod(0o711)  # as /run/ketch: traversable by a user-namespaced container's root
     cd = DAEMONS[daemon](base)
     e = Env(cd, runtime, rootfs)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import pty
+import shutil
 import select
 import signal
 import struct
@@ -12,6 +13,8 @@ import subprocess
 import termios
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -353,3 +356,38 @@ def test_binary_log_uri(env: Env, tmp_path) -> None:  # type: ignore[no-untyped-
     while time.monotonic() < deadline and not (out.exists() and out.read_text() and err.exists() and err.read_text()):
         time.sleep(0.05)
     assert out.read_text() == "to-out\n" and err.read_text() == "to-err\n"
+
+
+def test_a_user_namespaced_container_runs(env: Env, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Root remapped to 100000 (user namespace, rootfs chowned as a client does): the state
+    directories on the way to the rootfs must be traversable by it, as containerd makes them."""
+    import json
+    import tempfile
+
+    # every directory on the way must be traversable by the remapped root (pytest's are 0700)
+    top = Path(tempfile.mkdtemp(prefix="kt-userns-", dir="/tmp"))
+    os.chmod(top, 0o711)
+    try:
+        _run_remapped(env, top, tmp_path, json)
+    finally:
+        shutil.rmtree(top)
+
+
+def _run_remapped(env: Env, top: Path, tmp_path: Path, json: Any) -> None:
+    rootfs = top / "rootfs"
+    shutil.copytree(env.rootfs, rootfs, symlinks=True)
+    subprocess.run(["chown", "-R", "-h", "100000:100000", str(rootfs)], check=True)
+    ns = env.ns()
+    env.ctr(ns, "containers", "create", *PATH, "--rootfs", str(rootfs), "template", "cat", "/proc/self/uid_map")
+    spec = json.loads(env.ctr(ns, "containers", "info", "template").stdout)["Spec"]
+    env.ctr(ns, "containers", "rm", "template")
+    spec["linux"]["namespaces"].append({"type": "user"})
+    spec["linux"]["uidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+    spec["linux"]["gidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+    spec["mounts"] = [m for m in spec["mounts"] if m["destination"] not in ("/sys", "/sys/fs/cgroup")]
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(spec))
+    r = env.ctr(ns, "run", "--rm", *env.fifo, "--runtime", env.runtime, "--config", str(config), "remapped",
+                check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["0", "100000", "65536"], r.stdout

@@ -400,3 +400,17 @@ def test_the_same_diff_twice_gives_the_same_descriptor(kenv: Env, channel: grpc.
     assert info.info.labels["containerd.io/uncompressed"].startswith("sha256:")
     snaps.Remove(snapshots_pb2.RemoveSnapshotRequest(snapshotter="native", key="work"), metadata=md(ns))
     kenv.ctr(ns, "content", "rm", first.digest)
+
+
+def test_a_user_namespaced_container_from_an_image_runs(kenv: Env, archive: Path) -> None:
+    """ctr run --uidmap/--gidmap: ctr chowns a copy of the snapshot for the remapped root and the
+    shim mounts it in the bundle, so every state directory on the way must be traversable by
+    that root (0711), as containerd makes them."""
+    ns = kenv.ns()
+    kenv.ctr(ns, "images", "import", str(archive))
+    for runtime in (KETCH_RUNTIME, RUNC_RUNTIME):
+        r = kenv.ctr(ns, "run", "--rm", *kenv.fifo, "--runtime", runtime, "--uidmap", "0:100000:65536",
+                     "--gidmap", "0:100000:65536", NAME, f"remapped-{runtime.split('.')[-2]}", "cat",
+                     "/proc/self/uid_map", check=False)
+        assert r.returncode == 0, (runtime, r.stderr)
+        assert r.stdout.split() == ["0", "100000", "65536"], (runtime, r.stdout)

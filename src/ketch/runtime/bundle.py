@@ -1,6 +1,7 @@
 """A task's bundle: the directory a shim runs in, one per task.
 
-    <state>/runtime/v2/<namespace>/<id>/     mode 0700
+    <state>/runtime/v2/<namespace>/<id>/     mode 0711: a user-namespaced container's root
+                                             must traverse it to its rootfs, as with containerd
         config.json      the OCI spec (the container's spec, as stored)
         rootfs/          mount point for the task's rootfs mounts (0711)
         log              FIFO the shim writes its log to; ketchd copies it into its own log
@@ -49,7 +50,7 @@ class Bundle:
         """Make the bundle; AlreadyExists if one is there (a task of that id exists)."""
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
         try:
-            self.path.mkdir(mode=0o700)
+            self.path.mkdir(mode=0o711)
         except FileExistsError:
             raise errdefs.AlreadyExists(f"bundle for task {self.id} in namespace {self.namespace}") from None
         try:
