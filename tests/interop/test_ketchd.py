@@ -483,3 +483,65 @@ def test_ctr_events_filters_on_event_fields(kenv: Env) -> None:
     lines = [line for line in out.splitlines() if line.strip()]
     assert lines and all('"container_id":"wanted"' in line for line in lines), out
     assert any("/tasks/exit" in line for line in lines), out
+
+
+def test_exec_with_a_terminal_the_spec_does_not_ask_for(kenv: Env, channel: grpc.Channel, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Exec with terminal=true gets a pty though its process spec says nothing of one (as ctr's
+    would); it can be resized, and megabytes of output through it arrive complete."""
+    import threading
+
+    ns = kenv.ns()
+    _run_detached(kenv, ns, ["host"])
+    fifo = tmp_path / "out"
+    os.mkfifo(fifo)
+    received = bytearray()
+
+    def read() -> None:
+        fd = os.open(fifo, os.O_RDONLY)
+        try:
+            while chunk := os.read(fd, 1 << 16):
+                received.extend(chunk)
+        finally:
+            os.close(fd)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    size = 3 << 20
+    tasks = tasks_pb2_grpc.TasksStub(channel)
+    req = tasks_pb2.ExecProcessRequest(container_id="host", exec_id="tty", terminal=True, stdout=str(fifo))
+    req.spec.type_url = "types.containerd.io/opencontainers/runtime-spec/1/Process"
+    req.spec.value = json.dumps({"args": ["sh", "-c", f"stty raw; head -c {size} /dev/zero; echo end"],
+                                 "cwd": "/", "env": ["PATH=/bin"]}).encode()
+    tasks.Exec(req, metadata=md(ns))
+    tasks.Start(tasks_pb2.StartRequest(container_id="host", exec_id="tty"), metadata=md(ns))
+    tasks.ResizePty(tasks_pb2.ResizePtyRequest(container_id="host", exec_id="tty", width=100, height=40),
+                    metadata=md(ns))
+    assert tasks.Wait(tasks_pb2.WaitRequest(container_id="host", exec_id="tty"), metadata=md(ns),
+                      timeout=60).exit_status == 0
+    reader.join(30)
+    assert not reader.is_alive()
+    assert received.count(b"\0") == size and received.rstrip().endswith(b"end"), len(received)
+
+
+def test_a_task_created_with_a_terminal_gets_one(kenv: Env, channel: grpc.Channel, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Tasks.Create with terminal=true for a container whose spec has no terminal: the task
+    gets a pty (runc would refuse the console socket otherwise), and ResizePty works on it."""
+    ns = kenv.ns()
+    kenv.ctr(ns, "containers", "create", "--runtime", kenv.runtime, *PATH, "--rootfs", kenv.rootfs, "ttyless", "sleep",
+             "1000")
+    fifo = tmp_path / "out"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        tasks = tasks_pb2_grpc.TasksStub(channel)
+        created = tasks.Create(tasks_pb2.CreateTaskRequest(container_id="ttyless", terminal=True, stdout=str(fifo)),
+                               metadata=md(ns))
+        tasks.Start(tasks_pb2.StartRequest(container_id="ttyless"), metadata=md(ns))
+        assert os.readlink(f"/proc/{created.pid}/fd/0").startswith("/dev/pts/")
+        tasks.ResizePty(tasks_pb2.ResizePtyRequest(container_id="ttyless", width=123, height=45), metadata=md(ns))
+        tasks.Kill(tasks_pb2.KillRequest(container_id="ttyless", signal=9), metadata=md(ns))
+        assert tasks.Wait(tasks_pb2.WaitRequest(container_id="ttyless"), metadata=md(ns), timeout=30).exit_status == 137
+        tasks.Delete(tasks_pb2.DeleteTaskRequest(container_id="ttyless"), metadata=md(ns))
+        kenv.ctr(ns, "containers", "rm", "ttyless")
+    finally:
+        os.close(reader)

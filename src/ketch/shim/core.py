@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from google.protobuf import message as _message
 
 from ketch import errdefs, mount, timestamps
+from ketch.files import write_atomic
 from ketch.api.containerd.events import task_pb2 as events
 from ketch.api.containerd.types import mount_pb2
 from ketch.cgroups import Cgroup, OOMWatch
@@ -91,6 +92,30 @@ class Container:
             return self.execs[exec_id]
         except KeyError:
             raise errdefs.NotFound(f"exec {exec_id!r} of task {self.id!r}") from None
+
+
+def _with_terminal(process_spec: bytes, terminal: bool) -> bytes:
+    """An OCI process spec whose ``terminal`` is what the request asked for: runc allocates a
+    pty exactly when the spec says so, and refuses a console socket otherwise."""
+    spec = json.loads(process_spec)
+    if bool(spec.get("terminal")) == terminal:
+        return process_spec
+    spec["terminal"] = terminal
+    return json.dumps(spec).encode()
+
+
+def _match_terminal(config: str, terminal: bool) -> None:
+    """The same for a task: its bundle's config.json gets the terminal the create asked for."""
+    try:
+        with open(config, "rb") as f:
+            spec = json.load(f)
+    except ValueError as e:
+        raise errdefs.InvalidArgument(f"{config} is not a JSON OCI spec: {e}") from None
+    process = spec.get("process") if isinstance(spec, dict) else None
+    if not isinstance(process, dict) or bool(process.get("terminal")) == terminal:
+        return
+    process["terminal"] = terminal
+    write_atomic(config, json.dumps(spec).encode(), durable=False)
 
 
 def _process_key(container_id: str, exec_id: str) -> str:
@@ -278,6 +303,7 @@ class Core:
     ) -> Container:
         os.makedirs(opts.root, mode=0o711, exist_ok=True)
         opts.save(bundle)
+        _match_terminal(os.path.join(bundle, "config.json"), stdio.terminal)
         runc = Runc(self.monitor, binary=opts.binary_name, root=opts.root,
                     log_path=os.path.join(bundle, "log.json"), systemd_cgroup=opts.systemd_cgroup)
         init = Process(id, "", stdio)
@@ -386,7 +412,7 @@ class Core:
         try:
             await io.ready()
             with os.fdopen(fd, "wb") as f:
-                f.write(proc.spec)
+                f.write(_with_terminal(proc.spec, proc.stdio.terminal))
             proc.pid, exited = await self._run_process(io, pid_file, lambda console, stdio: container.runc.exec(
                 container.id, spec_file, pid_file=pid_file, console_socket=console, stdio=stdio))
         except BaseException:
