@@ -342,3 +342,20 @@ def test_the_exits_a_bundle_remembers_are_bounded(tmp_path: Path) -> None:
         assert not bundle.note_exit(f"e{i} 1 0.0")
     assert len((bundle.path / "exits").read_text().splitlines()) <= 2 * EXITS_KEPT
     assert not bundle.note_exit(f"e{5 * EXITS_KEPT - 1} 1 0.0")
+
+
+def test_start_gets_creates_time_budget(tmp_path: Path) -> None:
+    """An exec's Start is a runc exec: as slow as a create on a loaded host, so it gets the same
+    budget, not the ordinary call timeout."""
+    async def body(w: World) -> None:
+        w.manager.call_timeout = 0.05
+        task = await w.create("ns", "slow")
+        for client in {t.group.client for t in w.manager.list("ns") if t.group and t.group.client}:
+            client.timeout = 0.05
+        w.shim_of(task).slow["Start"] = 0.2
+        assert await task.start() == task.pid
+        w.shim_of(task).slow["State"] = 0.2
+        with pytest.raises(errdefs.DeadlineExceeded):
+            await task.state()
+
+    run(tmp_path, body)

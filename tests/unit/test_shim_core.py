@@ -198,3 +198,29 @@ def test_a_wait_on_an_exec_whose_start_failed_ends(tmp_path: Path) -> None:
         assert (await core.delete("c1", "e1")).state == State.DELETED
 
     run(scenario)
+
+
+def test_a_delete_waits_for_a_start_in_flight(tmp_path: Path) -> None:
+    async def scenario(monitor: Monitor) -> None:
+        core, container, pub = _core(monitor, tmp_path, _ScriptedRunc(),
+                                     Process("c1", "", Stdio(), state=State.RUNNING, pid=12345))
+        core.exec("c1", "e1", stdio=Stdio(), spec=b'{"args": ["sleep", "1"]}')
+        gate = asyncio.Event()
+
+        async def slow_exec(container: Container, proc: Process) -> None:
+            await gate.wait()
+            proc.pid = 4242
+
+        core._start_exec = slow_exec  # type: ignore[method-assign]
+        starting = asyncio.ensure_future(core.start("c1", "e1"))
+        await asyncio.sleep(0.01)
+        deleting = asyncio.ensure_future(core.delete("c1", "e1"))
+        await asyncio.sleep(0.01)
+        assert not deleting.done(), "Delete waits for the Start of the same exec"
+        gate.set()
+        assert (await starting).state == State.RUNNING
+        with pytest.raises(errdefs.FailedPrecondition, match="running"):
+            await deleting
+        assert "e1" in container.execs
+
+    run(scenario)

@@ -29,6 +29,8 @@ from ketch.api.containerd.types.task import task_pb2 as task_types
 log = logging.getLogger(__name__)
 
 SERVICE = "containerd.task.v2.Task"
+#: the least time Create and Start get: runc create/exec can be slow on a loaded host
+SLOW_CALL = 120.0
 #: our shim's binary: the one that can serve a group of tasks
 KETCH_SHIM = "containerd-shim-ketch-v2"
 M = TypeVar("M", bound=_message.Message)
@@ -240,11 +242,13 @@ class ShimClient:
             metadata=self._metadata, send_timeout=False)
 
     async def create(self, request: shim_pb2.CreateTaskRequest) -> int:
-        resp = await self._call("Create", request, shim_pb2.CreateTaskResponse, timeout=max(self.timeout, 120.0))
+        resp = await self._call("Create", request, shim_pb2.CreateTaskResponse, timeout=max(self.timeout, SLOW_CALL))
         return resp.pid
 
     async def start(self, id: str, exec_id: str) -> int:
-        return (await self._call("Start", shim_pb2.StartRequest(id=id, exec_id=exec_id), shim_pb2.StartResponse)).pid
+        """Start gets Create's budget: an exec's start is a runc exec, as slow as a create."""
+        return (await self._call("Start", shim_pb2.StartRequest(id=id, exec_id=exec_id), shim_pb2.StartResponse,
+                                 timeout=max(self.timeout, SLOW_CALL))).pid
 
     async def delete(self, id: str, exec_id: str = "") -> shim_pb2.DeleteResponse:
         return await self._call("Delete", shim_pb2.DeleteRequest(id=id, exec_id=exec_id), shim_pb2.DeleteResponse)

@@ -577,18 +577,21 @@ class Core:
     # -- delete / shutdown ---------------------------------------------------------------------
 
     async def delete(self, id: str, exec_id: str) -> Process:
+        """Delete a stopped (or never started) process. A Start of it in flight is waited for
+        (the process lock), so the delete judges the state that Start leaves."""
         container = self.container(id)
         proc = container.process(exec_id)
-        proc.require("delete")
-        if exec_id:
-            proc.delete()
-            del container.execs[exec_id]
-            if proc.io is not None:
-                proc.io.close()
-            if self.keeper is not None:
-                self.keeper.drop(_process_key(id, exec_id))
-        else:
-            await self._delete_init(container)
+        async with proc.lock:
+            proc.require("delete")
+            if exec_id:
+                proc.delete()
+                del container.execs[exec_id]
+                if proc.io is not None:
+                    proc.io.close()
+                if self.keeper is not None:
+                    self.keeper.drop(_process_key(id, exec_id))
+            else:
+                await self._delete_init(container)
         return proc
 
     async def _delete_init(self, container: Container) -> None:

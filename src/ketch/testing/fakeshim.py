@@ -43,13 +43,16 @@ class FakeProcess:
 
 class FakeShim:
     """One shim: tasks by id, each an init process and its execs. ``calls`` records every
-    (method, request) it answered; ``fail`` maps a method name to the error it raises next."""
+    (method, request) it answered; ``fail`` maps a method name to the error it raises next, ``slow``
+to how long it takes."""
 
     def __init__(self, address: str) -> None:
         self.address = address
         self.tasks: dict[str, dict[str, FakeProcess]] = {}
         self.calls: list[tuple[str, Any]] = []
         self.fail: dict[str, errdefs.KetchError] = {}
+        #: seconds a method takes before it answers (a loaded host's runc)
+        self.slow: dict[str, float] = {}
         self.alive = True
         self.server = ttrpc.Server(require_same_user=False)
         handlers = {
@@ -68,6 +71,8 @@ class FakeShim:
     def _recorded(self, name: str, handler: Callable[[Any], Any]) -> Callable[[Any, ttrpc.Context], Any]:
         async def answer(req: Any, ctx: ttrpc.Context) -> Any:
             self.calls.append((name, req))
+            if name in self.slow:
+                await asyncio.sleep(self.slow[name])
             if name in self.fail:
                 raise self.fail.pop(name)
             return await handler(req)
