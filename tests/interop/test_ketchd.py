@@ -545,3 +545,28 @@ def test_a_task_created_with_a_terminal_gets_one(kenv: Env, channel: grpc.Channe
         kenv.ctr(ns, "containers", "rm", "ttyless")
     finally:
         os.close(reader)
+
+
+def test_the_v1_runtime_runs_on_the_v2_runc_path(kenv: Env) -> None:
+    """io.containerd.runtime.v1.linux, which old clients name, runs (ctr's RuncOptions
+    translated); a runtime binary that does not exist fails naming that binary."""
+    ns = kenv.ns()
+    r = kenv.ctr(ns, "run", "--rm", *kenv.fifo, "--runtime", "io.containerd.runtime.v1.linux", *PATH,
+                 "--rootfs", kenv.rootfs, "old", "echo", "v1 works")
+    assert r.stdout == "v1 works\n"
+    from ketch.api.containerd.linux.runctypes import runc_pb2
+
+    channel = grpc.insecure_channel(f"unix://{kenv.cd.address}")
+    container = containers_pb2.Container(id="missing")
+    container.runtime.name = "io.containerd.runtime.v1.linux"
+    container.runtime.options.type_url = "containerd.linux.runc.RuncOptions"
+    container.runtime.options.value = runc_pb2.RuncOptions(runtime="/no/such/runc").SerializeToString()
+    container.spec.type_url, container.spec.value = SPEC_TYPE, spec_for(kenv, "true")
+    containers_pb2_grpc.ContainersStub(channel).Create(containers_pb2.CreateContainerRequest(container=container),
+                                                       metadata=md(ns))
+    with pytest.raises(grpc.RpcError) as info:
+        tasks_pb2_grpc.TasksStub(channel).Create(tasks_pb2.CreateTaskRequest(container_id="missing"), metadata=md(ns))
+    assert "/no/such/runc" in (info.value.details() or ""), info.value.details()
+    assert "containerd-shim-v1-linux" not in (info.value.details() or "")
+    kenv.ctr(ns, "containers", "rm", "missing")
+    channel.close()

@@ -76,6 +76,29 @@ class CreateOptions:
     checkpoint: str = ""
 
 
+#: containerd's deprecated v1 runtime, which old clients still name; run on the v2 runc path
+V1_RUNTIME = "io.containerd.runtime.v1.linux"
+RUNC_V2 = "io.containerd.runc.v2"
+
+
+def _from_v1(options: tuple[str, bytes] | None) -> tuple[str, tuple[str, bytes] | None]:
+    """The runc v2 runtime, with a v1 ``containerd.linux.runc.RuncOptions`` translated into
+    ``containerd.runc.v1.Options`` (runtime binary, its root, criu, systemd cgroups), as
+    containerd 1.6 does when it runs v1 tasks on the v2 shim."""
+    if options is None or not options[0].endswith("containerd.linux.runc.RuncOptions"):
+        return RUNC_V2, options
+    from ketch.api.containerd.linux.runctypes import runc_pb2
+    from ketch.api.containerd.runc.options import oci_pb2
+
+    try:
+        v1 = runc_pb2.RuncOptions.FromString(options[1])
+    except DecodeError as e:
+        raise errdefs.InvalidArgument(f"undecodable containerd.linux.runc.RuncOptions: {e}") from None
+    v2 = oci_pb2.Options(binary_name=v1.runtime, root=v1.runtime_root, criu_path=v1.criu_path,
+                         systemd_cgroup=v1.systemd_cgroup)
+    return RUNC_V2, ("containerd.runc.v1.Options", v2.SerializeToString())
+
+
 class TaskManager:
     def __init__(
         self,
@@ -164,7 +187,10 @@ class TaskManager:
         options = opts.options
         if options is None and container.runtime.options is not None:
             options = (container.runtime.options.type_url, container.runtime.options.value)
-        binary = self.launcher.resolve(self.aliases.get(runtime, runtime))
+        run_as = runtime
+        if runtime == V1_RUNTIME:
+            run_as, options = _from_v1(options)
+        binary = self.launcher.resolve(self.aliases.get(run_as, run_as))
         bundle = Bundle.at(self.state_dir, self.root_dir, namespace, id)
         task = Task(namespace, id, runtime, binary, bundle)
         self._tasks[(namespace, id)] = task
