@@ -98,7 +98,8 @@ def test_containers_outlive_their_shim(kenv: Env, trigger: Path, tmp_path: Path,
         after: dict[str, tuple[str, str]] = {}
         while time.monotonic() < deadline:
             after = _pids(kenv, ns)
-            if after.get("counter", ("", ""))[1] == "RUNNING" and after.get("quitter", ("", ""))[1] == "STOPPED":
+            states = {name: after.get(name, ("", ""))[1] for name in ("counter", "quitter", "sleeper")}
+            if states == {"counter": "RUNNING", "quitter": "STOPPED", "sleeper": "RUNNING"}:
                 break
             time.sleep(0.1)
         assert after["counter"] == before["counter"] and after["sleeper"] == before["sleeper"], (before, after)
