@@ -391,3 +391,29 @@ def _run_remapped(env: Env, top: Path, tmp_path: Path, json: Any) -> None:
                 check=False)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["0", "100000", "65536"], r.stdout
+
+
+def test_processes_left_in_a_shared_pid_namespace_end_with_the_init(env: Env) -> None:
+    """A container without a pid namespace of its own (the host's): when its init exits, what it
+    left running is killed (runc kill --all), as containerd's runc shim does."""
+    import json
+
+    ns = env.ns()
+    marker = Path(env.rootfs, "tmp", support.unique("bg"))
+    env.ctr(ns, "containers", "create", "--runtime", env.runtime, *PATH, "--rootfs", env.rootfs, "template", "true")
+    spec = json.loads(env.ctr(ns, "containers", "info", "template").stdout)["Spec"]
+    env.ctr(ns, "containers", "rm", "template")
+    spec["linux"]["namespaces"] = [n for n in spec["linux"]["namespaces"] if n["type"] != "pid"]
+    spec["process"]["args"] = ["sh", "-c", f"sleep 1000 & echo $! > /tmp/{marker.name}; exit 0"]
+    config = Path(env.cd.base) / "hostpid.json"
+    config.write_text(json.dumps(spec))
+    try:
+        r = env.ctr(ns, "run", "--rm", *env.fifo, "--runtime", env.runtime, "--config", str(config), "hostpid")
+        assert r.returncode == 0
+        pid = int(marker.read_text())
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not os.path.exists(f"/proc/{pid}"), "the init's background child outlived the container"
+    finally:
+        marker.unlink(missing_ok=True)

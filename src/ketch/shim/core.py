@@ -118,6 +118,19 @@ def _match_terminal(config: str, terminal: bool) -> None:
     write_atomic(config, json.dumps(spec).encode(), durable=False)
 
 
+def _shares_pid_namespace(bundle: str) -> bool:
+    """Whether the bundle's container has no pid namespace of its own: none asked for (the
+    host's), or one joined by path (another container's)."""
+    try:
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            spec = json.load(f)
+        namespaces = spec.get("linux", {}).get("namespaces", [])
+    except (OSError, ValueError, AttributeError):
+        return False
+    pid = [n for n in namespaces if isinstance(n, dict) and n.get("type") == "pid"]
+    return not pid or bool(pid[0].get("path"))
+
+
 def _process_key(container_id: str, exec_id: str) -> str:
     return f"p/{container_id}/{exec_id or '-'}"
 
@@ -457,15 +470,18 @@ class Core:
         die with the container) be reported first."""
         self._stop_oom(container)
         running = [p for p in container.execs.values() if p.running]
-        if not running:
-            return
-        # a container sharing the host's pid namespace keeps its execs alive: end them
+        shared = _shares_pid_namespace(container.bundle)
+        if not running and not shared:
+            return  # in its own pid namespace, the init's death ended everything in it
+        # a container without a pid namespace of its own keeps its other processes alive when its
+        # init exits: end them all (runc kill --all), as containerd's runc shim does
         with contextlib.suppress(errdefs.KetchError):
             await container.runc.kill(container.id, signal.SIGKILL, all=True)
         for p in running:
             with contextlib.suppress(errdefs.KetchError):
                 p.signal(signal.SIGKILL)
-        await asyncio.wait([asyncio.ensure_future(p.exited.wait()) for p in running], timeout=EXEC_EXIT_GRACE)
+        if running:
+            await asyncio.wait([asyncio.ensure_future(p.exited.wait()) for p in running], timeout=EXEC_EXIT_GRACE)
 
     # -- queries -------------------------------------------------------------------------------
 
