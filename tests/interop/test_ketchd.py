@@ -570,3 +570,24 @@ def test_the_v1_runtime_runs_on_the_v2_runc_path(kenv: Env) -> None:
     assert "containerd-shim-v1-linux" not in (info.value.details() or "")
     kenv.ctr(ns, "containers", "rm", "missing")
     channel.close()
+
+
+def test_kill_of_a_container_runc_no_longer_knows_is_not_found(kenv: Env, channel: grpc.Channel) -> None:
+    ns = kenv.ns()
+    _run_detached(kenv, ns, ["forgotten"])
+    pid = int(_pids(kenv, ns)["forgotten"][0])
+    state = kenv.cd.base / "runc" / ns / "forgotten"
+    assert state.is_dir(), "runc's state for the container"
+    try:
+        import shutil
+
+        shutil.rmtree(state)  # deleted behind the shim's back: the process runs on
+        assert code_of(tasks_pb2_grpc.TasksStub(channel).Kill,
+                       tasks_pb2.KillRequest(container_id="forgotten", signal=signal.SIGTERM),
+                       metadata=md(ns)) == grpc.StatusCode.NOT_FOUND
+    finally:
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _pids(kenv, ns)["forgotten"][1] != "STOPPED" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    tasks_pb2_grpc.TasksStub(channel).Delete(tasks_pb2.DeleteTaskRequest(container_id="forgotten"), metadata=md(ns))
