@@ -224,3 +224,13 @@ def test_a_delete_waits_for_a_start_in_flight(tmp_path: Path) -> None:
         assert "e1" in container.execs
 
     run(scenario)
+
+
+@pytest.mark.parametrize("type_url", ["containerd.runc.v1.Options", "containerd.linux.runc.CreateOptions"])
+def test_runtime_options_that_do_not_decode_are_invalid_argument(type_url: str) -> None:
+    from ketch.shim.options import RuntimeOptions
+
+    with pytest.raises(errdefs.InvalidArgument, match="do not decode"):
+        RuntimeOptions.from_any(type_url, b"\xff\xff\xff", "/run/x")
+    with pytest.raises(errdefs.InvalidArgument, match="unsupported runtime options type"):
+        RuntimeOptions.from_any("example.com/Other", b"", "/run/x")

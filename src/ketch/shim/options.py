@@ -13,6 +13,15 @@ from ketch import errdefs
 from ketch.files import write_atomic
 
 
+def _decode(message_type: Any, value: bytes, name: str) -> Any:
+    from google.protobuf.message import DecodeError
+
+    try:
+        return message_type.FromString(value)
+    except DecodeError as e:
+        raise errdefs.InvalidArgument(f"runtime options {name} do not decode: {e}") from None
+
+
 @dataclass
 class RuntimeOptions:
     """What the shim takes from containerd.runc.v1.Options / containerd.linux.runc.CreateOptions."""
@@ -34,14 +43,14 @@ class RuntimeOptions:
         if name == "containerd.runc.v1.Options":
             from ketch.api.containerd.runc.options import oci_pb2
 
-            o: Any = oci_pb2.Options.FromString(value)
+            o: Any = _decode(oci_pb2.Options, value, name)
             opts.binary_name = o.binary_name or opts.binary_name
             opts.root = o.root or opts.root
             opts.systemd_cgroup = o.systemd_cgroup
         elif name == "containerd.linux.runc.CreateOptions":
             from ketch.api.containerd.linux.runctypes import runc_pb2
 
-            o = runc_pb2.CreateOptions.FromString(value)
+            o = _decode(runc_pb2.CreateOptions, value, name)
         else:
             raise errdefs.InvalidArgument(f"unsupported runtime options type {type_url!r}")
         opts.no_pivot_root = o.no_pivot_root
