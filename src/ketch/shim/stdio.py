@@ -43,6 +43,9 @@ _CHUNK = 1 << 20
 #: how long output may take to drain after a process exited (a daemonized child may keep
 #: the pipe open forever)
 DRAIN_TIMEOUT = 2.0
+#: how long output already in a pipe waits, after the process exited, for its client to open
+#: the FIFO (a client on a loaded host opens it late; dropping the output then loses it)
+READER_TIMEOUT = 30.0
 
 
 def _path_of(uri: str) -> tuple[str, str]:
@@ -185,6 +188,8 @@ class ProcessIO:
     logger: Logger | None = None
     #: called when the set of fds :meth:`kept` returns changes (the keeper holds copies)
     on_change: Callable[[], None] | None = None
+    #: set once every output FIFO has its writer open (the client is reading)
+    _readers: list[asyncio.Future[None]] = field(default_factory=list)
 
     @classmethod
     def create(cls, stdio: Stdio, *, uid: int = -1, gid: int = -1, logger: LoggerSpawn | None = None) -> ProcessIO:
@@ -265,10 +270,17 @@ class ProcessIO:
             self._output_tasks.append(asyncio.ensure_future(pump(src, dst)))
             return
 
+        opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._readers.append(opened)
+
         async def copy() -> None:
             # our own reader keeps the FIFO alive if the client goes away: the process then
             # blocks on a full pipe instead of dying of EPIPE
-            dst = await _open_fifo_writer(path)
+            try:
+                dst = await _open_fifo_writer(path)
+            finally:
+                if not opened.done():
+                    opened.set_result(None)
             self._held[f"{stream}.rd"] = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             self._hold(f"{stream}.dst", dst)
             await pump(src, dst)
@@ -377,9 +389,14 @@ class ProcessIO:
         elif self.console is None:
             self._close_stdin_pipe()
 
-    async def drain(self, timeout: float = DRAIN_TIMEOUT) -> None:
+    async def drain(self, timeout: float = DRAIN_TIMEOUT, reader_timeout: float = READER_TIMEOUT) -> None:
         """Wait (bounded) for the output copies to reach EOF after the process exited (or for
-        the logging binary to finish)."""
+        the logging binary to finish). A copy still waiting for its client to open the FIFO
+        gets ``reader_timeout`` for that first: the output is in the pipe, and only a reader
+        can take it (the EOF bound is for a daemonized child holding the pipe, not for this)."""
+        pending = [f for f in self._readers if not f.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=reader_timeout)
         waits: list[asyncio.Future[Any]] = list(self._output_tasks)
         if self.logger is not None:
             waits.append(self.logger.exited)
