@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ketch.shim.keeper import parent_pid
 from ketch.testing import system
 from ketch.testing.daemons import KETCH_RUNTIME, RUNC_RUNTIME, Containerd, Daemon, Ketchd, cleanup
 
@@ -595,8 +596,7 @@ class Bench:
     def _takeover(self, s: Setup, ns: str, ids: list[str]) -> float:
         before = s.tasks(ns)
         victim = ids[0]
-        with open(f"/proc/{before[victim][0]}/stat") as f:
-            shim = int(f.read().rsplit(")", 1)[1].split()[1])
+        shim = parent_pid(before[victim][0])
         t0 = time.perf_counter()
         os.kill(shim, signal.SIGKILL)
         deadline = t0 + 10

@@ -191,20 +191,13 @@ def upgrade_shims(state: str, template: str = "") -> int:
     template (``template``, its socket) is replaced by one of the new version too, so new
     groups start on it."""
     from ketch.runtime.bundle import walk
-
-    def parent(pid: int) -> int:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-
-    def is_keeper(pid: int) -> bool:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip() == "ketch-keeper"
+    from ketch.shim.keeper import is_keeper, parent_pid
 
     keepers: set[int] = set()
     for bundle in walk(state, state):
         try:  # the keeper is the parent of the task's serving shim (or, after a takeover, of its init)
-            pid = parent(int((bundle.path / "init.pid").read_text()))
-            for candidate in (pid, parent(pid)):
+            pid = parent_pid(int((bundle.path / "init.pid").read_text()))
+            for candidate in (pid, parent_pid(pid)):
                 if is_keeper(candidate):
                     keepers.add(candidate)
                     break

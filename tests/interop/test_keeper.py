@@ -16,15 +16,11 @@ import grpc
 import pytest
 
 from ketch.api.containerd.services.tasks.v1 import tasks_pb2, tasks_pb2_grpc
+from ketch.shim.keeper import parent_pid
 from ketch.testing import system as support
 from tests.interop.conftest import Env
 from tests.interop.test_ctr_shim import PATH, Events, _read_until
 from tests.interop.test_ketchd import Resubscriber, _pids, _run_detached, md
-
-
-def _parent(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])
 
 
 def _counted(path: Path) -> list[int]:
@@ -47,13 +43,13 @@ def trigger(kenv: Env) -> Iterator[Path]:
 
 def _shim_of(kenv: Env, ns: str, task: str) -> int:
     """The serving shim of ``task``: the parent of its init process."""
-    return _parent(int(_pids(kenv, ns)[task][0]))
+    return parent_pid(int(_pids(kenv, ns)[task][0]))
 
 
 def _outage(ns: str, shim: int, during: object = None) -> None:
     """kill -9 the serving ``shim`` while its keeper is stopped, so that what ``during`` does
     happens while no shim runs; then let the keeper take over."""
-    keeper = _parent(shim)
+    keeper = parent_pid(shim)
     assert keeper in support.keeper_pids(ns)
     os.kill(keeper, signal.SIGSTOP)
     try:
@@ -77,7 +73,7 @@ def test_containers_outlive_their_shim(kenv: Env, trigger: Path, tmp_path: Path,
     before = _pids(kenv, ns)
     assert {status for _, status in before.values()} == {"RUNNING"}
     inits = {name: int(pid) for name, (pid, _) in before.items()}
-    assert len({_parent(pid) for pid in inits.values()}) == 1, "one serving shim for the group"
+    assert len({parent_pid(pid) for pid in inits.values()}) == 1, "one serving shim for the group"
     subscriber = Resubscriber(kenv, ns)
     try:
         time.sleep(0.5)
@@ -207,7 +203,7 @@ def test_a_keeper_dying_alone_loses_nothing(kenv: Env) -> None:
     kenv.ctr(ns, "run", "-d", *kenv.fifo, "--runtime", kenv.runtime, *PATH, "--rootfs", kenv.rootfs, "five",
              "sh", "-c", "sleep 1; exit 5")
     shim = support.shim_pid(ns, "calm")
-    os.kill(_parent(shim), signal.SIGKILL)
+    os.kill(parent_pid(shim), signal.SIGKILL)
     deadline = time.monotonic() + 10
     while _pids(kenv, ns)["five"][1] != "STOPPED" and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -252,7 +248,7 @@ def test_live_upgrade_to_a_newly_installed_ketch(kenv: Env, tmp_path: Path) -> N
     original = init.read_text()
     old = version()
     new = old + "+upgraded"
-    keeper = _parent(_shim_of(kenv, ns, "counter"))
+    keeper = parent_pid(_shim_of(kenv, ns, "counter"))
     deadline = time.monotonic() + 10  # ketchd starts its shim template in the background
     while not support.shim_templates(str(kenv.cd.base)) and time.monotonic() < deadline:
         time.sleep(0.05)

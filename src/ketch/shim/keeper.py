@@ -67,6 +67,21 @@ def _prctl(option: int, arg: int | bytes) -> None:
         raise OSError(ctypes.get_errno(), f"prctl({option})")
 
 
+def parent_pid(pid: int) -> int:
+    """``pid``'s parent, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def is_keeper(pid: int) -> bool:
+    """Whether ``pid`` is a shim group's keeper (by its process name, KEEPER_NAME)."""
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return f.read().strip() == KEEPER_NAME
+    except OSError:
+        return False
+
+
 def become_subreaper() -> None:
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
@@ -84,10 +99,10 @@ def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = N
         sock.send(data)
 
 
-def receive(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
-    """One message and its fds; (None, []) at EOF."""
+def receive(sock: socket.socket, flags: int = 0) -> tuple[dict[str, Any] | None, list[int]]:
+    """One message and its fds; (None, []) at EOF. ``flags``: recvmsg's (MSG_DONTWAIT)."""
     fds = array.array("i")
-    data, ancdata, _flags, _addr = sock.recvmsg(_MAX_MESSAGE, socket.CMSG_SPACE(_MAX_FDS * fds.itemsize))
+    data, ancdata, _flags, _addr = sock.recvmsg(_MAX_MESSAGE, socket.CMSG_SPACE(_MAX_FDS * fds.itemsize), flags)
     for level, kind, cdata in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(cdata[: len(cdata) - (len(cdata) % fds.itemsize)])

@@ -25,13 +25,14 @@ class KeeperLink:
         self.alive = True
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._sock.setblocking(False)
+        """Hear the keeper on ``loop``. The socket stays blocking, for sends (small, rare, and
+        the keeper always reads); reads never wait (MSG_DONTWAIT)."""
         loop.add_reader(self._sock.fileno(), self._read)
 
     def _read(self) -> None:
         while True:
             try:
-                message, fds = keeper.receive(self._sock)
+                message, fds = keeper.receive(self._sock, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return
             except OSError:
@@ -56,14 +57,10 @@ class KeeperLink:
         if not self.alive:
             return
         try:
-            self._sock.setblocking(True)
             keeper.send(self._sock, message, fds)
         except OSError as e:
             log.warning("telling the keeper %s: %s", message.get("op"), e)
             self._lost()
-        finally:
-            if self.alive:
-                self._sock.setblocking(False)
 
     def put(self, key: str, data: dict[str, Any], fds: dict[str, int] | None = None) -> None:
         names = list(fds or {})

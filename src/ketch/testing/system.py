@@ -14,6 +14,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from ketch.shim.keeper import is_keeper, parent_pid
+
 BUSYBOX = "/bin/busybox"
 #: where ketch's console scripts are: beside the interpreter running ketch
 VENV_BIN = os.path.dirname(sys.executable)
@@ -129,10 +131,6 @@ def remove_cgroups(name: str) -> None:
                 pass
 
 
-#: the process name (comm) of a ketch shim group's keeper (ketch.shim.keeper.KEEPER_NAME)
-KEEPER_COMM = "ketch-keeper"
-
-
 def _shims(namespace: str, keepers: bool = False) -> Iterator[tuple[int, list[tuple[bytes, bytes]]]]:
     """(pid, flag pairs) of every long-lived shim process of ``namespace`` (ours or runc's):
     the serving ones, or with ``keepers`` the keepers of ketch shim groups."""
@@ -143,8 +141,7 @@ def _shims(namespace: str, keepers: bool = False) -> Iterator[tuple[int, list[tu
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 args = f.read().split(b"\0")
-            with open(f"/proc/{entry}/comm") as f:
-                keeper = f.read().strip() == KEEPER_COMM
+            keeper = is_keeper(int(entry))
         except OSError:
             continue
         if not any(b"shim" in a for a in args[:4]) or args[-2:-1] in ([b"start"], [b"delete"]):
@@ -164,8 +161,7 @@ def kill_shim_group(namespace: str, id: str) -> None:
     first (else it would start a successor), then the serving shim (ours or runc's)."""
     pid = shim_pid(namespace, id)
     with contextlib.suppress(OSError):
-        with open(f"/proc/{pid}/stat") as f:
-            parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        parent = parent_pid(pid)
         if parent in keeper_pids(namespace):
             os.kill(parent, signal.SIGKILL)
             time.sleep(0.05)
