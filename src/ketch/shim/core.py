@@ -175,6 +175,11 @@ class Core:
     def process(self, id: str, exec_id: str) -> Process:
         return self.container(id).process(exec_id)
 
+    def _runc(self, opts: RuntimeOptions, bundle: str) -> Runc:
+        """The OCI runtime of a container in ``bundle``, as its options name it."""
+        return Runc(self.monitor, binary=opts.binary_name, root=opts.root,
+                    log_path=os.path.join(bundle, "log.json"), systemd_cgroup=opts.systemd_cgroup)
+
     def _spawn(self, coro: Awaitable[None]) -> None:
         t = asyncio.ensure_future(coro)
         self._tasks.add(t)
@@ -226,8 +231,7 @@ class Core:
                 continue
             id = key[2:]
             opts = RuntimeOptions.load(data["bundle"], self.runc_root)
-            runc = Runc(self.monitor, binary=opts.binary_name, root=opts.root,
-                        log_path=os.path.join(data["bundle"], "log.json"), systemd_cgroup=opts.systemd_cgroup)
+            runc = self._runc(opts, data["bundle"])
             container = Container(id, data["bundle"], runc, Process(id, "", Stdio()),
                                   mounted_rootfs=bool(data.get("mounted_rootfs")))
             self.containers[id] = container
@@ -317,8 +321,7 @@ class Core:
         os.makedirs(opts.root, mode=0o711, exist_ok=True)
         opts.save(bundle)
         _match_terminal(os.path.join(bundle, "config.json"), stdio.terminal)
-        runc = Runc(self.monitor, binary=opts.binary_name, root=opts.root,
-                    log_path=os.path.join(bundle, "log.json"), systemd_cgroup=opts.systemd_cgroup)
+        runc = self._runc(opts, bundle)
         init = Process(id, "", stdio)
         container = Container(id, bundle, runc, init)
         rootfs_dir = os.path.join(bundle, "rootfs")
