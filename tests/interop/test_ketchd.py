@@ -510,7 +510,9 @@ def test_exec_with_a_terminal_the_spec_does_not_ask_for(kenv: Env, channel: grpc
     tasks = tasks_pb2_grpc.TasksStub(channel)
     req = tasks_pb2.ExecProcessRequest(container_id="host", exec_id="tty", terminal=True, stdout=str(fifo))
     req.spec.type_url = "types.containerd.io/opencontainers/runtime-spec/1/Process"
-    req.spec.value = json.dumps({"args": ["sh", "-c", f"stty raw; head -c {size} /dev/zero; echo end"],
+    # the resize lands during the sleep; stty then shows it
+    script = f"stty raw; sleep 1; stty size; head -c {size} /dev/zero; echo end"
+    req.spec.value = json.dumps({"args": ["sh", "-c", script],
                                  "cwd": "/", "env": ["PATH=/bin"]}).encode()
     tasks.Exec(req, metadata=md(ns))
     tasks.Start(tasks_pb2.StartRequest(container_id="host", exec_id="tty"), metadata=md(ns))
@@ -521,6 +523,7 @@ def test_exec_with_a_terminal_the_spec_does_not_ask_for(kenv: Env, channel: grpc
     reader.join(30)
     assert not reader.is_alive()
     assert received.count(b"\0") == size and received.rstrip().endswith(b"end"), len(received)
+    assert b"40 100" in received, "the resize reached the exec's terminal"
 
 
 def test_a_task_created_with_a_terminal_gets_one(kenv: Env, channel: grpc.Channel, tmp_path) -> None:  # type: ignore[no-untyped-def]
