@@ -60,6 +60,25 @@ shim_template = true
 # runtime name asked for = runtime ketchd runs instead. dockerd 20.10 always asks for
 # io.containerd.runc.v2; to run its containers with the ketch shim, set:
 # "io.containerd.runc.v2" = "io.containerd.ketch.v2"
+
+[cri]
+# the Kubernetes CRI (runtime.v1 RuntimeService and ImageService) on the gRPC socket, for a
+# kubelet or crictl; its images, pods and containers live in the "k8s.io" namespace
+enabled = true
+# the image of every pod's sandbox (pause) container
+sandbox_image = "registry.k8s.io/pause:3.6"
+# the snapshotter images are unpacked for
+snapshotter = "overlayfs"
+# the runtime pods run with (one shim group per pod)
+runtime = "io.containerd.ketch.v2"
+# CNI network configuration (the first .conf/.conflist/.json by name) and plugin binaries
+cni_conf_dir = "/etc/cni/net.d"
+cni_bin_dir = "/usr/lib/cni"
+# where the streaming server (exec, attach, port-forward) listens; port 0: any free port
+stream_server_address = "127.0.0.1"
+stream_server_port = 0
+# never ask for an oom_score_adj below ketchd's own (needed where root lacks CAP_SYS_RESOURCE)
+restrict_oom_score_adj = false
 """
 
 
@@ -95,6 +114,19 @@ class Runtime:
 
 
 @dataclass
+class CRI:
+    enabled: bool = False
+    sandbox_image: str = ""
+    snapshotter: str = ""
+    runtime: str = ""
+    cni_conf_dir: str = ""
+    cni_bin_dir: str = ""
+    stream_server_address: str = ""
+    stream_server_port: int = 0
+    restrict_oom_score_adj: bool = False
+
+
+@dataclass
 class Config:
     version: int = 1
     root: str = ""
@@ -103,6 +135,7 @@ class Config:
     ttrpc: TTRPC = field(default_factory=TTRPC)
     log: Log = field(default_factory=Log)
     runtime: Runtime = field(default_factory=Runtime)
+    cri: CRI = field(default_factory=CRI)
 
     @property
     def ttrpc_address(self) -> str:

@@ -148,6 +148,8 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
     ])
     register_all(server, cfg=cfg, store=store, exchange=exchange, manager=manager, publish=publish,
                  content=content, images=images, snapshotters=snapshotters, collector=collector)
+    if cfg.cri.enabled:
+        _register_cri(server, cfg, store, content, images, snapshotters, collector, publish)
     _prepare_socket_dir(cfg.grpc.address)
     server.add_insecure_port(f"unix://{cfg.grpc.address}")
     await server.start()
@@ -182,6 +184,24 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
                 os.unlink(path)
             except OSError:
                 pass
+
+
+def _register_cri(server: Any, cfg: config.Config, store: Any, content: Any, images: Any,
+                  snapshotters: dict[str, Any], collector: Any, publish: Any) -> None:
+    """The Kubernetes CRI on the same socket, over the same core."""
+    from ketch.cri import images as cri_images
+    from ketch.cri import server as cri_server
+    from ketch.diff.service import DiffService
+    from ketch.images.pull import Puller
+    from ketch.snapshots.service import SnapshotService
+
+    snapshots = SnapshotService(snapshotters, store.leases, publish, collector.schedule)
+    puller = Puller(content, images, snapshots, DiffService(content), store.leases)
+    snapshots.get(cfg.cri.snapshotter)  # InvalidArgument now for a snapshotter not loaded
+    manager = cri_images.CriImages(images, content, puller, snapshotter=cfg.cri.snapshotter,
+                                   fs_root=os.path.join(cfg.root, "snapshots", cfg.cri.snapshotter),
+                                   collect=collector.schedule)
+    cri_server.register(server, cfg.cri, manager)
 
 
 def upgrade_shims(state: str, template: str = "") -> int:

@@ -75,6 +75,8 @@ RULES = [
     ("diff", CORE_FORBIDS, ()),
     ("gc.py", CORE_FORBIDS, ()),
     # faces: decode, call the core, encode; shim requests are the runtime's to build
+    ("cri", ("ketch.shim", "ketch.api.containerd.task", "ketch.runtime.shim", "ketch.daemon", "ketch.client",
+             "ketch.cli"), ()),
     ("services", ("ketch.api.containerd.task", "ketch.shim", "ketch.runtime.shim", "ketch.runtime.manager",
                   "ketch.daemon"), ()),
 ]

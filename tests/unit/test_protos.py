@@ -102,6 +102,7 @@ GRPC_SERVICE_PROTOS = {
     "ketch/api/containerd/services/tasks/v1/tasks.proto",
     "ketch/api/containerd/services/version/v1/version.proto",
     "ketch/api/grpc/health/v1/health.proto",
+    "ketch/api/k8s/cri/runtime/v1/api.proto",
 }
 
 

@@ -34,6 +34,8 @@ class Daemon:
             created.write_text(repr(time.time()))
         self.log = base / f"{self.name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        #: added to the daemon's environment
+        self.env: dict[str, str] = {}
 
     def argv(self) -> list[str]:
         raise NotImplementedError
@@ -42,7 +44,8 @@ class Daemon:
         raise NotImplementedError
 
     def start(self) -> None:
-        env = dict(os.environ, PATH=f"{system.VENV_BIN}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}")
+        env = dict(os.environ, PATH=f"{system.VENV_BIN}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}",
+                   **self.env)
         logf = open(self.log, "ab")
         self.proc = subprocess.Popen(self.argv(), stdout=logf, stderr=logf, env=env, start_new_session=True)
         logf.close()

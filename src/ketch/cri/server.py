@@ -1,0 +1,104 @@
+"""The CRI's gRPC faces on ketchd's socket: ``runtime.v1.RuntimeService`` and
+``runtime.v1.ImageService``. Decode, call the CRI core, encode; errors become gRPC statuses as
+in every servicer (:func:`ketch.services._common.unary`). What is not built yet answers
+Unimplemented (grpc's default for a method a servicer does not define).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any
+
+import grpc
+
+from ketch import __version__, config
+from ketch.api.k8s.cri.runtime.v1 import api_pb2 as cri
+from ketch.api.k8s.cri.runtime.v1 import api_pb2_grpc
+from ketch.cri.images import CriImages
+from ketch.services._common import unary
+
+__all__ = ["RuntimeService", "ImageService", "register"]
+
+#: what Version answers: the CRI version spoken, and the runtime behind it
+API_VERSION = "v1"
+RUNTIME_NAME = "ketchd"
+
+
+def network_ready(cfg: config.CRI) -> tuple[bool, str]:
+    """Whether a CNI network is configured (a .conf, .conflist or .json in the conf dir),
+    and why not."""
+    found = [p for ext in ("*.conf", "*.conflist", "*.json") for p in glob.glob(os.path.join(cfg.cni_conf_dir, ext))]
+    if found:
+        return True, ""
+    return False, f"no network config found in {cfg.cni_conf_dir}: cni plugin not initialized"
+
+
+class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
+    def __init__(self, cfg: config.CRI) -> None:
+        self._cfg = cfg
+
+    @unary
+    async def Version(self, request: cri.VersionRequest, context: grpc.aio.ServicerContext) -> cri.VersionResponse:
+        return cri.VersionResponse(version="0.1.0", runtime_name=RUNTIME_NAME, runtime_version=__version__,
+                                   runtime_api_version=API_VERSION)
+
+    @unary
+    async def Status(self, request: cri.StatusRequest, context: grpc.aio.ServicerContext) -> cri.StatusResponse:
+        ready, why = network_ready(self._cfg)
+        conditions = [
+            cri.RuntimeCondition(type="RuntimeReady", status=True),
+            cri.RuntimeCondition(type="NetworkReady", status=ready, reason="" if ready else "NetworkPluginNotReady",
+                                 message=why),
+        ]
+        return cri.StatusResponse(status=cri.RuntimeStatus(conditions=conditions))
+
+    @unary
+    async def UpdateRuntimeConfig(self, request: cri.UpdateRuntimeConfigRequest,
+                                  context: grpc.aio.ServicerContext) -> cri.UpdateRuntimeConfigResponse:
+        # the pod CIDR is the CNI configuration's business here, as with containerd's default
+        return cri.UpdateRuntimeConfigResponse()
+
+
+class ImageService(api_pb2_grpc.ImageServiceServicer):
+    def __init__(self, images: CriImages) -> None:
+        self._images = images
+
+    @unary
+    async def ListImages(self, request: cri.ListImagesRequest,
+                         context: grpc.aio.ServicerContext) -> cri.ListImagesResponse:
+        wanted = request.filter.image.image if request.HasField("filter") else ""
+        infos = self._images.list()
+        if wanted:
+            found = self._images.find(wanted)
+            infos = [found] if found is not None else []
+        return cri.ListImagesResponse(images=[info.message() for info in infos])
+
+    @unary
+    async def ImageStatus(self, request: cri.ImageStatusRequest,
+                          context: grpc.aio.ServicerContext) -> cri.ImageStatusResponse:
+        info = self._images.find(request.image.image)
+        if info is None:
+            return cri.ImageStatusResponse()
+        return cri.ImageStatusResponse(image=info.message(), info=info.verbose() if request.verbose else {})
+
+    @unary
+    async def PullImage(self, request: cri.PullImageRequest, context: grpc.aio.ServicerContext) -> cri.PullImageResponse:
+        auth = request.auth if request.HasField("auth") else None
+        return cri.PullImageResponse(image_ref=await self._images.pull(request.image.image, auth))
+
+    @unary
+    async def RemoveImage(self, request: cri.RemoveImageRequest,
+                          context: grpc.aio.ServicerContext) -> cri.RemoveImageResponse:
+        await self._images.remove(request.image.image)
+        return cri.RemoveImageResponse()
+
+    @unary
+    async def ImageFsInfo(self, request: cri.ImageFsInfoRequest,
+                          context: grpc.aio.ServicerContext) -> cri.ImageFsInfoResponse:
+        return cri.ImageFsInfoResponse(image_filesystems=[await self._images.fs_info()])
+
+
+def register(server: grpc.aio.Server, cfg: config.CRI, images: CriImages, **_: Any) -> None:
+    api_pb2_grpc.add_RuntimeServiceServicer_to_server(RuntimeService(cfg), server)
+    api_pb2_grpc.add_ImageServiceServicer_to_server(ImageService(images), server)

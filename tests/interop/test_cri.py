@@ -1,0 +1,129 @@
+"""ketchd's Kubernetes CRI, driven by crictl and critest (cri-tools 1.26) from
+../shared/cri-validation, pulling through its local registry (see its README)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ketch.testing import images
+from ketch.testing import registry as registries
+from ketch.testing import system as support
+from ketch.testing.cri import CriKetchd, Validation, critest, validation
+from ketch.testing.daemons import cleanup
+
+PAUSE = "registry.k8s.io/pause:3.6"
+
+
+@pytest.fixture(scope="module")
+def kit() -> Iterator[Validation]:
+    v = validation()
+    try:
+        yield v
+    finally:
+        support.kill_pids(v.started)  # only what this run started
+
+
+@pytest.fixture
+def cri(kit: Validation) -> Iterator[CriKetchd]:
+    base = Path(tempfile.mkdtemp(prefix="kc-", dir="/tmp"))
+    base.chmod(0o711)
+    daemon = CriKetchd(base, kit)
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        daemon.kill(signal.SIGTERM)
+        left = cleanup(base, ["k8s.io"])
+        if not left:
+            shutil.rmtree(base, ignore_errors=True)
+        assert not left, f"test left behind: {left} (logs in {base})"
+
+
+def crictl_json(cri: CriKetchd, kit: Validation, *args: str) -> dict[str, object]:
+    out = cri.crictl(kit, args[0], "-o", "json", *args[1:]).stdout
+    parsed: dict[str, object] = json.loads(out)
+    return parsed
+
+
+def test_version_and_conditions(cri: CriKetchd, kit: Validation) -> None:
+    version = cri.crictl(kit, "version").stdout
+    assert "RuntimeName:  ketchd" in version and "RuntimeApiVersion:  v1" in version
+    info = json.loads(cri.crictl(kit, "info").stdout)
+    conditions = {c["type"]: c["status"] for c in info["status"]["conditions"]}
+    assert conditions == {"RuntimeReady": True, "NetworkReady": True}
+
+
+def test_network_not_ready_without_a_cni_config(cri: CriKetchd, kit: Validation) -> None:
+    for conf in cri.cni_conf.iterdir():
+        conf.unlink()
+    info = json.loads(cri.crictl(kit, "info").stdout)
+    network = next(c for c in info["status"]["conditions"] if c["type"] == "NetworkReady")
+    assert network["status"] is False and network["reason"] == "NetworkPluginNotReady"
+    assert str(cri.cni_conf) in network["message"]
+
+
+def test_pull_inspect_by_every_name_and_remove(cri: CriKetchd, kit: Validation) -> None:
+    pulled = cri.crictl(kit, "pull", PAUSE).stdout
+    image_id = pulled.split()[-1]
+    assert image_id.startswith("sha256:")
+    listed = crictl_json(cri, kit, "images")["images"]
+    assert isinstance(listed, list) and len(listed) == 1
+    img = listed[0]
+    assert img["id"] == image_id and img["repoTags"] == [PAUSE] and int(img["size"]) > 0
+    (digest_ref,) = img["repoDigests"]
+    assert digest_ref.startswith("registry.k8s.io/pause@sha256:")
+    for name in (PAUSE, image_id, digest_ref, image_id.split(":")[1]):
+        status = crictl_json(cri, kit, "inspecti", name)["status"]
+        assert isinstance(status, dict) and status["id"] == image_id, name
+    # what the CRI pulled is an ordinary image to the containerd API, unpacked for overlayfs
+    names = cri.ctr("k8s.io", "images", "ls", "-q").stdout.split()
+    assert sorted(names) == sorted([PAUSE, digest_ref, image_id])
+    assert "Committed" in cri.ctr("k8s.io", "snapshots", "ls").stdout
+
+    cri.crictl(kit, "rmi", PAUSE)
+    assert crictl_json(cri, kit, "images")["images"] == []
+    assert cri.ctr("k8s.io", "images", "ls", "-q").stdout.split() == []
+    missing = cri.crictl(kit, "inspecti", PAUSE, check=False)
+    assert missing.returncode != 0 and "no such image" in missing.stderr
+
+
+def test_pull_of_an_unknown_image_says_so(cri: CriKetchd, kit: Validation) -> None:
+    r = cri.crictl(kit, "pull", "registry.k8s.io/no-such-image:1", check=False)
+    assert r.returncode != 0 and "NotFound" in r.stderr and "no-such-image" in r.stderr
+    r = cri.crictl(kit, "pull", "Upper/Case", check=False)
+    assert r.returncode != 0 and "InvalidArgument" in r.stderr
+    assert cri.ctr("k8s.io", "images", "ls", "-q").stdout.split() == []
+
+
+def test_pull_with_credentials(cri: CriKetchd, kit: Validation, rootfs: Path, tmp_path: Path) -> None:
+    image = images.image_from_dir(rootfs, "private")
+    with registries.serving(tmp_path, credentials=("kuser", "s3cret")) as reg:
+        reg.push_image("team/busybox", "1", image)
+        ref = f"{reg.address}/team/busybox:1"
+        refused = cri.crictl(kit, "pull", ref, check=False)
+        assert refused.returncode != 0 and "credentials" in refused.stderr
+        wrong = cri.crictl(kit, "pull", "--creds", "kuser:wrong", ref, check=False)
+        assert wrong.returncode != 0 and "PermissionDenied" in wrong.stderr
+        pulled = cri.crictl(kit, "pull", "--creds", "kuser:s3cret", ref).stdout
+    assert pulled.split()[-1] == image.config.digest
+    status = crictl_json(cri, kit, "inspecti", ref)["status"]
+    assert isinstance(status, dict) and status["repoTags"] == [ref]
+    cri.crictl(kit, "rmi", ref)
+
+
+def test_critest_images_and_runtime_info(cri: CriKetchd, kit: Validation, tmp_path: Path) -> None:
+    focus = "Image Manager|Runtime info"
+    results = critest(kit, cri.address, focus, tmp_path)
+    wanted = [name for name in kit.passlist if "Image Manager" in name or "Runtime info" in name]
+    assert len(wanted) == 8
+    bad = {name: results.get(name, "not run") for name in wanted if results.get(name) != "passed"}
+    assert not bad, f"critest specs not passing: {bad} (log: {tmp_path / 'critest.log'})"
+    assert os.path.exists(tmp_path / "critest.junit.xml")
