@@ -16,6 +16,7 @@ from ketch import AsyncClient, Client
 from ketch.client import (
     AlreadyExists,
     Capture,
+    Event,
     FailedPrecondition,
     InvalidArgument,
     LogURI,
@@ -342,6 +343,79 @@ def test_errors_are_typed(denv: Env, tmp_path: Path) -> None:
             await c.create_container("noargs", rootfs=denv.rootfs)
 
     run(denv, body)
-    with pytest.raises(Unavailable, match=str(tmp_path / "nobody.sock")):
-        with Client(str(tmp_path / "nobody.sock"), "x") as c:
+    with Client(str(tmp_path / "nobody.sock"), "x") as c:
+        with pytest.raises(Unavailable, match=str(tmp_path / "nobody.sock")):
             c.version()
+        with pytest.raises(Unavailable):  # a subscription that never reached the daemon ends
+            next(iter(c.events()))
+
+
+def test_events_with_filters(denv: Env) -> None:
+    async def body(c: AsyncClient) -> None:
+        seen: list[Event] = []
+
+        async def collect(filters: list[str], n: int) -> None:
+            async for e in c.events(*filters):
+                seen.append(e)
+                if len([x for x in seen if x.topic == "/tasks/exit"]) >= n:
+                    return
+
+        collector = asyncio.ensure_future(collect([f'namespace=={c.namespace},topic~="^/tasks/"'], 2))
+        by_field = asyncio.ensure_future(anext(aiter(c.events(f"namespace=={c.namespace},event.container_id==second"))))
+        await asyncio.sleep(0.5)  # subscribed
+        for name, code in (("first", 3), ("second", 4)):
+            ct = await c.create_container(name, rootfs=denv.rootfs, runtime=denv.runtime, args=["sh", "-c", f"exit {code}"])
+            task = await ct.new_task()
+            await task.start()
+            await task.wait()
+            await task.delete()
+            await ct.delete()
+        await asyncio.wait_for(collector, 30)
+        exits = [(e.event.container_id, e.event.exit_status) for e in seen if e.topic == "/tasks/exit"]
+        assert exits == [("first", 3), ("second", 4)]
+        assert {e.topic for e in seen} >= {"/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"}
+        assert all(e.namespace == c.namespace and not e.reconciled for e in seen)
+        assert seen[0].as_dict()["event"]["container_id"] == "first"
+        first_of_second = await asyncio.wait_for(by_field, 30)
+        assert first_of_second.event.container_id == "second"
+
+    run(denv, body)
+
+
+def test_a_subscriber_rides_a_kill_9_of_the_daemon_and_gets_the_exit_of_the_outage(denv: Env) -> None:
+    """The daemon is killed while a client subscribes; a task exits while it is down; the
+    restarted daemon's subscriber gets that exit once, with its true status, and goes on."""
+
+    async def body(c: AsyncClient) -> None:
+        ns = c.namespace
+        for name, args in (("quitter", ["sh", "-c", "sleep 2; exit 7"]), ("stayer", SLEEPER)):
+            ct = await c.create_container(name, rootfs=denv.rootfs, runtime=denv.runtime, args=args)
+            await (await ct.new_task()).start()
+        exits: list[Event] = []
+
+        async def collect() -> None:
+            async for e in c.events(f'namespace=={ns},topic=="/tasks/exit"'):
+                exits.append(e)
+
+        collector = asyncio.ensure_future(collect())
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(denv.cd.kill, signal.SIGKILL)
+        await asyncio.sleep(4)  # quitter exits 2 s in, while nobody answers
+        assert exits == []
+        await asyncio.to_thread(denv.cd.start)
+        deadline = time.monotonic() + 20
+        while not exits and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(2.5)  # room for a second copy (the daemon's own, or a reconcile's)
+        assert [(e.event.container_id, e.event.exit_status) for e in exits] == [("quitter", 7)]
+        stayer = await (await c.container("stayer")).task()
+        await stayer.kill(signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while len(exits) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert [(e.event.container_id, e.event.exit_status) for e in exits] == [("quitter", 7), ("stayer", 137)]
+        print(f"\nthe outage's exit came {'by reconciling' if exits[0].reconciled else 'from the daemon'}")
+        collector.cancel()
+        await asyncio.gather(collector, return_exceptions=True)
+
+    run(denv, body)

@@ -4,7 +4,7 @@ containerd 1.6+), in one namespace."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +17,7 @@ from ketch.api.containerd.services.namespaces.v1 import namespace_pb2, namespace
 from ketch.api.containerd.services.tasks.v1 import tasks_pb2, tasks_pb2_grpc
 from ketch.api.containerd.services.version.v1 import version_pb2_grpc
 from ketch.client._conn import Connection, default_address, default_namespace
+from ketch.client._events import Event, subscribe
 from ketch.client._containers import Container, Mount, SpecOptions, build_spec, pack_options, spec_any
 from ketch.client._process import Status, _status_of
 
@@ -156,6 +157,13 @@ class AsyncClient:
         r = await self.conn.call(self._stub(containers_pb2_grpc.ContainersStub).List,
                                  containers_pb2.ListContainersRequest(filters=list(filters)))
         return [Container.from_proto(self.conn, self.fifo_dir, c) for c in r.containers]
+
+    def events(self, *filters: str, reconnect: bool = True) -> AsyncIterator[Event]:
+        """Events matching containerd ``filters`` (``topic=="/tasks/exit"``,
+        ``namespace==x``, ``event.container_id==web``), from every namespace unless a filter
+        says. With ``reconnect``, a daemon restart does not end it, and an exit from the outage
+        is delivered (see :mod:`ketch.client._events`)."""
+        return subscribe(self.conn, filters, reconnect=reconnect)
 
     async def tasks(self) -> list[TaskInfo]:
         """The namespace's tasks."""

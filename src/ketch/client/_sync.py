@@ -8,11 +8,12 @@ import asyncio
 import concurrent.futures
 import signal as signals
 import threading
-from collections.abc import Awaitable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from ketch.client._client import DEFAULT_RUNTIME, AsyncClient, TaskInfo, Version
 from ketch.client._containers import Container as AsyncContainer
+from ketch.client._events import Event
 from ketch.client._containers import Mount
 from ketch.client._io import IOSpec, ProcessIO
 from ketch.client._metrics import Metrics
@@ -244,6 +245,15 @@ class Client:
 
     def tasks(self) -> list[TaskInfo]:
         return self._loop.run(self._a.tasks())
+
+    def events(self, *filters: str, reconnect: bool = True) -> Iterator[Event]:
+        """As :meth:`AsyncClient.events`, a blocking iterator (close it, or break out, to end
+        the subscription)."""
+
+        async def make() -> AsyncIterator[Event]:
+            return self._a.events(*filters, reconnect=reconnect)
+
+        return self._iterate(self._loop.run(make()))
 
     def _iterate(self, it: Any) -> Iterator[Any]:
         """A sync iterator over an async one, run on the loop."""
