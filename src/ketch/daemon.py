@@ -149,7 +149,7 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
     register_all(server, cfg=cfg, store=store, exchange=exchange, manager=manager, publish=publish,
                  content=content, images=images, snapshotters=snapshotters, collector=collector)
     if cfg.cri.enabled:
-        _register_cri(server, cfg, store, content, images, snapshotters, collector, publish)
+        _register_cri(server, cfg, store, content, images, snapshotters, collector, publish, manager)
     _prepare_socket_dir(cfg.grpc.address)
     server.add_insecure_port(f"unix://{cfg.grpc.address}")
     await server.start()
@@ -187,21 +187,29 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
 
 
 def _register_cri(server: Any, cfg: config.Config, store: Any, content: Any, images: Any,
-                  snapshotters: dict[str, Any], collector: Any, publish: Any) -> None:
+                  snapshotters: dict[str, Any], collector: Any, publish: Any, manager: Any) -> None:
     """The Kubernetes CRI on the same socket, over the same core."""
+    from ketch.cri import cni
     from ketch.cri import images as cri_images
     from ketch.cri import server as cri_server
+    from ketch.cri.sandbox import Pods
     from ketch.diff.service import DiffService
     from ketch.images.pull import Puller
+    from ketch.metadata.local import ContainerService
     from ketch.snapshots.service import SnapshotService
 
     snapshots = SnapshotService(snapshotters, store.leases, publish, collector.schedule)
     puller = Puller(content, images, snapshots, DiffService(content), store.leases)
     snapshots.get(cfg.cri.snapshotter)  # InvalidArgument now for a snapshotter not loaded
-    manager = cri_images.CriImages(images, content, puller, snapshotter=cfg.cri.snapshotter,
-                                   fs_root=os.path.join(cfg.root, "snapshots", cfg.cri.snapshotter),
-                                   collect=collector.schedule)
-    cri_server.register(server, cfg.cri, manager)
+    image_manager = cri_images.CriImages(images, content, puller, snapshotter=cfg.cri.snapshotter,
+                                         fs_root=os.path.join(cfg.root, "snapshots", cfg.cri.snapshotter),
+                                         collect=collector.schedule)
+    pods = Pods(images=image_manager, containers=ContainerService(store, publish, manager.exists), tasks=manager,
+                snapshots=snapshots, cni_runner=cni.CNI(cfg.cri.cni_bin_dir, os.path.join(cfg.state, "cri", "cni")),
+                cni_conf_dir=cfg.cri.cni_conf_dir, snapshotter=cfg.cri.snapshotter, runtime=cfg.cri.runtime,
+                sandbox_image=cfg.cri.sandbox_image, state_dir=cfg.state,
+                restrict_oom_score_adj=cfg.cri.restrict_oom_score_adj, collect=collector.schedule)
+    cri_server.register(server, cfg.cri, image_manager, pods)
 
 
 def upgrade_shims(state: str, template: str = "") -> int:

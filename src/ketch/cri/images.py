@@ -23,7 +23,7 @@ from ketch import errdefs
 from ketch.api.k8s.cri.runtime.v1 import api_pb2 as cri
 from ketch.content import ContentStore
 from ketch.images import ImageService
-from ketch.images.pull import INDEX_TYPES, Puller, select_manifest
+from ketch.images.pull import INDEX_TYPES, Puller, chain_ids, select_manifest
 from ketch.images.reference import parse
 from ketch.images.registry import Credentials
 from ketch.metadata import Descriptor, Image
@@ -118,6 +118,14 @@ class CriImages:
             if wanted == info.id or wanted in info.repo_tags or wanted in info.repo_digests:
                 return info
         return None
+
+    @staticmethod
+    def chain_id(info: ImageInfo) -> str:
+        """The snapshot the image unpacks to (its top layer's chain id)."""
+        chains = chain_ids((info.config.get("rootfs") or {}).get("diff_ids") or [])
+        if not chains:
+            raise errdefs.InvalidArgument(f"image {info.id} has no layers")
+        return chains[-1]
 
     async def remove(self, ref: str) -> None:
         """Remove every record of the image ``ref`` names; nothing when there is none."""

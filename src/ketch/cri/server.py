@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Any
-
 import grpc
 
 from ketch import __version__, config
 from ketch.api.k8s.cri.runtime.v1 import api_pb2 as cri
 from ketch.api.k8s.cri.runtime.v1 import api_pb2_grpc
 from ketch.cri.images import CriImages
+from ketch.cri.sandbox import Pods
 from ketch.services._common import unary
 
 __all__ = ["RuntimeService", "ImageService", "register"]
@@ -35,8 +34,9 @@ def network_ready(cfg: config.CRI) -> tuple[bool, str]:
 
 
 class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
-    def __init__(self, cfg: config.CRI) -> None:
+    def __init__(self, cfg: config.CRI, pods: Pods) -> None:
         self._cfg = cfg
+        self._pods = pods
 
     @unary
     async def Version(self, request: cri.VersionRequest, context: grpc.aio.ServicerContext) -> cri.VersionResponse:
@@ -58,6 +58,38 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
                                   context: grpc.aio.ServicerContext) -> cri.UpdateRuntimeConfigResponse:
         # the pod CIDR is the CNI configuration's business here, as with containerd's default
         return cri.UpdateRuntimeConfigResponse()
+
+
+    # -- pod sandboxes ----------------------------------------------------------------------
+
+    @unary
+    async def RunPodSandbox(self, request: cri.RunPodSandboxRequest,
+                            context: grpc.aio.ServicerContext) -> cri.RunPodSandboxResponse:
+        return cri.RunPodSandboxResponse(pod_sandbox_id=await self._pods.run(request.config, request.runtime_handler))
+
+    @unary
+    async def StopPodSandbox(self, request: cri.StopPodSandboxRequest,
+                             context: grpc.aio.ServicerContext) -> cri.StopPodSandboxResponse:
+        await self._pods.stop(request.pod_sandbox_id)
+        return cri.StopPodSandboxResponse()
+
+    @unary
+    async def RemovePodSandbox(self, request: cri.RemovePodSandboxRequest,
+                               context: grpc.aio.ServicerContext) -> cri.RemovePodSandboxResponse:
+        await self._pods.remove(request.pod_sandbox_id)
+        return cri.RemovePodSandboxResponse()
+
+    @unary
+    async def PodSandboxStatus(self, request: cri.PodSandboxStatusRequest,
+                               context: grpc.aio.ServicerContext) -> cri.PodSandboxStatusResponse:
+        status, info = await self._pods.status(request.pod_sandbox_id, request.verbose)
+        return cri.PodSandboxStatusResponse(status=status, info=info)
+
+    @unary
+    async def ListPodSandbox(self, request: cri.ListPodSandboxRequest,
+                             context: grpc.aio.ServicerContext) -> cri.ListPodSandboxResponse:
+        f = request.filter if request.HasField("filter") else None
+        return cri.ListPodSandboxResponse(items=await self._pods.list(f))
 
 
 class ImageService(api_pb2_grpc.ImageServiceServicer):
@@ -99,6 +131,6 @@ class ImageService(api_pb2_grpc.ImageServiceServicer):
         return cri.ImageFsInfoResponse(image_filesystems=[await self._images.fs_info()])
 
 
-def register(server: grpc.aio.Server, cfg: config.CRI, images: CriImages, **_: Any) -> None:
-    api_pb2_grpc.add_RuntimeServiceServicer_to_server(RuntimeService(cfg), server)
+def register(server: grpc.aio.Server, cfg: config.CRI, images: CriImages, pods: Pods) -> None:
+    api_pb2_grpc.add_RuntimeServiceServicer_to_server(RuntimeService(cfg, pods), server)
     api_pb2_grpc.add_ImageServiceServicer_to_server(ImageService(images), server)
