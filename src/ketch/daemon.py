@@ -192,6 +192,7 @@ def _register_cri(server: Any, cfg: config.Config, store: Any, content: Any, ima
     from ketch.cri import cni
     from ketch.cri import images as cri_images
     from ketch.cri import server as cri_server
+    from ketch.cri.containers import Containers
     from ketch.cri.sandbox import Pods
     from ketch.diff.service import DiffService
     from ketch.images.pull import Puller
@@ -209,7 +210,10 @@ def _register_cri(server: Any, cfg: config.Config, store: Any, content: Any, ima
                 cni_conf_dir=cfg.cri.cni_conf_dir, snapshotter=cfg.cri.snapshotter, runtime=cfg.cri.runtime,
                 sandbox_image=cfg.cri.sandbox_image, state_dir=cfg.state,
                 restrict_oom_score_adj=cfg.cri.restrict_oom_score_adj, collect=collector.schedule)
-    cri_server.register(server, cfg.cri, image_manager, pods)
+    containers = Containers(pods=pods, images=image_manager, containers=ContainerService(store, publish, manager.exists),
+                            tasks=manager, snapshots=snapshots, snapshotter=cfg.cri.snapshotter,
+                            runtime=cfg.cri.runtime, state_dir=cfg.state)
+    cri_server.register(server, cfg.cri, image_manager, pods, containers)
 
 
 def upgrade_shims(state: str, template: str = "") -> int:

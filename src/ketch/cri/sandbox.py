@@ -380,13 +380,14 @@ class Pods:
         c.extensions[SANDBOX_EXTENSION] = sandbox.encode()
         self._containers.update(NAMESPACE, c, [f"extensions.{SANDBOX_EXTENSION}"])
 
-    async def remove(self, ref: str, remove_containers: Callable[[str], Any] | None = None) -> None:
+    async def remove(self, ref: str, stop_containers: Callable[[str], Any] | None = None,
+                     remove_containers: Callable[[str], Any] | None = None) -> None:
         """Remove the pod (stopping it first, as containerd does); nothing when it is gone."""
         try:
             sandbox = self.get(ref)
         except errdefs.NotFound:
             return
-        await self.stop(sandbox.id)
+        await self.stop(sandbox.id, stop_containers)
         async with self._lock(sandbox.id):
             if remove_containers is not None:
                 await remove_containers(sandbox.id)

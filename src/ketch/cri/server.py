@@ -13,6 +13,7 @@ import grpc
 from ketch import __version__, config
 from ketch.api.k8s.cri.runtime.v1 import api_pb2 as cri
 from ketch.api.k8s.cri.runtime.v1 import api_pb2_grpc
+from ketch.cri.containers import Containers
 from ketch.cri.images import CriImages
 from ketch.cri.sandbox import Pods
 from ketch.services._common import unary
@@ -34,9 +35,18 @@ def network_ready(cfg: config.CRI) -> tuple[bool, str]:
 
 
 class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
-    def __init__(self, cfg: config.CRI, pods: Pods) -> None:
+    def __init__(self, cfg: config.CRI, pods: Pods, containers: Containers) -> None:
         self._cfg = cfg
         self._pods = pods
+        self._containers = containers
+
+    async def _stop_pod_containers(self, sandbox_id: str) -> None:
+        for meta in self._containers.in_pod(sandbox_id):
+            await self._containers.stop(meta.id, 0)
+
+    async def _remove_pod_containers(self, sandbox_id: str) -> None:
+        for meta in self._containers.in_pod(sandbox_id):
+            await self._containers.remove(meta.id)
 
     @unary
     async def Version(self, request: cri.VersionRequest, context: grpc.aio.ServicerContext) -> cri.VersionResponse:
@@ -70,13 +80,13 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
     @unary
     async def StopPodSandbox(self, request: cri.StopPodSandboxRequest,
                              context: grpc.aio.ServicerContext) -> cri.StopPodSandboxResponse:
-        await self._pods.stop(request.pod_sandbox_id)
+        await self._pods.stop(request.pod_sandbox_id, self._stop_pod_containers)
         return cri.StopPodSandboxResponse()
 
     @unary
     async def RemovePodSandbox(self, request: cri.RemovePodSandboxRequest,
                                context: grpc.aio.ServicerContext) -> cri.RemovePodSandboxResponse:
-        await self._pods.remove(request.pod_sandbox_id)
+        await self._pods.remove(request.pod_sandbox_id, self._stop_pod_containers, self._remove_pod_containers)
         return cri.RemovePodSandboxResponse()
 
     @unary
@@ -90,6 +100,80 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
                              context: grpc.aio.ServicerContext) -> cri.ListPodSandboxResponse:
         f = request.filter if request.HasField("filter") else None
         return cri.ListPodSandboxResponse(items=await self._pods.list(f))
+
+    # -- containers -------------------------------------------------------------------------
+
+    @unary
+    async def CreateContainer(self, request: cri.CreateContainerRequest,
+                              context: grpc.aio.ServicerContext) -> cri.CreateContainerResponse:
+        return cri.CreateContainerResponse(container_id=await self._containers.create(
+            request.pod_sandbox_id, request.config, request.sandbox_config))
+
+    @unary
+    async def StartContainer(self, request: cri.StartContainerRequest,
+                             context: grpc.aio.ServicerContext) -> cri.StartContainerResponse:
+        await self._containers.start(request.container_id)
+        return cri.StartContainerResponse()
+
+    @unary
+    async def StopContainer(self, request: cri.StopContainerRequest,
+                            context: grpc.aio.ServicerContext) -> cri.StopContainerResponse:
+        await self._containers.stop(request.container_id, request.timeout)
+        return cri.StopContainerResponse()
+
+    @unary
+    async def RemoveContainer(self, request: cri.RemoveContainerRequest,
+                              context: grpc.aio.ServicerContext) -> cri.RemoveContainerResponse:
+        await self._containers.remove(request.container_id)
+        return cri.RemoveContainerResponse()
+
+    @unary
+    async def ListContainers(self, request: cri.ListContainersRequest,
+                             context: grpc.aio.ServicerContext) -> cri.ListContainersResponse:
+        f = request.filter if request.HasField("filter") else None
+        return cri.ListContainersResponse(containers=await self._containers.list(f))
+
+    @unary
+    async def ContainerStatus(self, request: cri.ContainerStatusRequest,
+                              context: grpc.aio.ServicerContext) -> cri.ContainerStatusResponse:
+        status, info = await self._containers.status(request.container_id, request.verbose)
+        return cri.ContainerStatusResponse(status=status, info=info)
+
+    @unary
+    async def UpdateContainerResources(self, request: cri.UpdateContainerResourcesRequest,
+                                       context: grpc.aio.ServicerContext) -> cri.UpdateContainerResourcesResponse:
+        await self._containers.update_resources(request.container_id, request.linux)
+        return cri.UpdateContainerResourcesResponse()
+
+    @unary
+    async def ReopenContainerLog(self, request: cri.ReopenContainerLogRequest,
+                                 context: grpc.aio.ServicerContext) -> cri.ReopenContainerLogResponse:
+        await self._containers.reopen_log(request.container_id)
+        return cri.ReopenContainerLogResponse()
+
+    @unary
+    async def ExecSync(self, request: cri.ExecSyncRequest, context: grpc.aio.ServicerContext) -> cri.ExecSyncResponse:
+        return await self._containers.exec_sync(request.container_id, request.cmd, request.timeout)
+
+    @unary
+    async def ContainerStats(self, request: cri.ContainerStatsRequest,
+                             context: grpc.aio.ServicerContext) -> cri.ContainerStatsResponse:
+        return cri.ContainerStatsResponse(stats=await self._containers.stats(self._containers.get(request.container_id)))
+
+    @unary
+    async def ListContainerStats(self, request: cri.ListContainerStatsRequest,
+                                 context: grpc.aio.ServicerContext) -> cri.ListContainerStatsResponse:
+        f = request.filter
+        out = []
+        for meta in self._containers.all():
+            if f.id and not meta.id.startswith(f.id):
+                continue
+            if f.pod_sandbox_id and not meta.sandbox_id.startswith(f.pod_sandbox_id):
+                continue
+            if any(meta.container_config.labels.get(k) != v for k, v in f.label_selector.items()):
+                continue
+            out.append(await self._containers.stats(meta))
+        return cri.ListContainerStatsResponse(stats=out)
 
 
 class ImageService(api_pb2_grpc.ImageServiceServicer):
@@ -131,6 +215,6 @@ class ImageService(api_pb2_grpc.ImageServiceServicer):
         return cri.ImageFsInfoResponse(image_filesystems=[await self._images.fs_info()])
 
 
-def register(server: grpc.aio.Server, cfg: config.CRI, images: CriImages, pods: Pods) -> None:
-    api_pb2_grpc.add_RuntimeServiceServicer_to_server(RuntimeService(cfg, pods), server)
+def register(server: grpc.aio.Server, cfg: config.CRI, images: CriImages, pods: Pods, containers: Containers) -> None:
+    api_pb2_grpc.add_RuntimeServiceServicer_to_server(RuntimeService(cfg, pods, containers), server)
     api_pb2_grpc.add_ImageServiceServicer_to_server(ImageService(images), server)
