@@ -206,7 +206,7 @@ def _register_cri(server: Any, cfg: config.Config, store: Any, content: Any, ima
                                          fs_root=os.path.join(cfg.root, "snapshots", cfg.cri.snapshotter),
                                          collect=collector.schedule)
     pods = Pods(images=image_manager, containers=ContainerService(store, publish, manager.exists), tasks=manager,
-                snapshots=snapshots, cni_runner=cni.CNI(cfg.cri.cni_bin_dir, os.path.join(cfg.state, "cri", "cni")),
+                snapshots=snapshots, leases=store.leases, cni_runner=cni.CNI(cfg.cri.cni_bin_dir, os.path.join(cfg.state, "cri", "cni")),
                 cni_conf_dir=cfg.cri.cni_conf_dir, snapshotter=cfg.cri.snapshotter, runtime=cfg.cri.runtime,
                 sandbox_image=cfg.cri.sandbox_image, state_dir=cfg.state,
                 restrict_oom_score_adj=cfg.cri.restrict_oom_score_adj, collect=collector.schedule)

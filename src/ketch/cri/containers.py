@@ -33,7 +33,7 @@ from ketch.api.k8s.cri.runtime.v1 import api_pb2 as cri
 from ketch.cri.images import NAMESPACE, CriImages, ImageInfo
 from ketch.cri.logs import Fifos, LogWriter, copy_lines
 from ketch.cri.sandbox import (CONTAINER_TYPE, KIND_LABEL, NODE, POD, SANDBOX_ID, SANDBOX_NAME, SANDBOX_NAMESPACE,
-                               SANDBOX_UID, Pods, Sandbox)
+                               SANDBOX_UID, Pods, Sandbox, creating)
 from ketch.metadata import Container, Runtime, TypedValue
 from ketch.metadata.local import ContainerService
 from ketch.oci.spec import PROCESS_TYPE_URL, RESOURCES_TYPE_URL, SPEC_TYPE_URL, default_spec
@@ -51,7 +51,8 @@ IMAGE_NAME = "io.kubernetes.cri.image-name"
 #: the most ExecSync returns of each stream (the kubelet's gRPC message limit is 16 MiB)
 EXEC_SYNC_CAP = 8 * 1024 * 1024
 
-ALL_CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
+#: every capability the kernel knows, by number
+_CAP_NAMES = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
             "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE", "CAP_NET_BIND_SERVICE",
             "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE",
             "CAP_SYS_RAWIO", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT",
@@ -59,6 +60,18 @@ ALL_CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER"
             "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN",
             "CAP_SYSLOG", "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF",
             "CAP_CHECKPOINT_RESTORE"]
+
+
+def held_capabilities() -> list[str]:
+    """The capabilities ketchd's own bounding set holds: "all" for a privileged container or
+    ALL added, as containerd (root may lack some, e.g. CAP_SYS_RESOURCE, and runc cannot give
+    what its caller does not have)."""
+    try:
+        with open("/proc/self/status") as f:
+            mask = next(int(line.split()[1], 16) for line in f if line.startswith("CapBnd:"))
+    except (OSError, StopIteration, ValueError):
+        return []
+    return [name for bit, name in enumerate(_CAP_NAMES) if mask >> bit & 1]
 
 
 @dataclass
@@ -205,7 +218,15 @@ class Containers:
         log_path = os.path.join(pod.log_directory, config.log_path) if pod.log_directory and config.log_path else ""
         meta = Meta(id, name, sandbox.id, base64.b64encode(config.SerializeToString()).decode(), image.id,
                     config.image.image, log_path, created_at=time.time_ns())
-        mounts = await self._snapshots.prepare(NAMESPACE, self._snapshotter, id, self._images.chain_id(image))
+        async with creating(self._pods.leases) as lease:
+            await self._create(meta, config, pod, sandbox, image, lease)
+        return id
+
+    async def _create(self, meta: Meta, config: cri.ContainerConfig, pod: cri.PodSandboxConfig, sandbox: Sandbox,
+                      image: ImageInfo, lease: str) -> None:
+        id = meta.id
+        mounts = await self._snapshots.prepare(NAMESPACE, self._snapshotter, id, self._images.chain_id(image),
+                                               lease=lease)
         try:
             spec = await self._spec(meta, config, pod, sandbox, image, mounts)
             self._containers.create(NAMESPACE, Container(
@@ -218,7 +239,6 @@ class Containers:
             with contextlib.suppress(Exception):
                 await self._snapshots.remove(NAMESPACE, self._snapshotter, id)
             raise
-        return id
 
     async def _spec(self, meta: Meta, config: cri.ContainerConfig, pod: cri.PodSandboxConfig, sandbox: Sandbox,
                     image: ImageInfo, mounts: list[mount.Mount]) -> dict[str, Any]:
@@ -247,7 +267,7 @@ class Containers:
         if sec.privileged:
             if not pod.linux.security_context.privileged:
                 raise errdefs.InvalidArgument("a privileged container needs a privileged pod")
-            caps = list(ALL_CAPS)
+            caps = held_capabilities()
             spec["linux"].pop("maskedPaths", None)
             spec["linux"].pop("readonlyPaths", None)
             spec["mounts"] = [dict(m, options=[o for o in m["options"] if o != "ro"]) if m["destination"] == "/sys"
@@ -258,7 +278,7 @@ class Containers:
             added = sec.capabilities.add_capabilities
             dropped = sec.capabilities.drop_capabilities
             if any(c.upper() == "ALL" for c in added):
-                caps = list(ALL_CAPS)
+                caps = held_capabilities()
             for cap in added:
                 name = _cap(cap)
                 if name != "CAP_ALL" and name not in caps:

@@ -23,7 +23,7 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -33,7 +33,7 @@ from ketch.api.containerd.types.task import task_pb2 as task_types
 from ketch.api.k8s.cri.runtime.v1 import api_pb2 as cri
 from ketch.cri import cni, netns
 from ketch.cri.images import NAMESPACE, CriImages
-from ketch.metadata import Container, Runtime, TypedValue
+from ketch.metadata import Container, LeaseStore, Runtime, TypedValue
 from ketch.metadata.local import ContainerService
 from ketch.oci.spec import SPEC_TYPE_URL, default_spec
 from ketch.runtime import CreateOptions, TaskManager
@@ -90,6 +90,20 @@ class Sandbox:
         return cls(**json.loads(value.value))
 
 
+@contextlib.asynccontextmanager
+async def creating(leases: LeaseStore) -> AsyncIterator[str]:
+    """A lease holding what a create makes (its snapshot) until the record that holds it
+    exists: garbage collection running meanwhile must not take it."""
+    lease = f"cri-create-{time.time_ns()}-{secrets.token_hex(4)}"
+    expire = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))
+    leases.create(NAMESPACE, lease, {"containerd.io/gc.expire": expire})
+    try:
+        yield lease
+    finally:
+        with contextlib.suppress(errdefs.KetchError):
+            leases.delete(NAMESPACE, lease)
+
+
 def sandbox_name(md: cri.PodSandboxMetadata) -> str:
     """The unique name of a pod attempt, as containerd makes it."""
     return f"{md.name}_{md.namespace}_{md.uid}_{md.attempt}"
@@ -97,13 +111,14 @@ def sandbox_name(md: cri.PodSandboxMetadata) -> str:
 
 class Pods:
     def __init__(self, *, images: CriImages, containers: ContainerService, tasks: TaskManager,
-                 snapshots: SnapshotService, cni_runner: cni.CNI, cni_conf_dir: str, snapshotter: str,
+                 snapshots: SnapshotService, leases: LeaseStore, cni_runner: cni.CNI, cni_conf_dir: str, snapshotter: str,
                  runtime: str, sandbox_image: str, state_dir: str, restrict_oom_score_adj: bool,
                  collect: Callable[[], object]) -> None:
         self._images = images
         self._containers = containers
         self._tasks = tasks
         self._snapshots = snapshots
+        self.leases = leases
         self._cni = cni_runner
         self._cni_conf_dir = cni_conf_dir
         self._snapshotter = snapshotter
@@ -192,12 +207,14 @@ class Pods:
                 undo.append(lambda: self._detach_network(config, sandbox))
             spec = self._spec(config, sandbox, image.config)
             chain = self._images.chain_id(image)
-            mounts = await self._snapshots.prepare(NAMESPACE, self._snapshotter, id, chain)
-            undo.append(lambda: self._snapshots.remove(NAMESPACE, self._snapshotter, id))
-            container = self._containers.create(NAMESPACE, Container(
-                id=id, labels={**dict(config.labels), KIND_LABEL: "sandbox"}, image=image.id,
-                runtime=Runtime(runtime), spec=TypedValue(SPEC_TYPE_URL, json.dumps(spec).encode()),
-                snapshotter=self._snapshotter, snapshot_key=id, extensions={SANDBOX_EXTENSION: sandbox.encode()}))
+            async with creating(self.leases) as lease:
+                mounts = await self._snapshots.prepare(NAMESPACE, self._snapshotter, id, chain, lease=lease)
+                undo.append(lambda: self._snapshots.remove(NAMESPACE, self._snapshotter, id))
+                container = self._containers.create(NAMESPACE, Container(
+                    id=id, labels={**dict(config.labels), KIND_LABEL: "sandbox"}, image=image.id,
+                    runtime=Runtime(runtime), spec=TypedValue(SPEC_TYPE_URL, json.dumps(spec).encode()),
+                    snapshotter=self._snapshotter, snapshot_key=id,
+                    extensions={SANDBOX_EXTENSION: sandbox.encode()}))
             undo.append(lambda: self._containers.delete(NAMESPACE, container.id))
             rootfs = [mount_pb2.Mount(type=m.type, source=m.source, options=list(m.options)) for m in mounts]
             task = await self._tasks.create(NAMESPACE, container, CreateOptions(rootfs=rootfs))
