@@ -219,3 +219,79 @@ def test_an_exec_gets_stdio_its_user_namespace_can_reopen(env: Env, client: Clie
         client.kill("userns")
         client.wait("userns")
         client.delete("userns")
+
+
+# -- shim_cgroup -----------------------------------------------------------------------------------
+
+#: the hierarchies the tests make shim cgroups in (dir under /sys/fs/cgroup → its name in
+#: /proc/PID/cgroup); the others lack them, and a shim skips those, as containerd's does
+CGROUP_HIERARCHIES = {"memory": "memory", "pids": "pids", "systemd": "name=systemd"}
+
+
+def _cgroup_of(pid: int, hierarchy: str) -> str:
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f:
+            _, names, path = line.rstrip("\n").split(":", 2)
+            if hierarchy in names.split(","):
+                return path
+    return ""
+
+
+@pytest.fixture
+def shim_cgroups(client: Client) -> Iterator[tuple[str, str]]:
+    """Two cgroups for shims, under the namespace's (which the env's cleanup removes once the
+    shims are gone: a shared ketch shim lingers after its last task)."""
+    paths = (f"/{client.ns}/shims-a", f"/{client.ns}/shims-b")
+    for path in paths:
+        for d in CGROUP_HIERARCHIES:
+            os.makedirs(f"/sys/fs/cgroup/{d}{path}")
+    try:
+        yield paths
+    finally:
+        for path in paths:
+            for d in CGROUP_HIERARCHIES:
+                try:
+                    os.rmdir(f"/sys/fs/cgroup/{d}{path}")
+                except OSError:
+                    pass  # a shim still in it: the env's cleanup removes it after the shim
+
+
+def test_each_shim_runs_in_the_shim_cgroup_its_tasks_ask_for(env: Env, client: Client,
+                                                             shim_cgroups: tuple[str, str]) -> None:
+    """containerd.runc.v1.Options.shim_cgroup: the shim process (with the ketch shim, its
+    group's keeper too) is moved into that cgroup; tasks asking for different ones never share
+    a shim process, tasks asking for the same one (or none) still share one under ketchd."""
+    from ketch.shim.keeper import is_keeper, parent_pid
+    from ketch.testing import system as support
+
+    cg_a, cg_b = shim_cgroups
+    asked = {"a1": cg_a, "a2": cg_a, "b": cg_b, "n1": "", "n2": ""}
+    for id, cgroup in asked.items():
+        client.container(id, _spec(env, "sleep", "1000"), oci_pb2.Options(shim_cgroup=cgroup) if cgroup else None)
+        client.create(id)
+    try:
+        address = {id: (env.cd.bundle(client.ns, id) / "address").read_text() for id in asked}
+        assert len({address["a1"], address["b"], address["n1"]}) == 3
+        shared = env.cd.name == "ketchd" and env.runtime == KETCH_RUNTIME
+        assert (address["a1"] == address["a2"] and address["n1"] == address["n2"]) == shared
+        for id in ("a1", "b") if shared else ("a1", "a2", "b"):
+            pid = support.shim_pid(client.ns, id)
+            pids = [pid, parent_pid(pid)] if is_keeper(parent_pid(pid)) else [pid]
+            assert len(pids) == (2 if env.runtime == KETCH_RUNTIME else 1)
+            for p in pids:
+                for hierarchy in CGROUP_HIERARCHIES.values():
+                    assert _cgroup_of(p, hierarchy) == asked[id], (id, p, hierarchy)
+        assert _cgroup_of(support.shim_pid(client.ns, "n1"), "memory") not in shim_cgroups
+    finally:
+        for id in asked:
+            client.delete(id)
+
+
+def test_a_shim_cgroup_that_does_not_exist_fails_the_create(env: Env, client: Client) -> None:
+    missing = f"/{client.ns}/no-such-cgroup"
+    client.container("lost", _spec(env, "true"), oci_pb2.Options(shim_cgroup=missing))
+    with pytest.raises(grpc.RpcError) as info:
+        client.create("lost")
+    assert missing in (info.value.details() or ""), info.value.details()
+    assert client.env.ctr(client.ns, "tasks", "ls", "-q").stdout.strip() == ""
+    client.delete("lost")

@@ -166,6 +166,41 @@ def test_tasks_of_a_namespace_share_one_ketch_shim(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
+def _shim_cgroup_options(cgroup: str) -> TypedValue:
+    from ketch.api.containerd.runc.options import oci_pb2
+
+    return TypedValue("containerd.runc.v1.Options", oci_pb2.Options(shim_cgroup=cgroup).SerializeToString())
+
+
+def test_tasks_asking_for_different_shim_cgroups_never_share_a_shim(tmp_path: Path) -> None:
+    """A shim group is keyed by the shim_cgroup its tasks ask for too: another cgroup, another
+    shim process (ketchd names it another group); the same one (or none), one shared shim,
+    across ketchd's restarts as well."""
+    launcher = FakeLauncher()
+
+    async def make(w: World, id: str, cgroup: str) -> Task:
+        options = _shim_cgroup_options(cgroup) if cgroup else None
+        return await w.manager.create("ns", Container(id, runtime=Runtime(KETCH, options), spec=SPEC), CreateOptions())
+
+    async def first(w: World) -> None:
+        a1, a2 = await make(w, "a1", "/shims/a"), await make(w, "a2", "/shims/a")
+        b = await make(w, "b", "/shims/b")
+        n1, n2 = await make(w, "n1", ""), await make(w, "n2", "")
+        assert a1.group is a2.group and n1.group is n2.group
+        assert len({id(t.group) for t in (a1, b, n1)}) == 3
+        assert len({a.split("/", 3)[3].rsplit("/", 1)[0] for a in launcher.shims}) == 3, "three group names"
+
+    run(tmp_path, first, launcher=launcher)
+
+    async def second(w: World) -> None:
+        await w.manager.load()
+        late = await make(w, "late", "/shims/b")
+        assert late.group is w.manager.get("ns", "b").group, "the shim of /shims/b, found again"
+        assert late.group is not w.manager.get("ns", "a1").group
+
+    run(tmp_path, second, launcher=launcher)
+
+
 def test_grouping_off_gives_every_task_its_own_shim(tmp_path: Path) -> None:
     async def body(w: World) -> None:
         a = await w.create("ns1", "a")

@@ -315,3 +315,26 @@ def test_a_failed_exec_start_leaves_no_fd(tmp_path: Path, failure: str) -> None:
             os.close(fd)
     assert after == before
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".exec-")]
+
+
+def test_start_reads_shim_cgroup_from_the_runtime_options_without_protobuf() -> None:
+    """``start`` gets the runtime options (a marshalled Any) on stdin and decodes shim_cgroup
+    itself (it stays light); only containerd.runc.v1.Options carries it, as containerd's runc
+    shim reads it; options that do not decode ask for none (Create then refuses them)."""
+    from google.protobuf import any_pb2
+
+    from ketch.api.containerd.linux.runctypes import runc_pb2
+    from ketch.api.containerd.runc.options import oci_pb2
+    from ketch.shim.common import shim_cgroup
+
+    opts = oci_pb2.Options(no_pivot_root=True, shim_cgroup="/pods/a b", io_uid=100000, io_gid=100000,
+                           binary_name="runc", root="/run/x", systemd_cgroup=True, criu_work_path="/w")
+    for type_url in ("containerd.runc.v1.Options", "types.googleapis.com/containerd.runc.v1.Options"):
+        assert shim_cgroup(any_pb2.Any(type_url=type_url, value=opts.SerializeToString()).SerializeToString()) == \
+            "/pods/a b"
+    assert shim_cgroup(any_pb2.Any(type_url="containerd.runc.v1.Options",
+                                   value=oci_pb2.Options(root="/r").SerializeToString()).SerializeToString()) == ""
+    other = runc_pb2.CreateOptions(shim_cgroup="/v1").SerializeToString()
+    assert shim_cgroup(any_pb2.Any(type_url="containerd.linux.runc.CreateOptions", value=other).SerializeToString()) == ""
+    for bad in (b"", b"\xff", b"\x0a\x05abc", b"\x0a\x1acontainerd.runc.v1.Options\x12\x03\x1a\x09x"):
+        assert shim_cgroup(bad) == ""

@@ -9,6 +9,7 @@ Hosts differ: v1 (one hierarchy per controller under /sys/fs/cgroup/<controller>
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,43 @@ ROOT = "/sys/fs/cgroup"
 def unified() -> bool:
     """True when the host runs cgroup v2 only."""
     return os.path.exists(os.path.join(ROOT, "cgroup.controllers"))
+
+
+def hierarchies() -> list[str]:
+    """Where the hierarchies a process joins by path are mounted: every v1 hierarchy (named
+    ones such as name=systemd too), or the v2 tree on a unified host. A hybrid host's v2 tree
+    (``unified``, with no controllers) is left alone, as containerd's cgroups package does."""
+    kind = "cgroup2" if unified() else "cgroup"
+    found: list[str] = []
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 2 and fields[2] == kind and fields[1] not in found:
+                found.append(fields[1])
+    return found
+
+
+def locate(path: str) -> list[str]:
+    """The directories of the cgroup ``path`` (as /proc/PID/cgroup names it) in the hierarchies
+    that have it. FileNotFoundError when none has it, ValueError for a path with ``..``."""
+    if ".." in path.split("/"):
+        raise ValueError(f"cgroup path {path!r} may not contain '..'")
+    dirs = [d for d in (os.path.join(h, path.strip("/")) for h in hierarchies()) if os.path.isdir(d)]
+    if not dirs:
+        raise FileNotFoundError(errno.ENOENT, f"no cgroup {path!r} in any hierarchy under {ROOT}")
+    return dirs
+
+
+def join(path: str, pid: int) -> None:
+    """Move ``pid`` into the cgroup ``path`` of every hierarchy that has it (see :func:`locate`;
+    the others are skipped, as containerd does for a static path). OSError naming the
+    directory if one refuses it."""
+    for d in locate(path):
+        try:
+            with open(os.path.join(d, "cgroup.procs"), "w") as f:
+                f.write(str(pid))
+        except OSError as e:
+            raise OSError(e.errno, f"joining {d}: {e.strerror}") from None
 
 
 @dataclass(frozen=True)

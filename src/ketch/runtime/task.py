@@ -97,6 +97,8 @@ class Task:
     runtime: str
     binary: str
     bundle: Bundle
+    #: the cgroup its shim runs in (runtime options' shim_cgroup); "" for the daemon's choice
+    shim_cgroup: str = ""
     pid: int = 0
     phase: Phase = Phase.NEW
     group: ShimGroup | None = None
