@@ -177,6 +177,45 @@ def test_binary_log_uri_with_a_terminal(env: Env, client: Client) -> None:
     client.delete("tty")
 
 
+def test_failed_exec_starts_leave_no_fd_in_the_shim(env: Env, client: Client) -> None:
+    """Execs whose stdio or runc exec fails (a stdout path that does not exist; a binary runc
+    cannot exec, after the pipes were made; a terminal exec that fails the same way): the
+    serving shim holds as many fds afterwards as before."""
+    from ketch.testing import system as support
+
+    if env.runtime != KETCH_RUNTIME:
+        pytest.skip("counts the ketch shim's fds")
+    fifos = {}
+    for name in ("in", "out"):
+        fifos[name] = env.cd.base / f"exec-{name}"
+        os.mkfifo(fifos[name])
+    reader = os.open(fifos["out"], os.O_RDONLY | os.O_NONBLOCK)
+    client.container("host", _spec(env, "sleep", "1000"))
+    client.create("host")
+    client.start("host")
+    shim = support.shim_pid(client.ns, "host")
+    try:
+        before = sorted(os.listdir(f"/proc/{shim}/fd"))
+        failing = [
+            ({"args": ["true"]}, {"stdin": str(fifos["in"]), "stdout": str(env.cd.base / "gone" / "out")}),
+            ({"args": ["/no/such/binary"]}, {"stdin": str(fifos["in"]), "stdout": str(fifos["out"]),
+                                             "stderr": str(fifos["out"])}),
+            ({"args": ["/no/such/binary"]}, {"stdin": str(fifos["in"]), "stdout": str(fifos["out"]),
+                                             "terminal": True}),
+        ]
+        for i, (process, stdio) in enumerate(failing):
+            client.exec("host", f"bad{i}", {"cwd": "/", "env": ["PATH=/bin"], **process}, **stdio)
+            with pytest.raises(grpc.RpcError):
+                client.start("host", f"bad{i}")
+        after = sorted(os.listdir(f"/proc/{shim}/fd"))
+        assert after == before, f"fds {sorted(set(after) - set(before))} left in the shim"
+    finally:
+        os.close(reader)
+        client.kill("host")
+        client.wait("host")
+        client.delete("host")
+
+
 @pytest.fixture
 def remapped_rootfs(env: Env) -> Iterator[Path]:
     """A copy of the rootfs owned by 100000 (root of a user namespace mapped there), in a
