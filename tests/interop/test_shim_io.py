@@ -174,6 +174,11 @@ def test_binary_log_uri_with_a_terminal(env: Env, client: Client) -> None:
     out = _wait_for(out_dir / f"{client.ns}-tty.out")
     assert logger.read_text() == script
     assert out.replace(b"\r\n", b"\n") == b"through the pty\n"
+    err = out_dir / f"{client.ns}-tty.err"  # made once fd 3 ended: the logger saw EOF, not a kill
+    deadline = time.monotonic() + 10
+    while not err.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert err.exists() and err.read_bytes() == b""
     client.delete("tty")
 
 

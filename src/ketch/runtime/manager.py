@@ -499,7 +499,7 @@ class TaskManager:
         first = tasks[0]
         key = self._group_key(first) if self._shares(first) else None
         if key is not None and key in self._groups:
-            key = None  # only one shared shim per namespace: the others serve out their tasks
+            key = None  # only one shared shim per group key: the others serve out their tasks
         group: ShimGroup | None = None
         try:
             if not address:
