@@ -359,3 +359,71 @@ def test_start_gets_creates_time_budget(tmp_path: Path) -> None:
             await task.state()
 
     run(tmp_path, body)
+
+
+def test_wait_answers_once_the_output_reached_the_client(tmp_path: Path) -> None:
+    """A shim (containerd's runc shim) may answer Wait as soon as it reaped the process, its
+    copy into the client's FIFO still running; ctr 1.6 closes the FIFO right after Wait and
+    loses what it has not read. The Wait answers once the shim let go of the FIFO and the
+    client read everything."""
+    import os
+    import subprocess
+
+    out = tmp_path / "out"
+    os.mkfifo(out)
+    client = os.open(out, os.O_RDONLY | os.O_NONBLOCK)
+    # the shim's copy: a process holding the FIFO's write end
+    copier = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=os.open(out, os.O_WRONLY | os.O_NONBLOCK))
+
+    async def body(w: World) -> None:
+        task = await w.create("ns", "echo", runtime=RUNC, stdio=Stdio(stdout=str(out)))
+        w.shim_of(task).pid = copier.pid
+        await task.start()
+        waiter = asyncio.ensure_future(task.wait())
+        assert copier.stdin is not None
+        copier.stdin.write(b"the output\n")
+        copier.stdin.flush()
+        await task.kill(signal.SIGTERM)
+        await asyncio.sleep(0.1)
+        assert not waiter.done(), "the shim is still copying"
+        copier.stdin.close()
+        await until(lambda: copier.poll() is not None)
+        await asyncio.sleep(0.1)
+        assert not waiter.done(), "the output waits in the FIFO"
+        assert os.read(client, 100) == b"the output\n"
+        assert (await waiter).status == 143
+
+    try:
+        run(tmp_path, body)
+    finally:
+        copier.kill()
+        copier.wait()
+        os.close(client)
+
+
+def test_output_nobody_reads_holds_the_wait_a_bounded_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from ketch import delivery
+
+    monkeypatch.setattr(delivery, "TIMEOUT", 0.3)
+    out = tmp_path / "out"
+    os.mkfifo(out)
+    client = os.open(out, os.O_RDONLY | os.O_NONBLOCK)
+    writer = os.open(out, os.O_WRONLY | os.O_NONBLOCK)
+    os.write(writer, b"never read")
+    os.close(writer)
+
+    async def body(w: World) -> float:
+        task = await w.create("ns", "echo", runtime=RUNC, stdio=Stdio(stdout=str(out), stderr=str(tmp_path / "gone")))
+        await task.start()
+        waiter = asyncio.ensure_future(task.wait())
+        await task.kill(signal.SIGKILL)
+        began = asyncio.get_running_loop().time()
+        assert (await waiter).status == 137
+        return asyncio.get_running_loop().time() - began
+
+    try:
+        assert 0.25 < run(tmp_path, body) < 2
+    finally:
+        os.close(client)

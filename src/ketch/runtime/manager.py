@@ -192,7 +192,7 @@ class TaskManager:
             run_as, options = _from_v1(options)
         binary = self.launcher.resolve(self.aliases.get(run_as, run_as))
         bundle = Bundle.at(self.state_dir, self.root_dir, namespace, id)
-        task = Task(namespace, id, runtime, binary, bundle)
+        task = Task(namespace, id, runtime, binary, bundle, stdio={"": opts.stdio})
         self._tasks[(namespace, id)] = task
         try:
             bundle.create(container.spec.value, {"runtime": runtime, "binary": binary})

@@ -54,6 +54,8 @@ to how long it takes."""
         #: seconds a method takes before it answers (a loaded host's runc)
         self.slow: dict[str, float] = {}
         self.alive = True
+        #: the pid Connect gives as the shim's (a process holding what the shim would hold)
+        self.pid = os.getpid()
         self.server = ttrpc.Server(require_same_user=False)
         handlers = {
             "Create": (api.CreateTaskRequest, self._create), "Start": (api.StartRequest, self._start),
@@ -147,7 +149,7 @@ to how long it takes."""
         return empty_pb2.Empty()
 
     async def _connect(self, req: api.ConnectRequest) -> api.ConnectResponse:
-        return api.ConnectResponse(shim_pid=os.getpid(), task_pid=self._process(req.id).pid)
+        return api.ConnectResponse(shim_pid=self.pid, task_pid=self._process(req.id).pid)
 
     async def _pids(self, req: api.PidsRequest) -> api.PidsResponse:
         procs = self.tasks.get(req.id, {})
