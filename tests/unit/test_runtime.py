@@ -175,7 +175,8 @@ def test_grouping_off_gives_every_task_its_own_shim(tmp_path: Path) -> None:
     run(tmp_path, body, grouping=False)
 
 
-def test_a_dead_shim_buries_its_tasks_once_with_255(tmp_path: Path) -> None:
+def test_a_dead_shim_buries_its_tasks_once_with_the_status_its_cleanup_reports(tmp_path: Path) -> None:
+    """As containerd: the exit is what ``shim delete`` says (137: it killed what was left)."""
     async def body(w: World) -> None:
         a = await w.create("ns", "a")
         b = await w.create("ns", "b")
@@ -188,22 +189,40 @@ def test_a_dead_shim_buries_its_tasks_once_with_255(tmp_path: Path) -> None:
         exec_waiter = asyncio.ensure_future(b.wait("e1"))
         await asyncio.sleep(0.01)
         await w.shim_of(a).die()
-        assert (await waiter).status == 255
+        assert (await waiter).status == 137
         with pytest.raises(errdefs.NotFound):
             await exec_waiter  # no successor: an exec's status died with its shim
         await until(lambda: b.phase is Phase.STOPPED)
         exits = [(e.container_id, e.exit_status) for _, t, e in w.events if t == "/tasks/exit"]
-        assert sorted(exits) == [("a", 255), ("b", 255)]
+        assert sorted(exits) == [("a", 137), ("b", 137)]
         state = await a.state()
-        assert (state.status, state.exit_status) == (3, 255)  # STOPPED
+        assert (state.status, state.exit_status) == (3, 137)  # STOPPED
         with pytest.raises(errdefs.NotFound, match="its shim is gone"):
             await a.kill(signal.SIGKILL)
         assert sorted(w.launcher.deleted) == [("ns", "a"), ("ns", "b")]
-        assert (await w.manager.delete("ns", "a")).status == 255
+        assert (await w.manager.delete("ns", "a")).status == 137
         assert w.topics()[-1] == "/tasks/delete" and not w.bundle("ns", "a").exists()
         # the next task of the namespace gets a fresh shim
         c = await w.create("ns", "c")
         assert c.group is not None and c.group.client is not None and not c.group.client.closed
+
+    run(tmp_path, body)
+
+
+@pytest.mark.parametrize("cleanup", [255, errdefs.Unknown("shim delete for task t failed with status 1")])
+def test_an_exit_nobody_knows_is_255(tmp_path: Path, cleanup: int | errdefs.KetchError) -> None:
+    """The cleanup cannot tell the status (the process had stopped with its shim gone), or
+    fails: 255."""
+    async def body(w: World) -> None:
+        task = await w.create("ns", "t", runtime=RUNC)
+        await task.start()
+        waiter = asyncio.ensure_future(task.wait())
+        await asyncio.sleep(0.01)
+        w.launcher.cleanup = cleanup
+        await w.shim_of(task).die()
+        assert (await waiter).status == 255
+        assert [e.exit_status for _, t, e in w.events if t == "/tasks/exit"] == [255]
+        assert (await w.manager.delete("ns", "t")).status == 255
 
     run(tmp_path, body)
 
@@ -239,7 +258,7 @@ def test_reload_reconnects_live_shims_and_buries_dead_ones(tmp_path: Path) -> No
     async def third(w: World) -> None:
         await w.manager.load()  # the tombstone is on disk: no second /tasks/exit
         assert w.manager.get("dead", "d1").phase is Phase.STOPPED and w.events == []
-        assert (await w.manager.delete("dead", "d1")).status == 255
+        assert (await w.manager.delete("dead", "d1")).status == 137
 
     run(tmp_path, third, launcher=launcher)
 

@@ -19,8 +19,9 @@ shim's business; this table is about the task's link to its shim.
   which the manager reconnects to (``attach``: live again, same pid); if none answers, the
   cleanup (``shim delete``) follows (``bury``). Meanwhile calls are Unavailable, state is
   UNKNOWN, and Wait blocks until one or the other.
-- **stopped**: a tombstone: the shim is gone and the exit recorded (status 255: the real one
-  died with the shim), in the bundle too, until the task is deleted.
+- **stopped**: a tombstone: the shim is gone and the exit its cleanup reported is recorded
+  (137: the cleanup killed the task; 255: its status died with the shim), in the bundle too,
+  until the task is deleted.
 - **releasing**: being deleted, or ketchd is shutting down: a closing shim connection is
   expected and buries nothing.
 - **deleted**: forgotten; its bundle is gone.
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: exit status reported for a task whose shim died: the real one is unknown
+#: exit status of a task whose shim died when nothing can tell the real one
 UNKNOWN_EXIT = 255
 
 

@@ -165,11 +165,13 @@ to how long it takes."""
 
 class FakeLauncher:
     """Starts :class:`FakeShim` instead of shim binaries. ``shims`` holds every shim started,
-    by address; ``deleted`` every (namespace, id) whose cleanup (``shim delete``) ran."""
+    by address; ``deleted`` every (namespace, id) whose cleanup (``shim delete``) ran, which
+    answers ``cleanup`` (the status, or the error it fails with)."""
 
     def __init__(self) -> None:
         self.shims: dict[str, FakeShim] = {}
         self.deleted: list[tuple[str, str]] = []
+        self.cleanup: int | errdefs.KetchError = 137
         self.start_options: list[bytes] = []
 
     def resolve(self, runtime: str) -> str:
@@ -185,7 +187,9 @@ class FakeLauncher:
 
     async def delete(self, binary: str, namespace: str, id: str, bundle: str) -> api.DeleteResponse:
         self.deleted.append((namespace, id))
-        return api.DeleteResponse(exit_status=137)
+        if isinstance(self.cleanup, errdefs.KetchError):
+            raise self.cleanup
+        return api.DeleteResponse(exit_status=self.cleanup)
 
     async def connect(self, address: str, namespace: str, *, timeout: float,
                       on_close: Callable[[], object] | None = None) -> ShimClient:
