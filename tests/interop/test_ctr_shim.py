@@ -222,6 +222,29 @@ def test_detached_lifecycle(env: Env) -> None:
         events.close()
 
 
+def test_metrics_read_as_containerd_s(env: Env) -> None:
+    """``ctr tasks metrics``: the cgroup v1 fields as containerd's cgroups library fills them
+    (the runc shim's, which dockerd and ctr read): usage within the limit, the hierarchy's
+    memory and swap limits, no pids limit as 0."""
+    import json
+
+    ns = env.ns()
+    env.ctr(ns, "run", "-d", *env.fifo, "--runtime", env.runtime, *PATH, "--memory-limit", str(64 << 20),
+            "--rootfs", env.rootfs, "measured", "sleep", "1000")
+    _wait_status(env, ns, "measured", "RUNNING")
+    m = json.loads(env.ctr(ns, "tasks", "metrics", "--format", "json", "measured").stdout)
+    if "memory_events" in m:
+        pytest.skip("a cgroup v2 host")
+    mem = m["memory"]
+    assert 16 << 10 < mem["usage"]["usage"] < mem["usage"]["limit"] == 64 << 20, mem["usage"]
+    assert mem["hierarchical_memory_limit"] == 64 << 20
+    assert mem["hierarchical_swap_limit"] == mem["swap"]["limit"] > 0, mem
+    assert m["pids"]["current"] == 1 and "limit" not in m["pids"], m["pids"]
+    assert m["cpu"]["usage"]["total"] > 0 and "blkio" in m
+    env.ctr(ns, "tasks", "kill", "-s", "SIGKILL", "measured")
+    _wait_status(env, ns, "measured", "STOPPED")
+
+
 def test_duplicate_exec_id_is_already_exists(env: Env) -> None:
     ns = env.ns()
     env.ctr(ns, "run", "-d", *env.fifo, "--runtime", env.runtime, *PATH, "--rootfs", env.rootfs, "dup", "sleep", "1000")
