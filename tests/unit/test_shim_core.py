@@ -338,3 +338,31 @@ def test_start_reads_shim_cgroup_from_the_runtime_options_without_protobuf() -> 
     assert shim_cgroup(any_pb2.Any(type_url="containerd.linux.runc.CreateOptions", value=other).SerializeToString()) == ""
     for bad in (b"", b"\xff", b"\x0a\x05abc", b"\x0a\x1acontainerd.runc.v1.Options\x12\x03\x1a\x09x"):
         assert shim_cgroup(bad) == ""
+
+
+def test_an_exit_is_reported_once_the_client_read_the_output(tmp_path: Path) -> None:
+    """ctr 1.6 closes its FIFOs as soon as Wait answers: what is still in them then is lost.
+    Wait and /tasks/exit come once the client has read it (our FIFO buffers are large)."""
+    out = tmp_path / "out"
+    os.mkfifo(out)
+    client = os.open(out, os.O_RDONLY | os.O_NONBLOCK)
+    writer = os.open(out, os.O_WRONLY | os.O_NONBLOCK)
+    os.write(writer, b"left in the fifo")
+    os.close(writer)
+
+    async def scenario(monitor: Monitor) -> bytes:
+        init = Process("c1", "", Stdio(stdout=str(out)), state=State.RUNNING, pid=child("raise SystemExit(0)"))
+        core, container, pub = _core(monitor, tmp_path, _ScriptedRunc(), init)
+        core._spawn(core._on_exit(container, init, monitor.watch(init.pid)))
+        waiter = asyncio.ensure_future(core.wait("c1", ""))
+        await asyncio.sleep(0.3)
+        assert not waiter.done() and pub.events == []
+        got = os.read(client, 100)
+        await asyncio.wait_for(waiter, 5)
+        assert pub.names() == ["TaskExit"]
+        return got
+
+    try:
+        assert run(scenario) == b"left in the fifo"
+    finally:
+        os.close(client)

@@ -142,8 +142,10 @@ class Cgroup:
         pids = self.path("pids")
         if pids and os.path.isdir(pids):
             out.pids.current = _int(pids, "pids.current")
-            out.pids.limit = _int(pids, "pids.max")
+            limit = _int(pids, "pids.max")
+            out.pids.limit = 0 if limit == _UINT64_MAX else limit  # v1 says "no limit" with 0
         blkio = self.path("blkio")
+        out.blkio.SetInParent()  # always there, if empty, as containerd's shims send it
         if blkio and os.path.isdir(blkio):
             for field, fname in (("io_service_bytes_recursive", "blkio.throttle.io_service_bytes"),
                                  ("io_serviced_recursive", "blkio.throttle.io_serviced")):
@@ -181,6 +183,7 @@ class Cgroup:
 
 # memory.stat names that differ from the proto's field names
 _V1_MEMORY_STAT = {
+    "hierarchical_memsw_limit": "hierarchical_swap_limit",
     "pgpgin": "pg_pg_in", "pgpgout": "pg_pg_out", "pgfault": "pg_fault", "pgmajfault": "pg_maj_fault",
     "total_pgpgin": "total_pg_pg_in", "total_pgpgout": "total_pg_pg_out",
     "total_pgfault": "total_pg_fault", "total_pgmajfault": "total_pg_maj_fault",

@@ -4,9 +4,10 @@ ketchd keeps nothing it cannot rebuild from disk. Every task has a bundle (``bun
 start, :meth:`TaskManager.load` walks them, reconnects to each shim whose address answers, and
 cleans up after each one that is gone. A shim that dies — while ketchd runs or while it was
 down — is handled one way (:meth:`TaskManager._bury`): the shim binary's ``delete`` cleans up
-(runc delete --force, unmount), /tasks/exit is published with exit status 255 (the real status
-died with the shim), and the task stays as a STOPPED tombstone, recorded in the bundle, until
-it is deleted, which publishes /tasks/delete. So no client waits forever, and ``ctr task rm``
+(runc delete --force, unmount), /tasks/exit is published with the exit status it reports (137:
+it killed what was left of the task; 255: the status died with the shim), and the task stays
+as a STOPPED tombstone, recorded in the bundle, until it is deleted, which publishes
+/tasks/delete. So no client waits forever, and ``ctr task rm``
 works as after any exit. A task's phases are the table in ``task.py``.
 
 The rules containerd's task service applies live here, so every face (gRPC, CRI, an
@@ -209,7 +210,8 @@ class TaskManager:
             run_as, options = _from_v1(options)
         binary = self.launcher.resolve(self.aliases.get(run_as, run_as))
         bundle = Bundle.at(self.state_dir, self.root_dir, namespace, id)
-        task = Task(namespace, id, runtime, binary, bundle, shim_cgroup=_shim_cgroup(options))
+        task = Task(namespace, id, runtime, binary, bundle, shim_cgroup=_shim_cgroup(options),
+                    stdio={"": opts.stdio})
         self._tasks[(namespace, id)] = task
         info = {"runtime": runtime, "binary": binary}
         if task.shim_cgroup:
@@ -424,23 +426,30 @@ class TaskManager:
                      group.address)
         await asyncio.gather(*(self._bury(t) for t in tasks if t not in alive and t.can("bury")))
 
-    async def _bury(self, task: Task, exit_status: int = UNKNOWN_EXIT) -> None:
-        """The shim is gone: clean up after it, publish the exit, keep a STOPPED tombstone."""
-        with contextlib.suppress(errdefs.KetchError, OSError):
+    async def _bury(self, task: Task) -> None:
+        """The shim is gone: clean up after it, publish the exit, keep a STOPPED tombstone.
+        The exit is what the cleanup reports, as containerd has it (137 from both shims when
+        they killed what was left; ours says 255 when the process was gone already, its status
+        with it); 255 when the cleanup fails."""
+        ended = Exit(task.pid, UNKNOWN_EXIT, time.time())
+        try:
             resp = await self.launcher.delete(task.binary, task.namespace, task.id, str(task.bundle.path))
-            task.pid = task.pid or resp.pid
+            ended = Exit(task.pid or resp.pid, resp.exit_status,
+                         timestamps.seconds(resp.exited_at) if resp.HasField("exited_at") else ended.exited_at)
+        except (errdefs.KetchError, OSError) as e:
+            log.warning("cleaning up after the shim of %s/%s: %s", task.namespace, task.id, e)
         if not task.can("bury"):
             return  # released meanwhile (ketchd is shutting down)
         if task.group is not None:
             task.group.tasks.pop(task.id, None)
             task.group = None
-        task.tombstone = Exit(task.pid, exit_status, time.time())
+        task.pid, task.tombstone = ended.pid, ended
         with contextlib.suppress(OSError):
-            task.bundle.write_exit(task.pid, exit_status, task.tombstone.exited_at)
+            task.bundle.write_exit(ended.pid, ended.status, ended.exited_at)
         task.move("bury")
-        self.publish(task.namespace, events.TaskExit(container_id=task.id, id=task.id, pid=task.pid,
-                                                     exit_status=exit_status,
-                                                     exited_at=timestamps.timestamp(task.tombstone.exited_at)))
+        self.publish(task.namespace, events.TaskExit(container_id=task.id, id=task.id, pid=ended.pid,
+                                                     exit_status=ended.status,
+                                                     exited_at=timestamps.timestamp(ended.exited_at)))
 
     # -- reload after a restart ---------------------------------------------------------------
 

@@ -9,8 +9,8 @@ maps ttrpc requests onto them.
 Ordering guarantees, all relied on by containerd's clients:
 * /tasks/start (or exec-started) is published before that process's /tasks/exit: start and
   exit handling take the process's lock.
-* A process's /tasks/exit is published after its output is drained (bounded) and before its
-  Wait returns.
+* A process's /tasks/exit is published after its output is drained and read by its client
+  (bounded, see ketch.delivery) and before its Wait returns.
 * Exec exits are published before the init exit of the same container.
 * /tasks/oom is published before the /tasks/exit of the OOM-killed init.
 """
@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from google.protobuf import message as _message
 
-from ketch import errdefs, mount, timestamps
+from ketch import delivery, errdefs, mount, timestamps
 from ketch.files import write_atomic
 from ketch.api.containerd.events import task_pb2 as events
 from ketch.api.containerd.types import mount_pb2
@@ -461,6 +461,9 @@ class Core:
             if proc.io is not None:
                 await proc.io.drain()
                 proc.io.close()
+            # a client may close its FIFOs once the exit is reported (ctr 1.6 does): what it
+            # has not read by then would be lost
+            await delivery.delivered((proc.stdio.stdout, proc.stdio.stderr))
             if not proc.record_exit(status, at):
                 self._acknowledge(proc.pid)
                 return
