@@ -4,16 +4,20 @@ per test, and the runtime under test."""
 from __future__ import annotations
 
 import contextlib
+import http.client
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
+from ketch.testing import images
 from ketch.testing import system as support
 from ketch.testing.daemons import KETCH_RUNTIME, RUNC_RUNTIME, Containerd, Daemon, Ketchd, cleanup
 
@@ -108,3 +112,62 @@ def channel(kenv: Env) -> Iterator[grpc.Channel]:
         yield ch
     finally:
         ch.close()
+
+
+# -- a local registry (Debian's docker-registry) -------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    binary = shutil.which("docker-registry")
+    if binary is None:
+        pytest.skip("needs Debian's docker-registry")
+    base = tmp_path_factory.mktemp("registry")
+    port = _free_port()
+    config = base / "config.yml"
+    config.write_text(f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {base}/data\n"
+                      f"http:\n  addr: 127.0.0.1:{port}\n")
+    proc = subprocess.Popen([binary, "serve", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def push_to_registry(registry: str, repo: str, tag: str, blobs: list[images.Blob], manifest: images.Blob) -> None:
+    """The distribution API's monolithic upload, enough for a test registry."""
+    host, port = registry.split(":")
+    for blob in blobs:
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request("POST", f"/v2/{repo}/blobs/uploads/")
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 202, resp.status
+        location = resp.getheader("Location") or ""
+        sep = "&" if "?" in location else "?"
+        path = location.split(registry, 1)[-1] if "://" in location else location
+        conn.request("PUT", f"{path}{sep}digest={blob.digest}", body=blob.data,
+                     headers={"Content-Type": "application/octet-stream"})
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 201, (resp.status, blob.digest)
+        conn.close()
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("PUT", f"/v2/{repo}/manifests/{tag}", body=manifest.data, headers={"Content-Type": manifest.media_type})
+    resp = conn.getresponse()
+    resp.read()
+    assert resp.status == 201, resp.status
+    conn.close()

@@ -4,15 +4,12 @@ plain gRPC client; images are built locally from busybox-static (no registry out
 from __future__ import annotations
 
 import hashlib
-import http.client
 import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tarfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +24,7 @@ from ketch.api.containerd.types import descriptor_pb2
 from ketch.testing import images
 from ketch.testing import system as support
 from ketch.testing.daemons import KETCH_RUNTIME, RUNC_RUNTIME, Ketchd, cleanup
-from tests.interop.conftest import Env, running
+from tests.interop.conftest import Env, push_to_registry, running
 
 NAME = "docker.io/library/busybox:ketch"
 
@@ -264,74 +261,17 @@ def test_full_disk_during_ingest(tiny_root: Env) -> None:
 
 # -- pull from a local registry ----------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = shutil.which("docker-registry")
-    if binary is None:
-        pytest.skip("needs Debian's docker-registry")
-    base = tmp_path_factory.mktemp("registry")
-    port = _free_port()
-    config = base / "config.yml"
-    config.write_text(f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {base}/data\n"
-                      f"http:\n  addr: 127.0.0.1:{port}\n")
-    proc = subprocess.Popen([binary, "serve", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-def _push(registry: str, repo: str, tag: str, blobs: list[images.Blob], manifest: images.Blob) -> None:
-    """The distribution API's monolithic upload, enough for a test registry."""
-    host, port = registry.split(":")
-    for blob in blobs:
-        conn = http.client.HTTPConnection(host, int(port), timeout=30)
-        conn.request("POST", f"/v2/{repo}/blobs/uploads/")
-        resp = conn.getresponse()
-        resp.read()
-        assert resp.status == 202, resp.status
-        location = resp.getheader("Location") or ""
-        sep = "&" if "?" in location else "?"
-        path = location.split(registry, 1)[-1] if "://" in location else location
-        conn.request("PUT", f"{path}{sep}digest={blob.digest}", body=blob.data,
-                     headers={"Content-Type": "application/octet-stream"})
-        resp = conn.getresponse()
-        resp.read()
-        assert resp.status == 201, (resp.status, blob.digest)
-        conn.close()
-    conn = http.client.HTTPConnection(host, int(port), timeout=30)
-    conn.request("PUT", f"/v2/{repo}/manifests/{tag}", body=manifest.data, headers={"Content-Type": manifest.media_type})
-    resp = conn.getresponse()
-    resp.read()
-    assert resp.status == 201, resp.status
-    conn.close()
-
-
 def test_pull_with_platform_selection(kenv: Env, registry: str, tmp_path: Path) -> None:
     rootfs = support.make_busybox_rootfs(tmp_path / "rootfs")
     amd = images.image_from_dir(rootfs, "x", arch="amd64")
     arm = images.image_from_dir(rootfs, "x", arch="arm64")
     for img in (amd, arm):
-        _push(registry, "ketch/busybox", img.manifest.digest, [img.config, *img.layers], img.manifest)
+        push_to_registry(registry, "ketch/busybox", img.manifest.digest, [img.config, *img.layers], img.manifest)
     index = images.Blob(images.INDEX, json.dumps({"schemaVersion": 2, "mediaType": images.INDEX, "manifests": [
         amd.manifest.descriptor(platform={"architecture": "amd64", "os": "linux"}),
         arm.manifest.descriptor(platform={"architecture": "arm64", "os": "linux"}),
     ]}).encode())
-    _push(registry, "ketch/busybox", "multi", [], index)
+    push_to_registry(registry, "ketch/busybox", "multi", [], index)
     ref = f"{registry}/ketch/busybox:multi"
 
     ns = kenv.ns()

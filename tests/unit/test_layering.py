@@ -74,6 +74,14 @@ RULES = [
     ("snapshots", CORE_FORBIDS, ()),
     ("diff", CORE_FORBIDS, ()),
     ("gc.py", CORE_FORBIDS, ()),
+    # the client speaks gRPC to any containerd 1.6+: leaves, the API's messages and the OCI
+    # spec defaults, nothing of the daemon or the shim
+    ("client", ("ketch",), ("ketch.errdefs", "ketch.identifiers", "ketch.filters", "ketch.timestamps", "ketch.digests",
+                            "ketch.config", "ketch.topics", "ketch.api", "ketch.oci.spec", "ketch.client")),
+    ("oci/spec.py", ("ketch",), ()),
+    # the command line is a face of the client
+    ("cli", ("ketch",), ("ketch.__version__", "ketch.errdefs", "ketch.identifiers", "ketch.filters", "ketch.timestamps",
+                         "ketch.client", "ketch.cli")),
     # faces: decode, call the core, encode; shim requests are the runtime's to build
     ("services", ("ketch.api.containerd.task", "ketch.shim", "ketch.runtime.shim", "ketch.runtime.manager",
                   "ketch.daemon"), ()),
