@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from ketch.testing import registry as registries
 from ketch.testing import system as support
 from ketch.testing.daemons import KETCH_RUNTIME, RUNC_RUNTIME, Containerd, Daemon, Ketchd, cleanup
 
@@ -108,3 +109,12 @@ def channel(kenv: Env) -> Iterator[grpc.Channel]:
         yield ch
     finally:
         ch.close()
+
+
+# -- a local registry (Debian's docker-registry) -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[registries.Registry]:
+    """A private docker-registry on a loopback port (ketch.testing.registry)."""
+    with registries.serving(tmp_path_factory.mktemp("registry")) as reg:
+        yield reg

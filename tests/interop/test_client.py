@@ -4,6 +4,7 @@ and a private containerd 1.6 (with its own runc shim)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -24,6 +25,10 @@ from ketch.client import (
     Stdio,
     Unavailable,
 )
+from ketch.client._images import host_platform
+from ketch.testing import registry as registries
+from ketch.testing import images
+from ketch.testing import system as support
 from ketch.testing.daemons import KETCH_RUNTIME, RUNC_RUNTIME
 
 from .conftest import Env, running
@@ -417,5 +422,110 @@ def test_a_subscriber_rides_a_kill_9_of_the_daemon_and_gets_the_exit_of_the_outa
         print(f"\nthe outage's exit came {'by reconciling' if exits[0].reconciled else 'from the daemon'}")
         collector.cancel()
         await asyncio.gather(collector, return_exceptions=True)
+
+    run(denv, body)
+
+
+# -- images ------------------------------------------------------------------------------------
+
+IMAGE = "docker.io/library/busybox:client"
+
+
+@pytest.fixture(scope="module")
+def busybox_image(tmp_path_factory: pytest.TempPathFactory) -> images.Image:
+    rootfs = support.make_busybox_rootfs(tmp_path_factory.mktemp("img") / "rootfs")
+    return images.image_from_dir(rootfs, IMAGE)
+
+
+@pytest.fixture(scope="module")
+def oci_archive(busybox_image: images.Image, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("archive") / "busybox.tar"
+    images.write_oci_archive(busybox_image, out)
+    return out
+
+
+def test_images_import_run_export_tag_remove(denv: Env, oci_archive: Path, busybox_image: images.Image,
+                                             tmp_path: Path) -> None:
+    progress: list[tuple[str, int, int]] = []
+
+    async def body(c: AsyncClient) -> None:
+        [imported] = await c.import_image(str(oci_archive), progress=lambda *a: progress.append(a))
+        assert (imported.name, imported.digest) == (IMAGE, busybox_image.manifest.digest)
+        assert progress and all(done <= total for _, done, total in progress)
+        assert [i.name for i in await c.images()] == [IMAGE]
+        assert await c.image_size(imported) == sum(len(b.data) for b in (busybox_image.config, *busybox_image.layers))
+
+        ct = await c.create_container("fromimage", image=IMAGE, runtime=denv.runtime, args=["sh", "-c", "echo $PATH; ls /bin/busybox"])
+        assert (ct.image, ct.snapshot_key) == (IMAGE, "fromimage")
+        out = Capture()
+        task = await ct.new_task(Stdio(stdout=out, stderr=out))
+        waiter = task.wait()
+        await task.start()
+        assert (await waiter).code == 0
+        await task.delete()
+        assert bytes(out) == b"/usr/bin:/bin\n/bin/busybox\n"
+        await ct.delete()  # and its snapshot
+        ct = await c.create_container("fromimage", image=IMAGE, runtime=denv.runtime)  # the snapshot key is free again
+        await ct.delete()
+
+        tagged = await c.tag_image(IMAGE, "example.com/mine:1")
+        assert tagged.digest == imported.digest
+        with pytest.raises(AlreadyExists):
+            await c.tag_image(IMAGE, "example.com/mine:1")
+        exported = tmp_path / "out.tar"
+        await c.export_images(str(exported), "example.com/mine:1")
+        await c.remove_image("example.com/mine:1")
+        await c.remove_image(IMAGE)
+        assert await c.images() == []
+        with pytest.raises(NotFound):
+            await c.image(IMAGE)
+        with pytest.raises(NotFound):
+            await c.create_container("nope", image=IMAGE, runtime=denv.runtime)
+        [again] = await c.import_image(str(exported))
+        assert (again.name, again.digest) == ("example.com/mine:1", imported.digest)
+        r = await c.create_container("again", image=again.name, runtime=denv.runtime, args=["true"])
+        await r.delete()
+
+    run(denv, body)
+
+
+def test_a_docker_save_archive_imports_and_runs(denv: Env, busybox_image: images.Image, tmp_path: Path) -> None:
+    archive = tmp_path / "docker.tar"
+    images.write_docker_archive(busybox_image, archive, "busybox:saved")
+
+    async def body(c: AsyncClient) -> None:
+        [image] = await c.import_image(str(archive))
+        assert image.name == "docker.io/library/busybox:saved"
+        ct = await c.create_container("saved", image=image.name, runtime=denv.runtime, args=["true"])
+        task = await ct.new_task()
+        waiter = task.wait()
+        await task.start()
+        assert (await waiter).code == 0
+        await task.delete()
+        await ct.delete()
+        with pytest.raises(InvalidArgument):
+            await c.import_image(__file__)  # not a tar
+
+    run(denv, body)
+
+
+def test_pull_from_a_local_registry_with_progress(denv: Env, registry: registries.Registry, busybox_image: images.Image) -> None:
+    img = busybox_image
+    registry.push("ketch/client", "v1", [img.config, *img.layers], img.manifest)
+    index = images.Blob(images.INDEX, json.dumps({"schemaVersion": 2, "mediaType": images.INDEX, "manifests": [
+        img.manifest.descriptor(platform={"architecture": host_platform()[1], "os": "linux"})]}).encode())
+    registry.push("ketch/client", "multi", [], index)
+    seen: list[tuple[str, int, int]] = []
+
+    async def body(c: AsyncClient) -> None:
+        pulled = await c.pull(f"{registry.address}/ketch/client:multi", progress=lambda *a: seen.append(a))
+        assert (pulled.name, pulled.digest) == (f"{registry.address}/ketch/client:multi", index.digest)
+        assert {w for w, _, _ in seen} == {img.config.digest, *(layer.digest for layer in img.layers)}
+        ct = await c.create_container("pulled", image=pulled.name, runtime=denv.runtime, args=["true"])
+        await ct.delete()
+        single = await c.pull(f"{registry.address}/ketch/client:v1")
+        assert single.digest == img.manifest.digest
+        with pytest.raises(NotFound):
+            await c.pull(f"{registry.address}/ketch/client:absent")
 
     run(denv, body)

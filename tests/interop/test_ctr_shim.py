@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 
 from ketch.testing import system as support
-from ketch.testing.daemons import RUNC_RUNTIME
 from tests.interop.conftest import Env
 
 
@@ -223,19 +222,42 @@ def test_detached_lifecycle(env: Env) -> None:
         events.close()
 
 
+def test_metrics_read_as_containerd_s(env: Env) -> None:
+    """``ctr tasks metrics``: the cgroup v1 fields as containerd's cgroups library fills them
+    (the runc shim's, which dockerd and ctr read): usage within the limit, the hierarchy's
+    memory and swap limits, no pids limit as 0."""
+    import json
+
+    ns = env.ns()
+    env.ctr(ns, "run", "-d", *env.fifo, "--runtime", env.runtime, *PATH, "--memory-limit", str(64 << 20),
+            "--rootfs", env.rootfs, "measured", "sleep", "1000")
+    _wait_status(env, ns, "measured", "RUNNING")
+    m = json.loads(env.ctr(ns, "tasks", "metrics", "--format", "json", "measured").stdout)
+    if "memory_events" in m:
+        pytest.skip("a cgroup v2 host")
+    mem = m["memory"]
+    assert 16 << 10 < mem["usage"]["usage"] < mem["usage"]["limit"] == 64 << 20, mem["usage"]
+    assert mem["hierarchical_memory_limit"] == 64 << 20
+    assert mem["hierarchical_swap_limit"] == mem["swap"]["limit"] > 0, mem
+    assert m["pids"]["current"] == 1 and "limit" not in m["pids"], m["pids"]
+    assert m["cpu"]["usage"]["total"] > 0 and "blkio" in m
+    env.ctr(ns, "tasks", "kill", "-s", "SIGKILL", "measured")
+    _wait_status(env, ns, "measured", "STOPPED")
+
+
 def test_duplicate_exec_id_is_already_exists(env: Env) -> None:
     ns = env.ns()
     env.ctr(ns, "run", "-d", *env.fifo, "--runtime", env.runtime, *PATH, "--rootfs", env.rootfs, "dup", "sleep", "1000")
     env.ctr(ns, "tasks", "exec", *env.fifo, "-d", "--exec-id", "same", "dup", "sleep", "1000")
     r = env.ctr(ns, "tasks", "exec", *env.fifo, "--exec-id", "same", "dup", "true", check=False)
-    assert r.returncode != 0
+    assert r.returncode == 1
     assert "already exists" in r.stderr, r.stderr
 
 
 def test_missing_binary_is_a_clear_error_and_leaves_nothing(env: Env) -> None:
     ns = env.ns()
     r = run(env, ns, "nobin", "/no/such/binary", check=False)
-    assert r.returncode != 0
+    assert r.returncode == 1
     assert "no such file or directory" in r.stderr.lower() or "not found" in r.stderr.lower(), r.stderr
     # the failed task is gone: no task, and no process or mount under the daemon's state
     assert env.ctr(ns, "tasks", "ls", "-q").stdout.strip() == ""
@@ -285,8 +307,8 @@ def test_containerd_killed_and_restarted_reconnects(env: Env) -> None:
 
 
 def test_shim_killed_reports_exit(env: Env) -> None:
-    """Everything supervising a task killed: the daemon reports the task exited (containerd's
-    runc shim: 137 from ``shim delete``; ketchd: 255) and cleans up after it. Under containerd
+    """Everything supervising a task killed: the daemon cleans up after it (``shim delete``,
+    which kills the container, still running: 137) and reports that exit. Under containerd
     that is the ketch shim's serving process alone, since containerd takes its closed
     connection for a dead shim; under ketchd the group's keeper would start a successor (see
     test_keeper.py), so the keeper dies too."""
@@ -300,7 +322,7 @@ def test_shim_killed_reports_exit(env: Env) -> None:
         else:
             support.kill_shim_group(ns, "orphan")
         exits = events.wait_for("/tasks/exit")
-        assert '"exit_status":137' in exits[0] or '"exit_status":255' in exits[0], exits
+        assert '"exit_status":137' in exits[0], exits
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and _task_status(env, ns, "orphan") not in ("STOPPED", ""):
             time.sleep(0.1)
@@ -325,15 +347,28 @@ def test_twenty_at_once(env: Env) -> None:
         for i in range(20)
     ]
     results = [p.communicate(timeout=180) for p in procs]
-    for i, (p, (out, err)) in enumerate(zip(procs, results)):
-        assert p.returncode == 0, err
-        if env.runtime == RUNC_RUNTIME and env.cd.name == "ketchd" and out == "":
-            # Known, not yet explained: about one run in eight, one of twenty containers
-            # started at once through containerd's runc shim under ketchd exits 0 while ctr
-            # prints nothing (never seen under containerd, nor with the ketch shim).
-            continue
-        assert out == f"n{i}\n"
+    # every output arrives: ctr 1.6 closes its FIFOs right after Wait, so Wait must wait for
+    # the output to be read (ketch.delivery; the runc shim answers as soon as it reaps)
+    assert [(p.returncode, out) for p, (out, _) in zip(procs, results)] == [(0, f"n{i}\n") for i in range(20)], [
+        err for _, err in results]
     assert env.ctr(ns, "containers", "ls", "-q").stdout.strip() == ""
+
+
+def test_a_large_output_reaches_ctr_whole(env: Env) -> None:
+    """Megabytes written just before the exit: all of them reach ctr, which stops reading
+    once Wait answered (the ketch shim buffers up to 1 MiB in the FIFO, the runc shim copies
+    after it answered)."""
+    ns = env.ns()
+    size = 4 << 20
+    procs = [
+        subprocess.Popen(["ctr", "--address", env.cd.address, "--namespace", ns, "run", "--rm", *env.fifo,
+                          "--runtime", env.runtime, *PATH, "--rootfs", env.rootfs, f"big{i}", "head", "-c", str(size),
+                          "/dev/zero"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for i in range(3)
+    ]
+    results = [p.communicate(timeout=180) for p in procs]
+    assert [(p.returncode, len(out)) for p, (out, _) in zip(procs, results)] == [(0, size)] * 3, [
+        err for _, err in results]
 
 
 def test_binary_log_uri(env: Env, tmp_path) -> None:  # type: ignore[no-untyped-def]

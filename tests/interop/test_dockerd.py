@@ -133,6 +133,22 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         assert not left, f"left behind: {left} (logs in {base})"
 
 
+_UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+
+
+def _bytes(text: str) -> float:
+    """docker's "1.5MiB" as a number of bytes."""
+    number = text.rstrip("BKMGTi")
+    return float(number) * _UNITS[text[len(number):]]
+
+
+def memory_usage(stack: Stack, name: str) -> tuple[float, float]:
+    """``docker stats``' memory use and limit of a running container, in bytes."""
+    shown = stack.d("stats", "--no-stream", "--format", "{{.MemUsage}}", name).stdout.strip()
+    used, _, limit = shown.partition(" / ")
+    return _bytes(used), _bytes(limit)
+
+
 def test_run_output_exit_codes_and_stdin(stack: Stack) -> None:
     assert stack.d("run", "--rm", IMAGE, "echo", "hi").stdout == "hi\n"
     assert stack.d("run", "--rm", IMAGE, "sh", "-c", "exit 7", check=False).returncode == 7
@@ -152,10 +168,12 @@ def test_detached_container_everyday_commands(stack: Stack) -> None:
     assert stack.docker.inspect("web", "{{.State.Status}}") == "paused"
     d("unpause", "web")
     assert stack.docker.inspect("web", "{{.State.Status}}") == "running"
-    stats = d("stats", "--no-stream", "--format", "{{.MemUsage}}", "web").stdout
-    assert "B /" in stats, stats
+    used, limit = memory_usage(stack, "web")  # no limit: the host's memory
+    assert 64 << 10 < used < 64 << 20 and limit > 256 << 20, (used, limit)
     d("update", "--memory", "64m", "--memory-swap", "64m", "web")
     assert stack.docker.inspect("web", "{{.HostConfig.Memory}}") == str(64 << 20)
+    used, limit = memory_usage(stack, "web")
+    assert 64 << 10 < used < limit == 64 << 20, (used, limit)
     time.sleep(0.3)
     assert "tick 0" in d("logs", "web").stdout
     d("kill", "web")

@@ -262,12 +262,6 @@ def test_full_disk_during_ingest(tiny_root: Env) -> None:
 
 # -- pull from a local registry ----------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[registries.Registry]:
-    with registries.serving(tmp_path_factory.mktemp("registry")) as reg:
-        yield reg
-
-
 def test_pull_with_platform_selection(kenv: Env, registry: registries.Registry, tmp_path: Path) -> None:
     rootfs = support.make_busybox_rootfs(tmp_path / "rootfs")
     amd = images.image_from_dir(rootfs, "x", arch="amd64")

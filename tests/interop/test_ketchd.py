@@ -196,8 +196,9 @@ def test_restart_with_twenty_running_and_one_dead_shim(kenv: Env) -> None:
         after = _pids(kenv, ns)
         for n in names:
             assert after[n] == before[n], (n, before[n], after[n])
+        # its container ran on; the cleanup killed it: 137, as containerd reports
         exit_line = events.wait_for("/tasks/exit")[0]
-        assert '"container_id":"victim"' in exit_line and '"exit_status":255' in exit_line
+        assert '"container_id":"victim"' in exit_line and '"exit_status":137' in exit_line
         _wait_status(kenv, other, "victim", "STOPPED")
         r = kenv.ctr(ns, "tasks", "exec", *kenv.fifo, "--exec-id", "x", "r7", "echo", "alive")
         assert r.stdout == "alive\n"
@@ -212,18 +213,46 @@ def test_restart_with_twenty_running_and_one_dead_shim(kenv: Env) -> None:
 
 def test_a_whole_shim_group_dying_while_ketchd_runs(kenv: Env) -> None:
     """The keeper and the serving shim both killed: nothing can take over, so the task is
-    buried (STOPPED, 255) and its container cleaned up."""
+    buried (STOPPED) and its container, still running, killed by the cleanup: 137."""
     ns = kenv.ns()
     events = Events(kenv, ns)
     try:
         _run_detached(kenv, ns, ["lonely"])
         support.kill_shim_group(ns, "lonely")
         exit_line = events.wait_for("/tasks/exit")[0]
-        assert '"exit_status":255' in exit_line
+        assert '"exit_status":137' in exit_line
         _wait_status(kenv, ns, "lonely", "STOPPED")
         kenv.ctr(ns, "tasks", "rm", "lonely")
         kenv.ctr(ns, "containers", "rm", "lonely")
         assert not kenv.cd.bundle(ns, "lonely").exists()
+    finally:
+        events.close()
+
+
+def test_a_task_that_ended_with_nobody_watching_is_255(kenv: Env) -> None:
+    """ketchd down, the task's shim and keeper killed, then the task exits on its own: nobody
+    saw its status, so after the restart it is reported as 255 (not a made-up 137)."""
+    ns = kenv.ns()
+    kenv.ctr(ns, "run", "-d", *kenv.fifo, "--runtime", kenv.runtime, *PATH, "--rootfs", kenv.rootfs, "unseen",
+             "sh", "-c", "sleep 1; exit 3")
+    pid = int(_pids(kenv, ns)["unseen"][0])
+    kenv.cd.kill(signal.SIGKILL)
+    support.kill_shim_group(ns, "unseen")
+    deadline = time.monotonic() + 20
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{pid}")
+    kenv.cd.start()
+    events = Events(kenv, ns)
+    try:
+        assert '"exit_status":255' in events.wait_for("/tasks/exit")[0]
+        _wait_status(kenv, ns, "unseen", "STOPPED")
+        channel = grpc.insecure_channel(f"unix://{kenv.cd.address}")
+        got = tasks_pb2_grpc.TasksStub(channel).Get(tasks_pb2.GetRequest(container_id="unseen"), metadata=md(ns))
+        channel.close()
+        assert got.process.exit_status == 255
+        kenv.ctr(ns, "tasks", "rm", "unseen")
+        kenv.ctr(ns, "containers", "rm", "unseen")
     finally:
         events.close()
 

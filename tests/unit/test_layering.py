@@ -79,6 +79,9 @@ RULES = [
     ("client", ("ketch",), ("ketch.errdefs", "ketch.identifiers", "ketch.filters", "ketch.timestamps", "ketch.digests",
                             "ketch.config", "ketch.topics", "ketch.api", "ketch.oci.spec", "ketch.client")),
     ("oci/spec.py", ("ketch",), ()),
+    # the command line is a face of the client
+    ("cli", ("ketch",), ("ketch.__version__", "ketch.errdefs", "ketch.identifiers", "ketch.filters", "ketch.timestamps",
+                         "ketch.client", "ketch.cli")),
     # faces: decode, call the core, encode; shim requests are the runtime's to build
     ("cri", ("ketch.shim", "ketch.api.containerd.task", "ketch.runtime.shim", "ketch.daemon", "ketch.client",
              "ketch.cli"), ()),

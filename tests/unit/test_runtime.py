@@ -166,6 +166,41 @@ def test_tasks_of_a_namespace_share_one_ketch_shim(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
+def _shim_cgroup_options(cgroup: str) -> TypedValue:
+    from ketch.api.containerd.runc.options import oci_pb2
+
+    return TypedValue("containerd.runc.v1.Options", oci_pb2.Options(shim_cgroup=cgroup).SerializeToString())
+
+
+def test_tasks_asking_for_different_shim_cgroups_never_share_a_shim(tmp_path: Path) -> None:
+    """A shim group is keyed by the shim_cgroup its tasks ask for too: another cgroup, another
+    shim process (ketchd names it another group); the same one (or none), one shared shim,
+    across ketchd's restarts as well."""
+    launcher = FakeLauncher()
+
+    async def make(w: World, id: str, cgroup: str) -> Task:
+        options = _shim_cgroup_options(cgroup) if cgroup else None
+        return await w.manager.create("ns", Container(id, runtime=Runtime(KETCH, options), spec=SPEC), CreateOptions())
+
+    async def first(w: World) -> None:
+        a1, a2 = await make(w, "a1", "/shims/a"), await make(w, "a2", "/shims/a")
+        b = await make(w, "b", "/shims/b")
+        n1, n2 = await make(w, "n1", ""), await make(w, "n2", "")
+        assert a1.group is a2.group and n1.group is n2.group
+        assert len({id(t.group) for t in (a1, b, n1)}) == 3
+        assert len({a.split("/", 3)[3].rsplit("/", 1)[0] for a in launcher.shims}) == 3, "three group names"
+
+    run(tmp_path, first, launcher=launcher)
+
+    async def second(w: World) -> None:
+        await w.manager.load()
+        late = await make(w, "late", "/shims/b")
+        assert late.group is w.manager.get("ns", "b").group, "the shim of /shims/b, found again"
+        assert late.group is not w.manager.get("ns", "a1").group
+
+    run(tmp_path, second, launcher=launcher)
+
+
 def test_grouping_off_gives_every_task_its_own_shim(tmp_path: Path) -> None:
     async def body(w: World) -> None:
         a = await w.create("ns1", "a")
@@ -175,7 +210,8 @@ def test_grouping_off_gives_every_task_its_own_shim(tmp_path: Path) -> None:
     run(tmp_path, body, grouping=False)
 
 
-def test_a_dead_shim_buries_its_tasks_once_with_255(tmp_path: Path) -> None:
+def test_a_dead_shim_buries_its_tasks_once_with_the_status_its_cleanup_reports(tmp_path: Path) -> None:
+    """As containerd: the exit is what ``shim delete`` says (137: it killed what was left)."""
     async def body(w: World) -> None:
         a = await w.create("ns", "a")
         b = await w.create("ns", "b")
@@ -188,22 +224,40 @@ def test_a_dead_shim_buries_its_tasks_once_with_255(tmp_path: Path) -> None:
         exec_waiter = asyncio.ensure_future(b.wait("e1"))
         await asyncio.sleep(0.01)
         await w.shim_of(a).die()
-        assert (await waiter).status == 255
+        assert (await waiter).status == 137
         with pytest.raises(errdefs.NotFound):
             await exec_waiter  # no successor: an exec's status died with its shim
         await until(lambda: b.phase is Phase.STOPPED)
         exits = [(e.container_id, e.exit_status) for _, t, e in w.events if t == "/tasks/exit"]
-        assert sorted(exits) == [("a", 255), ("b", 255)]
+        assert sorted(exits) == [("a", 137), ("b", 137)]
         state = await a.state()
-        assert (state.status, state.exit_status) == (3, 255)  # STOPPED
+        assert (state.status, state.exit_status) == (3, 137)  # STOPPED
         with pytest.raises(errdefs.NotFound, match="its shim is gone"):
             await a.kill(signal.SIGKILL)
         assert sorted(w.launcher.deleted) == [("ns", "a"), ("ns", "b")]
-        assert (await w.manager.delete("ns", "a")).status == 255
+        assert (await w.manager.delete("ns", "a")).status == 137
         assert w.topics()[-1] == "/tasks/delete" and not w.bundle("ns", "a").exists()
         # the next task of the namespace gets a fresh shim
         c = await w.create("ns", "c")
         assert c.group is not None and c.group.client is not None and not c.group.client.closed
+
+    run(tmp_path, body)
+
+
+@pytest.mark.parametrize("cleanup", [255, errdefs.Unknown("shim delete for task t failed with status 1")])
+def test_an_exit_nobody_knows_is_255(tmp_path: Path, cleanup: int | errdefs.KetchError) -> None:
+    """The cleanup cannot tell the status (the process had stopped with its shim gone), or
+    fails: 255."""
+    async def body(w: World) -> None:
+        task = await w.create("ns", "t", runtime=RUNC)
+        await task.start()
+        waiter = asyncio.ensure_future(task.wait())
+        await asyncio.sleep(0.01)
+        w.launcher.cleanup = cleanup
+        await w.shim_of(task).die()
+        assert (await waiter).status == 255
+        assert [e.exit_status for _, t, e in w.events if t == "/tasks/exit"] == [255]
+        assert (await w.manager.delete("ns", "t")).status == 255
 
     run(tmp_path, body)
 
@@ -239,7 +293,7 @@ def test_reload_reconnects_live_shims_and_buries_dead_ones(tmp_path: Path) -> No
     async def third(w: World) -> None:
         await w.manager.load()  # the tombstone is on disk: no second /tasks/exit
         assert w.manager.get("dead", "d1").phase is Phase.STOPPED and w.events == []
-        assert (await w.manager.delete("dead", "d1")).status == 255
+        assert (await w.manager.delete("dead", "d1")).status == 137
 
     run(tmp_path, third, launcher=launcher)
 
@@ -359,3 +413,71 @@ def test_start_gets_creates_time_budget(tmp_path: Path) -> None:
             await task.state()
 
     run(tmp_path, body)
+
+
+def test_wait_answers_once_the_output_reached_the_client(tmp_path: Path) -> None:
+    """A shim (containerd's runc shim) may answer Wait as soon as it reaped the process, its
+    copy into the client's FIFO still running; ctr 1.6 closes the FIFO right after Wait and
+    loses what it has not read. The Wait answers once the shim let go of the FIFO and the
+    client read everything."""
+    import os
+    import subprocess
+
+    out = tmp_path / "out"
+    os.mkfifo(out)
+    client = os.open(out, os.O_RDONLY | os.O_NONBLOCK)
+    # the shim's copy: a process holding the FIFO's write end
+    copier = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=os.open(out, os.O_WRONLY | os.O_NONBLOCK))
+
+    async def body(w: World) -> None:
+        task = await w.create("ns", "echo", runtime=RUNC, stdio=Stdio(stdout=str(out)))
+        w.shim_of(task).pid = copier.pid
+        await task.start()
+        waiter = asyncio.ensure_future(task.wait())
+        assert copier.stdin is not None
+        copier.stdin.write(b"the output\n")
+        copier.stdin.flush()
+        await task.kill(signal.SIGTERM)
+        await asyncio.sleep(0.1)
+        assert not waiter.done(), "the shim is still copying"
+        copier.stdin.close()
+        await until(lambda: copier.poll() is not None)
+        await asyncio.sleep(0.1)
+        assert not waiter.done(), "the output waits in the FIFO"
+        assert os.read(client, 100) == b"the output\n"
+        assert (await waiter).status == 143
+
+    try:
+        run(tmp_path, body)
+    finally:
+        copier.kill()
+        copier.wait()
+        os.close(client)
+
+
+def test_output_nobody_reads_holds_the_wait_a_bounded_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from ketch import delivery
+
+    monkeypatch.setattr(delivery, "TIMEOUT", 0.3)
+    out = tmp_path / "out"
+    os.mkfifo(out)
+    client = os.open(out, os.O_RDONLY | os.O_NONBLOCK)
+    writer = os.open(out, os.O_WRONLY | os.O_NONBLOCK)
+    os.write(writer, b"never read")
+    os.close(writer)
+
+    async def body(w: World) -> float:
+        task = await w.create("ns", "echo", runtime=RUNC, stdio=Stdio(stdout=str(out), stderr=str(tmp_path / "gone")))
+        await task.start()
+        waiter = asyncio.ensure_future(task.wait())
+        await task.kill(signal.SIGKILL)
+        began = asyncio.get_running_loop().time()
+        assert (await waiter).status == 137
+        return asyncio.get_running_loop().time() - began
+
+    try:
+        assert 0.25 < run(tmp_path, body) < 2
+    finally:
+        os.close(client)

@@ -52,6 +52,15 @@ class _ScriptedRunc:
     async def pause(self, id: str) -> None:
         await self._run("pause", id)
 
+    async def exec(self, id: str, process_file: str, *, pid_file: str, console_socket: str | None = None,
+                   stdio: tuple[int | None, ...] = (None, None, None)) -> None:
+        """Records (uid, gid) of each stdio fd it is handed; on success, starts a real process
+        and writes its pid where runc would."""
+        owners = [(os.fstat(fd).st_uid, os.fstat(fd).st_gid) if fd is not None else None for fd in stdio]
+        await self._run("exec", id, owners)
+        with open(pid_file, "w") as f:
+            f.write(str(child("raise SystemExit(0)")))
+
 
 def _core(monitor: Monitor, tmp_path: Path, runc: _ScriptedRunc,
           init: Process) -> tuple[Core, Container, _RecordingPublisher]:
@@ -234,3 +243,126 @@ def test_runtime_options_that_do_not_decode_are_invalid_argument(type_url: str) 
         RuntimeOptions.from_any(type_url, b"\xff\xff\xff", "/run/x")
     with pytest.raises(errdefs.InvalidArgument, match="unsupported runtime options type"):
         RuntimeOptions.from_any("example.com/Other", b"", "/run/x")
+
+
+def _fifos(tmp_path: Path) -> tuple[Stdio, list[int]]:
+    """A client's stdio FIFOs, with the client's readers open."""
+    paths = {}
+    for name in ("stdin", "stdout", "stderr"):
+        paths[name] = str(tmp_path / name)
+        os.mkfifo(paths[name])
+    return Stdio(**paths), [os.open(paths[n], os.O_RDONLY | os.O_NONBLOCK) for n in ("stdout", "stderr")]
+
+
+def test_an_exec_gets_stdio_owned_by_io_uid_and_io_gid(tmp_path: Path) -> None:
+    """The runtime options' io_uid/io_gid own an exec's pipes as they do the init's (a process
+    in a user namespace must be able to reopen /proc/self/fd/1), as containerd's runc shim."""
+    from ketch.shim.options import RuntimeOptions
+
+    stdio, readers = _fifos(tmp_path)
+
+    async def scenario(monitor: Monitor) -> list[tuple[object, ...]]:
+        runc = _ScriptedRunc()
+        core, container, _ = _core(monitor, tmp_path, runc, Process("c1", "", Stdio(), state=State.RUNNING, pid=1))
+        container.options = RuntimeOptions(io_uid=1234, io_gid=5678)
+        core.exec("c1", "e1", stdio=stdio, spec=b'{"args": ["true"]}')
+        await core.start("c1", "e1")
+        await asyncio.wait_for(core.wait("c1", "e1"), 10)
+        await core.delete("c1", "e1")
+        return runc.calls
+
+    try:
+        calls = run(scenario)
+    finally:
+        for fd in readers:
+            os.close(fd)
+    assert calls == [("exec", "c1", [(1234, 5678)] * 3)]
+
+
+@pytest.mark.parametrize("failure", ["runc exec fails", "start cancelled waiting for its logger"])
+def test_a_failed_exec_start_leaves_no_fd(tmp_path: Path, failure: str) -> None:
+    """Whatever fails once an exec's stdio exists (runc exec after the pipes were made, a
+    Start cancelled while its logging binary gets ready), every fd it opened is closed."""
+    stdio, readers = _fifos(tmp_path)
+    if failure != "runc exec fails":
+        logger = tmp_path / "logger"
+        logger.write_text("#!/bin/sh\nexec sleep 60\n")  # never says it is ready
+        logger.chmod(0o755)
+        stdio = Stdio(stdout=f"binary://{logger}", stderr=f"binary://{logger}")
+
+    async def scenario(monitor: Monitor) -> tuple[set[str], set[str]]:
+        runc = _ScriptedRunc(exec="exec failed: no such file")
+        core, container, _ = _core(monitor, tmp_path, runc, Process("c1", "", Stdio(), state=State.RUNNING, pid=1))
+        core.exec("c1", "e1", stdio=stdio, spec=b'{"args": ["true"]}')
+        before = set(os.listdir("/proc/self/fd"))
+        starting = asyncio.ensure_future(core.start("c1", "e1"))
+        if failure == "runc exec fails":
+            with pytest.raises(errdefs.Unknown, match="exec failed"):
+                await starting
+            assert runc.calls, "runc exec ran, with the pipes made"
+        else:
+            await asyncio.sleep(0.3)
+            starting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await starting
+        await asyncio.sleep(0.05)
+        return before, set(os.listdir("/proc/self/fd"))
+
+    try:
+        before, after = run(scenario)
+    finally:
+        for fd in readers:
+            os.close(fd)
+    assert after == before
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".exec-")]
+
+
+def test_start_reads_shim_cgroup_from_the_runtime_options_without_protobuf() -> None:
+    """``start`` gets the runtime options (a marshalled Any) on stdin and decodes shim_cgroup
+    itself (it stays light); only containerd.runc.v1.Options carries it, as containerd's runc
+    shim reads it; options that do not decode ask for none (Create then refuses them)."""
+    from google.protobuf import any_pb2
+
+    from ketch.api.containerd.linux.runctypes import runc_pb2
+    from ketch.api.containerd.runc.options import oci_pb2
+    from ketch.shim.common import shim_cgroup
+
+    opts = oci_pb2.Options(no_pivot_root=True, shim_cgroup="/pods/a b", io_uid=100000, io_gid=100000,
+                           binary_name="runc", root="/run/x", systemd_cgroup=True, criu_work_path="/w")
+    for type_url in ("containerd.runc.v1.Options", "types.googleapis.com/containerd.runc.v1.Options"):
+        assert shim_cgroup(any_pb2.Any(type_url=type_url, value=opts.SerializeToString()).SerializeToString()) == \
+            "/pods/a b"
+    assert shim_cgroup(any_pb2.Any(type_url="containerd.runc.v1.Options",
+                                   value=oci_pb2.Options(root="/r").SerializeToString()).SerializeToString()) == ""
+    other = runc_pb2.CreateOptions(shim_cgroup="/v1").SerializeToString()
+    assert shim_cgroup(any_pb2.Any(type_url="containerd.linux.runc.CreateOptions", value=other).SerializeToString()) == ""
+    for bad in (b"", b"\xff", b"\x0a\x05abc", b"\x0a\x1acontainerd.runc.v1.Options\x12\x03\x1a\x09x"):
+        assert shim_cgroup(bad) == ""
+
+
+def test_an_exit_is_reported_once_the_client_read_the_output(tmp_path: Path) -> None:
+    """ctr 1.6 closes its FIFOs as soon as Wait answers: what is still in them then is lost.
+    Wait and /tasks/exit come once the client has read it (our FIFO buffers are large)."""
+    out = tmp_path / "out"
+    os.mkfifo(out)
+    client = os.open(out, os.O_RDONLY | os.O_NONBLOCK)
+    writer = os.open(out, os.O_WRONLY | os.O_NONBLOCK)
+    os.write(writer, b"left in the fifo")
+    os.close(writer)
+
+    async def scenario(monitor: Monitor) -> bytes:
+        init = Process("c1", "", Stdio(stdout=str(out)), state=State.RUNNING, pid=child("raise SystemExit(0)"))
+        core, container, pub = _core(monitor, tmp_path, _ScriptedRunc(), init)
+        core._spawn(core._on_exit(container, init, monitor.watch(init.pid)))
+        waiter = asyncio.ensure_future(core.wait("c1", ""))
+        await asyncio.sleep(0.3)
+        assert not waiter.done() and pub.events == []
+        got = os.read(client, 100)
+        await asyncio.wait_for(waiter, 5)
+        assert pub.names() == ["TaskExit"]
+        return got
+
+    try:
+        assert run(scenario) == b"left in the fifo"
+    finally:
+        os.close(client)

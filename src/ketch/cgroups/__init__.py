@@ -9,6 +9,7 @@ Hosts differ: v1 (one hierarchy per controller under /sys/fs/cgroup/<controller>
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,43 @@ ROOT = "/sys/fs/cgroup"
 def unified() -> bool:
     """True when the host runs cgroup v2 only."""
     return os.path.exists(os.path.join(ROOT, "cgroup.controllers"))
+
+
+def hierarchies() -> list[str]:
+    """Where the hierarchies a process joins by path are mounted: every v1 hierarchy (named
+    ones such as name=systemd too), or the v2 tree on a unified host. A hybrid host's v2 tree
+    (``unified``, with no controllers) is left alone, as containerd's cgroups package does."""
+    kind = "cgroup2" if unified() else "cgroup"
+    found: list[str] = []
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 2 and fields[2] == kind and fields[1] not in found:
+                found.append(fields[1])
+    return found
+
+
+def locate(path: str) -> list[str]:
+    """The directories of the cgroup ``path`` (as /proc/PID/cgroup names it) in the hierarchies
+    that have it. FileNotFoundError when none has it, ValueError for a path with ``..``."""
+    if ".." in path.split("/"):
+        raise ValueError(f"cgroup path {path!r} may not contain '..'")
+    dirs = [d for d in (os.path.join(h, path.strip("/")) for h in hierarchies()) if os.path.isdir(d)]
+    if not dirs:
+        raise FileNotFoundError(errno.ENOENT, f"no cgroup {path!r} in any hierarchy under {ROOT}")
+    return dirs
+
+
+def join(path: str, pid: int) -> None:
+    """Move ``pid`` into the cgroup ``path`` of every hierarchy that has it (see :func:`locate`;
+    the others are skipped, as containerd does for a static path). OSError naming the
+    directory if one refuses it."""
+    for d in locate(path):
+        try:
+            with open(os.path.join(d, "cgroup.procs"), "w") as f:
+                f.write(str(pid))
+        except OSError as e:
+            raise OSError(e.errno, f"joining {d}: {e.strerror}") from None
 
 
 @dataclass(frozen=True)
@@ -104,8 +142,10 @@ class Cgroup:
         pids = self.path("pids")
         if pids and os.path.isdir(pids):
             out.pids.current = _int(pids, "pids.current")
-            out.pids.limit = _int(pids, "pids.max")
+            limit = _int(pids, "pids.max")
+            out.pids.limit = 0 if limit == _UINT64_MAX else limit  # v1 says "no limit" with 0
         blkio = self.path("blkio")
+        out.blkio.SetInParent()  # always there, if empty, as containerd's shims send it
         if blkio and os.path.isdir(blkio):
             for field, fname in (("io_service_bytes_recursive", "blkio.throttle.io_service_bytes"),
                                  ("io_serviced_recursive", "blkio.throttle.io_serviced")):
@@ -143,6 +183,7 @@ class Cgroup:
 
 # memory.stat names that differ from the proto's field names
 _V1_MEMORY_STAT = {
+    "hierarchical_memsw_limit": "hierarchical_swap_limit",
     "pgpgin": "pg_pg_in", "pgpgout": "pg_pg_out", "pgfault": "pg_fault", "pgmajfault": "pg_maj_fault",
     "total_pgpgin": "total_pg_pg_in", "total_pgpgout": "total_pg_pg_out",
     "total_pgfault": "total_pg_fault", "total_pgmajfault": "total_pg_maj_fault",

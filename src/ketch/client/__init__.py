@@ -8,6 +8,7 @@ made from the daemon's gRPC status codes.
 from ketch.client._client import DEFAULT_RUNTIME, AsyncClient, TaskInfo, Version
 from ketch.client._containers import Container
 from ketch.client._events import Event
+from ketch.client._images import Image
 from ketch.client._io import Capture, LogURI, Stdio
 from ketch.client._metrics import Metrics
 from ketch.client._process import ExecResult, ExitStatus, Process, ProcessInfo, Status, Task
@@ -25,6 +26,6 @@ from ketch.errdefs import (
 
 __all__ = [
     "DEFAULT_RUNTIME", "AlreadyExists", "AsyncClient", "Capture", "Client", "Container", "DeadlineExceeded", "Event", "ExecResult",
-    "ExitStatus", "FailedPrecondition", "InvalidArgument", "KetchError", "LogURI", "Metrics", "NotFound", "Process",
+    "ExitStatus", "FailedPrecondition", "Image", "InvalidArgument", "KetchError", "LogURI", "Metrics", "NotFound", "Process",
     "ProcessInfo", "Status", "Stdio", "Task", "TaskInfo", "Unavailable", "Unimplemented", "Version",
 ]

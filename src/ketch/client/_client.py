@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import empty_pb2
 
@@ -20,6 +20,9 @@ from ketch.client._conn import Connection, default_address, default_namespace
 from ketch.client._events import Event, subscribe
 from ketch.client._containers import Container, Mount, SpecOptions, build_spec, pack_options, spec_any
 from ketch.client._process import Status, _status_of
+
+if TYPE_CHECKING:
+    from ketch.client._images import Image, Progress
 
 __all__ = ["DEFAULT_RUNTIME", "AsyncClient", "TaskInfo", "Version"]
 
@@ -137,7 +140,9 @@ class AsyncClient:
         if runtime_options is not None:
             c.runtime.options.CopyFrom(pack_options(runtime_options))
         if image is not None:
-            raise errdefs.Unimplemented("containers from images")
+            from ketch.client._images import prepare_image_container
+
+            return await prepare_image_container(self, c, image, opts, snapshotter, spec)
         c.spec.CopyFrom(spec_any(spec if spec is not None else build_spec(self.namespace, id, opts, rootfs=rootfs)))
         return await self._create(c)
 
@@ -157,6 +162,61 @@ class AsyncClient:
         r = await self.conn.call(self._stub(containers_pb2_grpc.ContainersStub).List,
                                  containers_pb2.ListContainersRequest(filters=list(filters)))
         return [Container.from_proto(self.conn, self.fifo_dir, c) for c in r.containers]
+
+    # -- images ----------------------------------------------------------------------------
+
+    async def images(self, *filters: str) -> list[Image]:
+        """The namespace's images, selected by containerd filters (``name~=busybox``)."""
+        from ketch.client import _images
+
+        return await _images.list_images(self, filters)
+
+    async def image(self, name: str) -> Image:
+        """The image ``name`` (NotFound if there is none)."""
+        from ketch.client import _images
+
+        return await _images.get_image(self, name)
+
+    async def image_size(self, image: Image) -> int:
+        """The bytes of this platform's manifest, config and layers."""
+        from ketch.client import _images
+
+        return await _images.image_size(self, image)
+
+    async def pull(self, ref: str, *, plain_http: bool | None = None, unpack: bool = True,
+                   snapshotter: str = "overlayfs", progress: Progress | None = None) -> Image:
+        """Fetch ``ref`` from its registry (anonymously; plain HTTP for localhost unless
+        told) for this host's platform, and unpack it; ``progress(what, done, total)``."""
+        from ketch.client import _images
+
+        return await _images.pull(self, ref, plain_http=plain_http, unpack=unpack, snapshotter=snapshotter,
+                                  progress=progress)
+
+    async def import_image(self, path: str, *, name: str | None = None, unpack: bool = True,
+                           snapshotter: str = "overlayfs", progress: Progress | None = None) -> list[Image]:
+        """The images of an OCI layout or ``docker save`` archive at ``path``."""
+        from ketch.client import _images
+
+        return await _images.import_archive(self, path, name=name, unpack=unpack, snapshotter=snapshotter,
+                                            progress=progress)
+
+    async def export_images(self, path: str, *names: str) -> None:
+        """An OCI layout archive of the images ``names`` at ``path``."""
+        from ketch.client import _images
+
+        await _images.export_archive(self, names, path)
+
+    async def remove_image(self, name: str) -> None:
+        """Remove the image record; the daemon's GC removes what only it held."""
+        from ketch.client import _images
+
+        await _images.remove_image(self, name)
+
+    async def tag_image(self, source: str, target: str, *, force: bool = False) -> Image:
+        """A second name for ``source``'s content (AlreadyExists unless ``force``)."""
+        from ketch.client import _images
+
+        return await _images.tag_image(self, source, target, force=force)
 
     def events(self, *filters: str, reconnect: bool = True) -> AsyncIterator[Event]:
         """Events matching containerd ``filters`` (``topic=="/tasks/exit"``,

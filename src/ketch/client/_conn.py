@@ -56,7 +56,7 @@ def from_grpc(err: grpc.aio.AioRpcError, address: str = "") -> errdefs.KetchErro
     """The typed error a gRPC status means; an unreachable daemon names its socket."""
     code = err.code().value[0]
     message = err.details() or ""
-    if code == errdefs.Code.UNAVAILABLE and address and address not in message:
+    if code == errdefs.Code.UNAVAILABLE and address:
         message = f"cannot reach the daemon at {address}: {message}"
     return errdefs.from_status(code, message)
 

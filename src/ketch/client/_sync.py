@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from ketch.client._client import DEFAULT_RUNTIME, AsyncClient, TaskInfo, Version
 from ketch.client._containers import Container as AsyncContainer
 from ketch.client._events import Event
+from ketch.client._images import Image, Progress
 from ketch.client._containers import Mount
 from ketch.client._io import IOSpec, ProcessIO
 from ketch.client._metrics import Metrics
@@ -245,6 +246,34 @@ class Client:
 
     def tasks(self) -> list[TaskInfo]:
         return self._loop.run(self._a.tasks())
+
+    def images(self, *filters: str) -> list[Image]:
+        return self._loop.run(self._a.images(*filters))
+
+    def image(self, name: str) -> Image:
+        return self._loop.run(self._a.image(name))
+
+    def image_size(self, image: Image) -> int:
+        return self._loop.run(self._a.image_size(image))
+
+    def pull(self, ref: str, *, plain_http: bool | None = None, unpack: bool = True, snapshotter: str = "overlayfs",
+             progress: Progress | None = None) -> Image:
+        return self._loop.run(self._a.pull(ref, plain_http=plain_http, unpack=unpack, snapshotter=snapshotter,
+                                           progress=progress))
+
+    def import_image(self, path: str, *, name: str | None = None, unpack: bool = True,
+                     snapshotter: str = "overlayfs", progress: Progress | None = None) -> list[Image]:
+        return self._loop.run(self._a.import_image(path, name=name, unpack=unpack, snapshotter=snapshotter,
+                                                   progress=progress))
+
+    def export_images(self, path: str, *names: str) -> None:
+        self._loop.run(self._a.export_images(path, *names))
+
+    def remove_image(self, name: str) -> None:
+        self._loop.run(self._a.remove_image(name))
+
+    def tag_image(self, source: str, target: str, *, force: bool = False) -> Image:
+        return self._loop.run(self._a.tag_image(source, target, force=force))
 
     def events(self, *filters: str, reconnect: bool = True) -> Iterator[Event]:
         """As :meth:`AsyncClient.events`, a blocking iterator (close it, or break out, to end

@@ -4,9 +4,10 @@ ketchd keeps nothing it cannot rebuild from disk. Every task has a bundle (``bun
 start, :meth:`TaskManager.load` walks them, reconnects to each shim whose address answers, and
 cleans up after each one that is gone. A shim that dies — while ketchd runs or while it was
 down — is handled one way (:meth:`TaskManager._bury`): the shim binary's ``delete`` cleans up
-(runc delete --force, unmount), /tasks/exit is published with exit status 255 (the real status
-died with the shim), and the task stays as a STOPPED tombstone, recorded in the bundle, until
-it is deleted, which publishes /tasks/delete. So no client waits forever, and ``ctr task rm``
+(runc delete --force, unmount), /tasks/exit is published with the exit status it reports (137:
+it killed what was left of the task; 255: the status died with the shim), and the task stays
+as a STOPPED tombstone, recorded in the bundle, until it is deleted, which publishes
+/tasks/delete. So no client waits forever, and ``ctr task rm``
 works as after any exit. A task's phases are the table in ``task.py``.
 
 The rules containerd's task service applies live here, so every face (gRPC, CRI, an
@@ -51,13 +52,17 @@ log = logging.getLogger(__name__)
 __all__ = ["CreateOptions", "ShimGroup", "TaskManager"]
 
 
+#: what tasks sharing one shim process have in common: (namespace, shim binary, shim cgroup)
+GroupKey = tuple[str, str, str]
+
+
 @dataclass(eq=False)
 class ShimGroup:
     """One connection to one shim process, and the tasks it serves. A shared group (``key``
     set) outlives its tasks for a while so that its next task needs no new process."""
 
     address: str
-    key: tuple[str, str] | None = None  # (namespace, shim binary) when shared
+    key: GroupKey | None = None  # when shared
     client: ShimClient | None = None
     tasks: dict[str, Task] = field(default_factory=dict)
 
@@ -99,6 +104,19 @@ def _from_v1(options: tuple[str, bytes] | None) -> tuple[str, tuple[str, bytes] 
     return RUNC_V2, ("containerd.runc.v1.Options", v2.SerializeToString())
 
 
+def _shim_cgroup(options: tuple[str, bytes] | None) -> str:
+    """The cgroup runtime options ask the shim to run in (containerd.runc.v1.Options'
+    shim_cgroup, the only options containerd's runc shim reads it from)."""
+    if options is None or options[0].rsplit("/", 1)[-1] != "containerd.runc.v1.Options":
+        return ""
+    from ketch.api.containerd.runc.options import oci_pb2
+
+    try:
+        return str(oci_pb2.Options.FromString(options[1]).shim_cgroup)
+    except DecodeError:
+        return ""  # the shim's Create says what is wrong with them
+
+
 class TaskManager:
     def __init__(
         self,
@@ -123,8 +141,8 @@ class TaskManager:
         self.grouping = grouping
         #: how long a lost shim's successor has to answer before its tasks are buried
         self.takeover_timeout = takeover_timeout
-        self._groups: dict[tuple[str, str], ShimGroup] = {}
-        self._group_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._groups: dict[GroupKey, ShimGroup] = {}
+        self._group_locks: dict[GroupKey, asyncio.Lock] = {}
         self._tasks: dict[tuple[str, str], Task] = {}
         self._background: set[asyncio.Task[None]] = set()
         #: tasks whose shim was found dead by load(), until bury_dead() runs
@@ -192,10 +210,14 @@ class TaskManager:
             run_as, options = _from_v1(options)
         binary = self.launcher.resolve(self.aliases.get(run_as, run_as))
         bundle = Bundle.at(self.state_dir, self.root_dir, namespace, id)
-        task = Task(namespace, id, runtime, binary, bundle)
+        task = Task(namespace, id, runtime, binary, bundle, shim_cgroup=_shim_cgroup(options),
+                    stdio={"": opts.stdio})
         self._tasks[(namespace, id)] = task
+        info = {"runtime": runtime, "binary": binary}
+        if task.shim_cgroup:
+            info["shim_cgroup"] = task.shim_cgroup
         try:
-            bundle.create(container.spec.value, {"runtime": runtime, "binary": binary})
+            bundle.create(container.spec.value, info)
             await self._start_shim(task, opts, options)
             task.move("attach")
         except BaseException:
@@ -227,6 +249,12 @@ class TaskManager:
     def _shares(self, task: Task) -> bool:
         return self.grouping and os.path.basename(task.binary) == KETCH_SHIM
 
+    @staticmethod
+    def _group_key(task: Task) -> GroupKey:
+        """Tasks share a shim when they share a namespace, a shim binary and the cgroup their
+        shim must run in: a task asking for another shim_cgroup gets a shim of its own."""
+        return task.namespace, task.binary, task.shim_cgroup
+
     async def _join_group(self, task: Task, start_options: bytes) -> tuple[ShimClient, bool]:
         """Attach ``task`` to a shim: its namespace's live shared ketch shim if there is one
         (reused: True), else a shim started for it. The bundle's ``address`` records which."""
@@ -234,13 +262,14 @@ class TaskManager:
         if not self._shares(task):
             address = await start(task.binary, task.namespace, task.id, str(task.bundle.path), start_options)
             return self._attach(task, await self._connect_group(address, task.namespace, None)), False
-        key = (task.namespace, task.binary)
+        key = self._group_key(task)
         async with self._group_locks.setdefault(key, asyncio.Lock()):
             group = self._groups.get(key)
             reused = group is not None and group.client is not None and not group.client.closed
             if group is None or not reused:
+                name = f"ketchd-{task.namespace}" + (f" cgroup={task.shim_cgroup}" if task.shim_cgroup else "")
                 address = await start(task.binary, task.namespace, task.id, str(task.bundle.path), start_options,
-                                      group=f"ketchd-{task.namespace}")
+                                      group=name)
                 group = self._groups[key] = await self._connect_group(address, task.namespace, key)
             else:
                 write_atomic(task.bundle.path / "address", group.address.encode(), durable=False)
@@ -259,7 +288,7 @@ class TaskManager:
             if group.key is not None and self._groups.get(group.key) is group:
                 del self._groups[group.key]
 
-    async def _connect_group(self, address: str, namespace: str, key: tuple[str, str] | None) -> ShimGroup:
+    async def _connect_group(self, address: str, namespace: str, key: GroupKey | None) -> ShimGroup:
         group = ShimGroup(address, key)
         group.client = await self.launcher.connect(address, namespace, timeout=self.call_timeout,
                                                    on_close=lambda: self._on_shim_close(group))
@@ -397,23 +426,30 @@ class TaskManager:
                      group.address)
         await asyncio.gather(*(self._bury(t) for t in tasks if t not in alive and t.can("bury")))
 
-    async def _bury(self, task: Task, exit_status: int = UNKNOWN_EXIT) -> None:
-        """The shim is gone: clean up after it, publish the exit, keep a STOPPED tombstone."""
-        with contextlib.suppress(errdefs.KetchError, OSError):
+    async def _bury(self, task: Task) -> None:
+        """The shim is gone: clean up after it, publish the exit, keep a STOPPED tombstone.
+        The exit is what the cleanup reports, as containerd has it (137 from both shims when
+        they killed what was left; ours says 255 when the process was gone already, its status
+        with it); 255 when the cleanup fails."""
+        ended = Exit(task.pid, UNKNOWN_EXIT, time.time())
+        try:
             resp = await self.launcher.delete(task.binary, task.namespace, task.id, str(task.bundle.path))
-            task.pid = task.pid or resp.pid
+            ended = Exit(task.pid or resp.pid, resp.exit_status,
+                         timestamps.seconds(resp.exited_at) if resp.HasField("exited_at") else ended.exited_at)
+        except (errdefs.KetchError, OSError) as e:
+            log.warning("cleaning up after the shim of %s/%s: %s", task.namespace, task.id, e)
         if not task.can("bury"):
             return  # released meanwhile (ketchd is shutting down)
         if task.group is not None:
             task.group.tasks.pop(task.id, None)
             task.group = None
-        task.tombstone = Exit(task.pid, exit_status, time.time())
+        task.pid, task.tombstone = ended.pid, ended
         with contextlib.suppress(OSError):
-            task.bundle.write_exit(task.pid, exit_status, task.tombstone.exited_at)
+            task.bundle.write_exit(ended.pid, ended.status, ended.exited_at)
         task.move("bury")
-        self.publish(task.namespace, events.TaskExit(container_id=task.id, id=task.id, pid=task.pid,
-                                                     exit_status=exit_status,
-                                                     exited_at=timestamps.timestamp(task.tombstone.exited_at)))
+        self.publish(task.namespace, events.TaskExit(container_id=task.id, id=task.id, pid=ended.pid,
+                                                     exit_status=ended.status,
+                                                     exited_at=timestamps.timestamp(ended.exited_at)))
 
     # -- reload after a restart ---------------------------------------------------------------
 
@@ -454,7 +490,8 @@ class TaskManager:
             log.warning("bundle %s has no ketch.json; removing it", bundle.path)
             bundle.delete()
             return None
-        task = Task(bundle.namespace, bundle.id, info.get("runtime", ""), info.get("binary", ""), bundle)
+        task = Task(bundle.namespace, bundle.id, info.get("runtime", ""), info.get("binary", ""), bundle,
+                    shim_cgroup=info.get("shim_cgroup", ""))
         self._tasks[(bundle.namespace, bundle.id)] = task
         exited = bundle.read_exit()
         if exited is not None:
@@ -469,9 +506,9 @@ class TaskManager:
 
     async def _reconnect(self, address: str, tasks: builtins.list[Task]) -> None:
         first = tasks[0]
-        key = (first.namespace, first.binary) if self._shares(first) else None
+        key = self._group_key(first) if self._shares(first) else None
         if key is not None and key in self._groups:
-            key = None  # only one shared shim per namespace: the others serve out their tasks
+            key = None  # only one shared shim per group key: the others serve out their tasks
         group: ShimGroup | None = None
         try:
             if not address:

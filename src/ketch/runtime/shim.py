@@ -226,6 +226,8 @@ class ShimClient:
         self._client = client
         self._metadata: dict[str, str | list[str]] = {identifiers.TTRPC_NAMESPACE_KEY: namespace}
         self.timeout = timeout
+        #: the shim process's pid, once a Connect told it (0: not yet)
+        self.pid = 0
 
     @property
     def address(self) -> str:
@@ -293,8 +295,10 @@ class ShimClient:
         return (await self._call("Stats", shim_pb2.StatsRequest(id=id), shim_pb2.StatsResponse)).stats
 
     async def connect(self, id: str) -> int:
-        """The task's pid, as the shim knows it."""
-        return (await self._call("Connect", shim_pb2.ConnectRequest(id=id), shim_pb2.ConnectResponse)).task_pid
+        """The task's pid, as the shim knows it (and the shim's own: ``pid``)."""
+        resp = await self._call("Connect", shim_pb2.ConnectRequest(id=id), shim_pb2.ConnectResponse)
+        self.pid = resp.shim_pid
+        return resp.task_pid
 
     async def shutdown(self, id: str = "", *, now: bool = False, timeout: float | None = -1.0) -> None:
         """Ask the shim to exit once it serves nothing (``id`` empty: only if it serves nothing)."""

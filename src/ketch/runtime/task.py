@@ -19,8 +19,9 @@ shim's business; this table is about the task's link to its shim.
   which the manager reconnects to (``attach``: live again, same pid); if none answers, the
   cleanup (``shim delete``) follows (``bury``). Meanwhile calls are Unavailable, state is
   UNKNOWN, and Wait blocks until one or the other.
-- **stopped**: a tombstone: the shim is gone and the exit recorded (status 255: the real one
-  died with the shim), in the bundle too, until the task is deleted.
+- **stopped**: a tombstone: the shim is gone and the exit its cleanup reported is recorded
+  (137: the cleanup killed the task; 255: its status died with the shim), in the bundle too,
+  until the task is deleted.
 - **releasing**: being deleted, or ketchd is shutting down: a closing shim connection is
   expected and buries nothing.
 - **deleted**: forgotten; its bundle is gone.
@@ -37,7 +38,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ketch import errdefs, timestamps
+from ketch import delivery, errdefs, timestamps
 from ketch.api.containerd.types.task import task_pb2 as task_types
 from ketch.runtime.bundle import Bundle
 from ketch.runtime.shim import ShimClient, ShimLog, Stdio
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: exit status reported for a task whose shim died: the real one is unknown
+#: exit status of a task whose shim died when nothing can tell the real one
 UNKNOWN_EXIT = 255
 
 
@@ -97,12 +98,16 @@ class Task:
     runtime: str
     binary: str
     bundle: Bundle
+    #: the cgroup its shim runs in (runtime options' shim_cgroup); "" for the daemon's choice
+    shim_cgroup: str = ""
     pid: int = 0
     phase: Phase = Phase.NEW
     group: ShimGroup | None = None
     log: ShimLog | None = None
     #: the recorded exit once ``stopped``
     tombstone: Exit | None = None
+    #: where each process's stdio goes (by exec id; "" the init), to see its output delivered
+    stdio: dict[str, Stdio] = field(default_factory=dict)
     #: set when the task is settled for good (stopped, released or deleted)
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     #: set (and replaced) on every move, so waiters see the task come back to life
@@ -152,6 +157,7 @@ class Task:
         if not exec_id:
             raise errdefs.InvalidArgument("exec id cannot be empty")
         await self.shim().exec(self.id, exec_id, spec, stdio)
+        self.stdio[exec_id] = stdio
 
     async def resize(self, width: int, height: int, exec_id: str = "") -> None:
         await self.shim().resize_pty(self.id, exec_id, width, height)
@@ -182,6 +188,7 @@ class Task:
         if not exec_id:
             raise errdefs.InvalidArgument("exec id cannot be empty")
         resp = await self.shim().delete(self.id, exec_id)
+        self.stdio.pop(exec_id, None)
         return Exit(resp.pid, resp.exit_status, timestamps.seconds(resp.exited_at))
 
     async def state(self, exec_id: str = "") -> task_types.Process:
@@ -200,6 +207,22 @@ class Task:
                                   status=task_types.STOPPED, exit_status=self.tombstone.status,
                                   exited_at=timestamps.timestamp(self.tombstone.exited_at))
 
+    async def _delivered(self, client: ShimClient, exec_id: str) -> None:
+        """Let the process's output reach its client before its Wait answers (``delivery``):
+        a shim may answer as soon as it reaped the process, its copy still running."""
+        stdio = self.stdio.get(exec_id)
+        if stdio is None or not delivery.fifos((stdio.stdout, stdio.stderr)):
+            return
+        if not client.pid:
+            try:
+                await client.connect(self.id)
+            except errdefs.KetchError:
+                return  # the shim is gone, and its copy with it
+        why = await delivery.delivered((stdio.stdout, stdio.stderr), client.pid)
+        if why:
+            log.warning("task %s/%s: process %s exited %.0fs ago and its output is not delivered (%s)",
+                        self.namespace, self.id, exec_id or self.id, delivery.TIMEOUT, why)
+
     async def wait(self, exec_id: str = "") -> Exit:
         """Block until the process exits. When the shim dies first, the wait goes on with its
         successor; if there is none, the init process's wait ends with the tombstone once the
@@ -208,7 +231,9 @@ class Task:
             moved = self._moved
             if self.phase is Phase.LIVE:
                 try:
-                    resp = await self.shim().wait(self.id, exec_id)
+                    client = self.shim()
+                    resp = await client.wait(self.id, exec_id)
+                    await self._delivered(client, exec_id)
                     return Exit(0, resp.exit_status, timestamps.seconds(resp.exited_at))
                 except errdefs.Unavailable:
                     if self.released:

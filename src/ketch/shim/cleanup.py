@@ -2,8 +2,10 @@
 
 The daemon runs this when a shim died (or after it shut down): force-delete the container
 from runc's state (which kills whatever is left of it), unmount the bundle's rootfs, remove a
-dead shim's socket, and print a containerd.task.v2.DeleteResponse on stdout — exit status 137
-(SIGKILL), as containerd's runc shim reports, since the real status died with the shim.
+dead shim's socket, and print a containerd.task.v2.DeleteResponse on stdout. Its exit status is
+137 (SIGKILL) when the container was still alive, since the force-delete killed it (what
+containerd's runc shim always reports); when it had stopped already, its status died with the
+shim, and we say so: 255.
 
 A ketch shim that dies is replaced by its group's keeper (``keeper.py``), but containerd
 takes a closed connection for a dead shim and runs this at once. So when a successor answers
@@ -35,6 +37,7 @@ def delete(flags: dict[str, str]) -> int:
     default_root = runc_root(flags.get("address", ""), ns)
     opts = RuntimeOptions.load(bundle, default_root)
     binary, root = opts.binary_name or "runc", opts.root or default_root
+    status = 128 + 9 if _alive(binary, root, id) else 255
     try:
         res = subprocess.run([binary, "--root", root, "delete", "--force", id],
                              capture_output=True, timeout=RUNC_TIMEOUT, check=False)
@@ -59,13 +62,25 @@ def delete(flags: dict[str, str]) -> int:
         pass
     from ketch.api.containerd.task.v2 import shim_pb2
 
-    resp = shim_pb2.DeleteResponse(pid=pid, exit_status=128 + 9)
+    resp = shim_pb2.DeleteResponse(pid=pid, exit_status=status)
     timestamps.stamp(resp.exited_at, time.time())
     sys.stdout.buffer.write(resp.SerializeToString())
     sys.stdout.flush()
     for w in warnings:
         sys.stderr.write(w + "\n")
     return 0
+
+
+def _alive(binary: str, root: str, id: str) -> bool:
+    """Whether runc has the container with a live init (created, running or paused)."""
+    import json
+
+    try:
+        res = subprocess.run([binary, "--root", root, "state", id], capture_output=True, timeout=RUNC_TIMEOUT,
+                             check=False)
+        return res.returncode == 0 and json.loads(res.stdout).get("status") in ("created", "running", "paused")
+    except (OSError, subprocess.TimeoutExpired, ValueError, AttributeError):
+        return False
 
 
 def _forget_in_successor(bundle: str, namespace: str, id: str, warnings: list[str]) -> None:

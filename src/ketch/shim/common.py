@@ -49,6 +49,60 @@ def socket_path(address: str, namespace: str, group: str, environ: Mapping[str, 
     return path
 
 
+#: the runtime options type whose shim_cgroup a shim joins (containerd's runc shim reads only it)
+RUNC_OPTIONS = "containerd.runc.v1.Options"
+_SHIM_CGROUP_FIELD = 3
+
+
+def _bytes_fields(message: bytes) -> dict[int, bytes]:
+    """The length-delimited fields of a marshalled protobuf message, by number (the last of a
+    repeated number wins); other fields are skipped. ``start`` reads runtime options with this
+    rather than import protobuf. IndexError or ValueError when ``message`` is malformed."""
+    fields: dict[int, bytes] = {}
+    i = 0
+
+    def varint() -> int:
+        nonlocal i
+        value = shift = 0
+        while True:
+            byte = message[i]
+            i += 1
+            value |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return value
+            shift += 7
+
+    while i < len(message):
+        key = varint()
+        wire = key & 7
+        if wire == 0:
+            varint()
+        elif wire == 2:
+            n = varint()
+            if i + n > len(message):
+                raise ValueError("truncated field")
+            fields[key >> 3] = message[i:i + n]
+            i += n
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+    return fields
+
+
+def shim_cgroup(options: bytes) -> str:
+    """The shim_cgroup of runtime options as ``start`` reads them on stdin (a marshalled Any):
+    set only in containerd.runc.v1.Options; "" otherwise, and for options that do not decode
+    (the Create that follows says what is wrong with them)."""
+    try:
+        fields = _bytes_fields(options)
+        if fields.get(1, b"").decode().rsplit("/", 1)[-1] != RUNC_OPTIONS:
+            return ""
+        return _bytes_fields(fields.get(2, b"")).get(_SHIM_CGROUP_FIELD, b"").decode()
+    except (IndexError, ValueError):
+        return ""
+
+
 def connectable(path: str) -> bool:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:

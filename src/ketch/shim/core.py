@@ -9,8 +9,8 @@ maps ttrpc requests onto them.
 Ordering guarantees, all relied on by containerd's clients:
 * /tasks/start (or exec-started) is published before that process's /tasks/exit: start and
   exit handling take the process's lock.
-* A process's /tasks/exit is published after its output is drained (bounded) and before its
-  Wait returns.
+* A process's /tasks/exit is published after its output is drained and read by its client
+  (bounded, see ketch.delivery) and before its Wait returns.
 * Exec exits are published before the init exit of the same container.
 * /tasks/oom is published before the /tasks/exit of the OOM-killed init.
 """
@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from google.protobuf import message as _message
 
-from ketch import errdefs, mount, timestamps
+from ketch import delivery, errdefs, mount, timestamps
 from ketch.files import write_atomic
 from ketch.api.containerd.events import task_pb2 as events
 from ketch.api.containerd.types import mount_pb2
@@ -80,6 +80,8 @@ class Container:
     bundle: str
     runc: Runc
     init: Process
+    #: the runtime options it was created with (io_uid, io_gid apply to every process's stdio)
+    options: RuntimeOptions = field(default_factory=RuntimeOptions)
     execs: dict[str, Process] = field(default_factory=dict)
     mounted_rootfs: bool = False
     cgroup: Cgroup | None = None
@@ -232,7 +234,7 @@ class Core:
             id = key[2:]
             opts = RuntimeOptions.load(data["bundle"], self.runc_root)
             runc = self._runc(opts, data["bundle"])
-            container = Container(id, data["bundle"], runc, Process(id, "", Stdio()),
+            container = Container(id, data["bundle"], runc, Process(id, "", Stdio()), opts,
                                   mounted_rootfs=bool(data.get("mounted_rootfs")))
             self.containers[id] = container
         for key, (data, fds) in sorted(records.items()):
@@ -323,7 +325,7 @@ class Core:
         _match_terminal(os.path.join(bundle, "config.json"), stdio.terminal)
         runc = self._runc(opts, bundle)
         init = Process(id, "", stdio)
-        container = Container(id, bundle, runc, init)
+        container = Container(id, bundle, runc, init, opts)
         rootfs_dir = os.path.join(bundle, "rootfs")
         io: ProcessIO | None = None
         try:
@@ -331,8 +333,7 @@ class Core:
                 os.makedirs(rootfs_dir, mode=0o711, exist_ok=True)
                 mount.mount_all((mount.Mount(m.type, m.source, tuple(m.options)) for m in rootfs), rootfs_dir)
                 container.mounted_rootfs = True
-            io = init.io = ProcessIO.create(stdio, uid=opts.io_uid, gid=opts.io_gid,
-                                            logger=logger_spawner(self.monitor, self.namespace, id))
+            io = init.io = self._make_io(container, stdio)
             await io.ready()
             pid_file = os.path.join(bundle, "init.pid")
             init.pid, exited = await self._run_process(io, pid_file, lambda console, stdio: runc.create(
@@ -349,6 +350,12 @@ class Core:
         self._spawn(self._on_exit(container, init, exited))
         self._watch_oom(container)
         return container
+
+    def _make_io(self, container: Container, stdio: Stdio) -> ProcessIO:
+        """The stdio of a process of ``container`` (its init or an exec): owned by the
+        container's io_uid/io_gid, as containerd's runc shim makes both."""
+        return ProcessIO.create(stdio, uid=container.options.io_uid, gid=container.options.io_gid,
+                                logger=logger_spawner(self.monitor, self.namespace, container.id))
 
     async def _run_process(
         self,
@@ -422,13 +429,14 @@ class Core:
         return proc
 
     async def _start_exec(self, container: Container, proc: Process) -> None:
-        io = proc.io = ProcessIO.create(proc.stdio, logger=logger_spawner(self.monitor, self.namespace, container.id))
-        fd, spec_file = tempfile.mkstemp(prefix=".exec-", suffix=".json", dir=container.bundle)
-        pid_file = spec_file[:-len(".json")] + ".pid"
+        io = proc.io = self._make_io(container, proc.stdio)
+        spec_file = pid_file = ""
         try:
             await io.ready()
+            fd, spec_file = tempfile.mkstemp(prefix=".exec-", suffix=".json", dir=container.bundle)
             with os.fdopen(fd, "wb") as f:
                 f.write(_with_terminal(proc.spec, proc.stdio.terminal))
+            pid_file = spec_file[:-len(".json")] + ".pid"
             proc.pid, exited = await self._run_process(io, pid_file, lambda console, stdio: container.runc.exec(
                 container.id, spec_file, pid_file=pid_file, console_socket=console, stdio=stdio))
         except BaseException:
@@ -438,7 +446,8 @@ class Core:
         finally:
             for path in (spec_file, pid_file):
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+                    if path:
+                        os.unlink(path)
         self._spawn(self._on_exit(container, proc, exited))
 
     # -- exits ---------------------------------------------------------------------------------
@@ -452,6 +461,9 @@ class Core:
             if proc.io is not None:
                 await proc.io.drain()
                 proc.io.close()
+            # a client may close its FIFOs once the exit is reported (ctr 1.6 does): what it
+            # has not read by then would be lost
+            await delivery.delivered((proc.stdio.stdout, proc.stdio.stderr))
             if not proc.record_exit(status, at):
                 self._acknowledge(proc.pid)
                 return

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Mapping
 
 from ketch.files import write_atomic
-from ketch.shim.common import UsageError, connectable, socket_path
+from ketch.shim.common import UsageError, connectable, shim_cgroup, socket_path
 
 #: seconds a shared shim with no task left waits for its group's next task before exiting
 SHARED_LINGER = 10.0
@@ -20,6 +20,8 @@ SERVER_ARGV = ("-I", "-m", "ketch.shim")
 #: tells ``start`` where a shim template listens (template.py)
 TEMPLATE_ENV = "KETCH_SHIM_TEMPLATE"
 
+#: the environment variable that hands the server the runtime options ``start`` was given (hex)
+OPTIONS_ENV = "KETCH_SHIM_OPTIONS"
 #: launches the server: (its flags, its environment, the bundle, the listening socket) -> pid
 Spawn = Callable[[list[str], dict[str, str], str, socket.socket], int]
 
@@ -40,6 +42,7 @@ def start(flags: dict[str, str], env: Mapping[str, str], cwd: str, options: byte
         # a shim for this task is up already (containerd retried start): reuse it
         write_atomic(os.path.join(bundle, "address"), url.encode(), durable=False)
         return url
+    cgroup = join_shim_cgroup(options)  # a cgroup that does not exist fails before a server runs
     sock = bind(path)
     args = ["-namespace", ns, "-id", id, "-address", address, "-bundle", bundle]
     if flags.get("publish-binary"):
@@ -50,7 +53,7 @@ def start(flags: dict[str, str], env: Mapping[str, str], cwd: str, options: byte
     if group != id and "KETCH_SHIM_LINGER" not in server_env:
         server_env["KETCH_SHIM_LINGER"] = str(SHARED_LINGER)
     if options:
-        server_env["KETCH_SHIM_OPTIONS"] = options.hex()
+        server_env[OPTIONS_ENV] = options.hex()
     try:
         pid = spawn(args, server_env, bundle, sock)
     except BaseException:
@@ -58,9 +61,39 @@ def start(flags: dict[str, str], env: Mapping[str, str], cwd: str, options: byte
         os.unlink(path)
         raise
     sock.close()
+    if cgroup:
+        try:
+            join_shim_cgroup(options, pid)
+        except UsageError:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+            os.unlink(path)
+            raise
     write_atomic(os.path.join(bundle, "shim.pid"), str(pid).encode(), durable=False)
     write_atomic(os.path.join(bundle, "address"), url.encode(), durable=False)
     return url
+
+
+def join_shim_cgroup(options: bytes, pid: int = 0) -> str:
+    """Move ``pid`` into the shim_cgroup the runtime options ask for, if any, as containerd's
+    runc shim does with its shim (with ``pid`` 0, only check that the cgroup exists); the
+    cgroup, "" for none. ``start`` moves the server it spawned; the server moves itself too,
+    before it splits into keeper and serving shim, so that both are in it whichever comes
+    first. UsageError naming the cgroup when it cannot."""
+    cgroup = shim_cgroup(options)
+    if cgroup:
+        from ketch import cgroups
+
+        try:
+            if pid:
+                cgroups.join(cgroup, pid)
+            else:
+                cgroups.locate(cgroup)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"shim_cgroup {cgroup!r}: {e.strerror if isinstance(e, OSError) else e}") from None
+    return cgroup
 
 
 def bind(path: str) -> socket.socket:

@@ -81,6 +81,10 @@ def serve(flags: dict[str, str], args: list[str]) -> int:
     except OSError:
         raise UsageError("the shim server expects its listening socket on fd 3; run it with 'start'") from None
     os.chdir(flags.get("bundle") or os.getcwd())
+    try:  # before the split, so that the keeper and every serving shim are in it
+        launch.join_shim_cgroup(bytes.fromhex(os.environ.get(launch.OPTIONS_ENV, "")), os.getpid())
+    except (UsageError, ValueError):
+        pass  # ``start`` moved this process, or failed and ended it, saying why
     from ketch.shim.keeper import split
     from ketch.shim.server import run
 

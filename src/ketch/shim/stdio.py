@@ -13,6 +13,11 @@ reads. Rules that clients rely on:
   writer is gone too the copy sees EOF and closes the process's stdin.
 * when the process exits, its output is drained (bounded) before the exit is reported, then
   every FIFO end we hold is closed so readers see EOF.
+
+Where output may go (checked before the process runs, as containerd's runc shim does): a plain
+path names an existing FIFO, or an existing file, which is appended to (never truncated or
+overwritten); a ``file://`` URI is created, with its directories, and appended to; a
+``binary://`` URI starts a logging binary that reads the output (with a terminal, the pty's).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import fcntl
 import logging
 import os
 import socket
+import stat
 import struct
 import tempfile
 import termios
@@ -49,14 +55,16 @@ READER_TIMEOUT = 30.0
 
 
 def _path_of(uri: str) -> tuple[str, str]:
-    """(scheme, path) of a stdio destination: a plain FIFO path or a file:// URI."""
-    if uri.startswith("file://"):
-        return "file", uri[len("file://"):]
-    if uri.startswith("binary://"):
-        return "binary", uri[len("binary://"):]
-    if uri.startswith("fifo://"):
-        return "fifo", uri[len("fifo://"):]
-    return "fifo", uri
+    """(scheme, path) of a stdio destination: ``path`` for a plain path (or a fifo:// URI),
+    ``file`` or ``binary`` for those URIs; another scheme is InvalidArgument."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep or "/" in scheme:
+        return "path", uri
+    if scheme == "fifo":
+        return "path", rest
+    if scheme in ("file", "binary"):
+        return scheme, rest
+    raise errdefs.InvalidArgument(f"unknown stdio scheme {scheme!r} in {uri!r} (want a path, file:// or binary://)")
 
 
 async def _open_fifo_writer(path: str) -> int:
@@ -193,15 +201,23 @@ class ProcessIO:
 
     @classmethod
     def create(cls, stdio: Stdio, *, uid: int = -1, gid: int = -1, logger: LoggerSpawn | None = None) -> ProcessIO:
-        """Open the client's FIFOs and make the process's pipes (or a console socket).
-        ``logger`` starts the binary of a binary:// destination (see :class:`Logger`)."""
+        """Open the client's FIFOs and files and make the process's pipes (or a console
+        socket), the pipes owned by ``uid``:``gid`` when given (the runtime options' io_uid and
+        io_gid: a process in a user namespace must be able to reopen them). ``logger`` starts
+        the binary of a binary:// destination (see :class:`Logger`). Bad destinations are
+        InvalidArgument; on any failure every fd opened so far is closed."""
         io = cls(stdio)
         try:
+            binary = any(uri and _path_of(uri)[0] == "binary" for uri in (stdio.stdout, stdio.stderr))
             if stdio.terminal:
+                # one stream, the pty's, as containerd's: stdout's destination gets it
+                if stdio.stdout and _path_of(stdio.stdout)[0] == "binary":
+                    io._make_logger(logger, uid, gid)
+                elif stdio.stdout:
+                    io._open_destination("out", stdio.stdout)
+                io._open_stdin()
                 io.console = Console.listen()
-            elif _path_of(stdio.stdout)[0] == "binary" or _path_of(stdio.stderr)[0] == "binary":
-                if logger is None:
-                    raise errdefs.Unimplemented("binary:// stdio needs a logger")
+            elif binary:
                 io._make_logger(logger, uid, gid)
             else:
                 io._make_pipes(uid, gid)
@@ -210,24 +226,72 @@ class ProcessIO:
             raise
         return io
 
-    def _make_logger(self, spawn: LoggerSpawn, uid: int, gid: int) -> None:
-        """binary://PATH?ARGS: the process writes straight into pipes whose other ends a
-        logging binary reads as fds 3 (stdout) and 4 (stderr), as containerd's shims do."""
+    def _make_logger(self, spawn: LoggerSpawn | None, uid: int, gid: int) -> None:
+        """binary://PATH?ARGS: a logging binary reads the output from pipes, as its fds 3 (stdout)
+        and 4 (stderr), as containerd's shims do. The process writes straight into them; with a
+        terminal the shim copies the pty's output into the first (see :meth:`_copy_out`), and
+        the second is closed at once."""
         s = self.stdio
-        uri = s.stdout if _path_of(s.stdout)[0] == "binary" else s.stderr
-        if s.stdin:
+        uri = s.stdout if s.stdout and _path_of(s.stdout)[0] == "binary" else s.stderr
+        if spawn is None:
+            raise errdefs.Unimplemented("binary:// stdio needs a logger")
+        if s.stdin and not s.terminal:
             raise errdefs.InvalidArgument("binary:// stdio takes no stdin")
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        self.runtime_fds[1], self.runtime_fds[2] = out_w, err_w
+        readers: list[int] = []
         try:
-            self.logger = spawn(_path_of(uri)[1], out_r, err_r)
+            for i in (1, 2):
+                r, self.runtime_fds[i] = os.pipe2(os.O_CLOEXEC)
+                readers.append(r)
+            self.logger = spawn(_path_of(uri)[1], readers[0], readers[1])
         finally:
-            os.close(out_r)
-            os.close(err_r)
-        if uid >= 0 or gid >= 0:
+            for r in readers:
+                os.close(r)
+        out_w, err_w = self.runtime_fds[1], self.runtime_fds[2]
+        assert out_w is not None and err_w is not None
+        if s.terminal:
+            self.runtime_fds[1] = self.runtime_fds[2] = None
+            os.close(err_w)
+            _nonblock(out_w)
+            self._hold("out.dst", out_w)
+        elif uid >= 0 or gid >= 0:
             for fd in (out_w, err_w):
                 os.fchown(fd, uid, gid)
+
+    def _open_destination(self, stream: str, uri: str) -> None:
+        """Check (and open) where ``stream`` (``out`` or ``err``) goes before the process runs.
+        A file:// URI: its directories and the file are created, and it is opened for appending.
+        A plain path must exist: a FIFO is opened later, once its client reads it (see
+        :meth:`_copy_out`); anything else (a regular file, a device) is opened now for appending,
+        never truncated or overwritten. As containerd's runc shim."""
+        kind, path = _path_of(uri)
+        try:
+            if kind == "file":
+                os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            elif stat.S_ISFIFO(os.stat(path).st_mode):
+                return
+            else:
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        except OSError as e:
+            raise errdefs.InvalidArgument(
+                f"std{stream} {path!r}: {e.strerror or e} (a stdio path names an existing FIFO or file; "
+                "file:// URIs are created)") from None
+        _nonblock(fd)
+        self._hold(f"{stream}.dst", fd)
+
+    def _open_stdin(self) -> int | None:
+        """The client's stdin, opened for reading; for a FIFO, our writer on it too (see the
+        module doc). None without stdin."""
+        if not self.stdio.stdin:
+            return None
+        path = _path_of(self.stdio.stdin)[1]
+        try:
+            src = self._hold("in.src", os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+            if stat.S_ISFIFO(os.fstat(src).st_mode):
+                self._stdin_keeper = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            raise errdefs.InvalidArgument(f"stdin {path!r}: {e.strerror or e}") from None
+        return src
 
     async def ready(self, timeout: float = 10.0) -> None:
         """Wait until a logging binary says it is ready (it closes fd 5 or writes to it)."""
@@ -258,16 +322,17 @@ class ProcessIO:
         return fds
 
     def _copy_out(self, src: int, uri: str, stream: str) -> None:
-        """Copy ``src`` to the client's ``uri`` (a FIFO, opened once the client reads it, or a
-        file:// path) until EOF; ``stream`` is ``out`` or ``err``."""
+        """Copy ``src`` to the client's ``uri`` until EOF; ``stream`` is ``out`` or ``err``.
+        The destination is the one :meth:`_open_destination` opened (a file, a logger's pipe,
+        or a FIFO an earlier shim opened), else a FIFO opened once the client reads it."""
         kind, path = _path_of(uri)
         dst = self._held.get(f"{stream}.dst")
-        if dst is None and kind == "file":
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            dst = self._hold(f"{stream}.dst",
-                             os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640))
-        if dst is not None:  # a file, or a FIFO opened already (by the shim we took over from)
-            self._output_tasks.append(asyncio.ensure_future(pump(src, dst)))
+        if dst is not None:
+            # a logger's pipe is closed at the end of the copy: the logger then sees EOF
+            self._output_tasks.append(asyncio.ensure_future(self._copy_to(src, dst, stream, kind == "binary")))
+            return
+        if kind != "path":  # never opened as a FIFO: a binary:// path is the logger itself
+            log.warning("std%s %s: nothing to copy to", stream, uri)
             return
 
         opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -281,11 +346,18 @@ class ProcessIO:
             finally:
                 if not opened.done():
                     opened.set_result(None)
-            self._held[f"{stream}.rd"] = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             self._hold(f"{stream}.dst", dst)
+            self._held[f"{stream}.rd"] = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             await pump(src, dst)
 
         self._output_tasks.append(asyncio.ensure_future(copy()))
+
+    async def _copy_to(self, src: int, dst: int, stream: str, closes: bool) -> None:
+        await pump(src, dst)
+        if closes and not self._closed and self._held.get(f"{stream}.dst") == dst:
+            del self._held[f"{stream}.dst"]
+            os.close(dst)
+            self._changed()
 
     @classmethod
     def adopt(cls, stdio: Stdio, fds: dict[str, int], logger: Logger | None = None) -> ProcessIO:
@@ -314,24 +386,23 @@ class ProcessIO:
 
     def _make_pipes(self, uid: int, gid: int) -> None:
         s = self.stdio
-        if s.stdin:
-            kind, path = _path_of(s.stdin)
-            src = self._hold("in.src", os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
-            if kind == "fifo":
-                self._stdin_keeper = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        for stream, uri in (("out", s.stdout), ("err", s.stderr)):
+            if uri:
+                self._open_destination(stream, uri)
+        src = self._open_stdin()
+        if src is not None:
             r, w = os.pipe2(os.O_CLOEXEC)
-            _nonblock(w)
             self.runtime_fds[0] = r
             self._stdin_w = w
+            _nonblock(w)
             self._tasks.append(asyncio.ensure_future(self._copy_stdin(src, w)))
         for i, stream, uri in ((1, "out", s.stdout), (2, "err", s.stderr)):
             if not uri:
                 continue
-            r, w = os.pipe2(os.O_CLOEXEC)
+            r, self.runtime_fds[i] = os.pipe2(os.O_CLOEXEC)
+            self._hold(f"{stream}.r", r)
             _set_pipe_size(r)
             _nonblock(r)
-            self.runtime_fds[i] = w
-            self._hold(f"{stream}.r", r)
             self._copy_out(r, uri, stream)
         if uid >= 0 or gid >= 0:
             for fd in self.runtime_fds:
@@ -365,14 +436,10 @@ class ProcessIO:
         """Receive the pty master from runc and start copying (terminal processes)."""
         assert self.console is not None
         master = await self.console.receive(timeout)
-        s = self.stdio
-        if s.stdout:
-            self._copy_out(master, s.stdout, "out")
-        if s.stdin:
-            kind, path = _path_of(s.stdin)
-            src = self._hold("in.src", os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
-            if kind == "fifo":
-                self._stdin_keeper = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.stdio.stdout:
+            self._copy_out(master, self.stdio.stdout, "out")
+        src = self._held.get("in.src")
+        if src is not None:
             self._tasks.append(asyncio.ensure_future(pump(src, master)))
 
     def resize(self, width: int, height: int) -> None:
@@ -526,18 +593,27 @@ class Console:
         return cls(sock, directory)
 
     async def receive(self, timeout: float) -> int:
+        """The pty master runc sends over the socket (SCM_RIGHTS). Accept and receive never
+        block the event loop: runc may connect and take its time to send."""
         assert self._sock is not None
         loop = asyncio.get_running_loop()
+        fds = array.array("i")
         async with asyncio.timeout(timeout):
             conn, _ = await loop.sock_accept(self._sock)
-        with conn:
-            fds = array.array("i")
-            conn.setblocking(True)
-            conn.settimeout(timeout)
-            _msg, ancdata, _flags, _addr = conn.recvmsg(4096, socket.CMSG_SPACE(fds.itemsize))
-            for level, kind, data in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
+            with conn:
+                conn.setblocking(False)
+                while True:
+                    try:
+                        # room for one fd: the kernel closes any more than that (MSG_CTRUNC)
+                        _msg, ancdata, _flags, _addr = conn.recvmsg(4096, socket.CMSG_SPACE(fds.itemsize))
+                        break
+                    except (BlockingIOError, InterruptedError):
+                        await _wait_fd(conn.fileno(), False)
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
+        for extra in fds[1:]:
+            os.close(extra)
         if not fds:
             raise errdefs.Internal("runtime sent no pty master on the console socket")
         self.master = fds[0]

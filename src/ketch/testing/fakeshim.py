@@ -54,6 +54,8 @@ to how long it takes."""
         #: seconds a method takes before it answers (a loaded host's runc)
         self.slow: dict[str, float] = {}
         self.alive = True
+        #: the pid Connect gives as the shim's (a process holding what the shim would hold)
+        self.pid = os.getpid()
         self.server = ttrpc.Server(require_same_user=False)
         handlers = {
             "Create": (api.CreateTaskRequest, self._create), "Start": (api.StartRequest, self._start),
@@ -147,7 +149,7 @@ to how long it takes."""
         return empty_pb2.Empty()
 
     async def _connect(self, req: api.ConnectRequest) -> api.ConnectResponse:
-        return api.ConnectResponse(shim_pid=os.getpid(), task_pid=self._process(req.id).pid)
+        return api.ConnectResponse(shim_pid=self.pid, task_pid=self._process(req.id).pid)
 
     async def _pids(self, req: api.PidsRequest) -> api.PidsResponse:
         procs = self.tasks.get(req.id, {})
@@ -163,11 +165,13 @@ to how long it takes."""
 
 class FakeLauncher:
     """Starts :class:`FakeShim` instead of shim binaries. ``shims`` holds every shim started,
-    by address; ``deleted`` every (namespace, id) whose cleanup (``shim delete``) ran."""
+    by address; ``deleted`` every (namespace, id) whose cleanup (``shim delete``) ran, which
+    answers ``cleanup`` (the status, or the error it fails with)."""
 
     def __init__(self) -> None:
         self.shims: dict[str, FakeShim] = {}
         self.deleted: list[tuple[str, str]] = []
+        self.cleanup: int | errdefs.KetchError = 137
         self.start_options: list[bytes] = []
 
     def resolve(self, runtime: str) -> str:
@@ -183,7 +187,9 @@ class FakeLauncher:
 
     async def delete(self, binary: str, namespace: str, id: str, bundle: str) -> api.DeleteResponse:
         self.deleted.append((namespace, id))
-        return api.DeleteResponse(exit_status=137)
+        if isinstance(self.cleanup, errdefs.KetchError):
+            raise self.cleanup
+        return api.DeleteResponse(exit_status=self.cleanup)
 
     async def connect(self, address: str, namespace: str, *, timeout: float,
                       on_close: Callable[[], object] | None = None) -> ShimClient:

@@ -1,0 +1,1 @@
+"""The ``ketch`` command line (see :mod:`ketch.cli.main`)."""
