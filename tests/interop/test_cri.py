@@ -263,3 +263,26 @@ def test_a_container_as_a_person_runs_it_with_crictl(cri: CriKetchd, kit: Valida
     assert crictl_json(cri, kit, "ps", "-a")["containers"] == []
     cri.crictl(kit, "stopp", pod)
     cri.crictl(kit, "rmp", pod)
+
+
+def test_a_pod_is_one_shim_group(cri: CriKetchd, kit: Validation, tmp_path: Path) -> None:
+    """Each pod's containers share one shim, apart from every other pod's: kill -9 of one pod's
+    shim touches no other pod, and its own containers go on (the keeper's takeover)."""
+    cri.crictl(kit, "pull", BUSYBOX)
+    pods, apps = [], []
+    for name in ("one", "two"):
+        pod_json = _pod_config(tmp_path, name)
+        pod = cri.crictl(kit, "runp", str(pod_json)).stdout.strip()
+        app = cri.crictl(kit, "create", pod, str(_container_config(tmp_path, f"app-{name}", "sleep", "1000")),
+                         str(pod_json)).stdout.strip()
+        cri.crictl(kit, "start", app)
+        pods.append(pod)
+        apps.append(app)
+    shims = [support.shim_pid("k8s.io", pod) for pod in pods]
+    assert shims[0] != shims[1] and support.shim_pids("k8s.io") == set(shims)
+    os.kill(shims[0], signal.SIGKILL)
+    for app in apps:
+        assert cri.crictl(kit, "exec", "-s", app, "echo", "alive").stdout.startswith("alive")
+    assert support.shim_pid("k8s.io", pods[1]) == shims[1]
+    states = {p["id"]: p["state"] for p in crictl_json(cri, kit, "pods")["items"]}
+    assert states == {pods[0]: "SANDBOX_READY", pods[1]: "SANDBOX_READY"}

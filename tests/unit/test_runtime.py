@@ -3,6 +3,8 @@ the real TaskManager, bundles on disk and ttrpc; only the shim is a fake."""
 
 from __future__ import annotations
 
+import json
+
 import asyncio
 import signal
 from collections.abc import Awaitable, Callable
@@ -197,6 +199,35 @@ def test_tasks_asking_for_different_shim_cgroups_never_share_a_shim(tmp_path: Pa
         late = await make(w, "late", "/shims/b")
         assert late.group is w.manager.get("ns", "b").group, "the shim of /shims/b, found again"
         assert late.group is not w.manager.get("ns", "a1").group
+
+    run(tmp_path, second, launcher=launcher)
+
+
+def test_each_kubernetes_pod_gets_a_shim_of_its_own(tmp_path: Path) -> None:
+    """A pod is a shim group: containers whose specs name one pod (the CRI's
+    io.kubernetes.cri.sandbox-id annotation) share a shim; another pod gets another one, even
+    in the same namespace; across ketchd's restarts as well."""
+    launcher = FakeLauncher()
+
+    def spec(pod: str) -> TypedValue:
+        return TypedValue(SPEC.type_url, json.dumps({"annotations": {"io.kubernetes.cri.sandbox-id": pod}}).encode())
+
+    async def make(w: World, id: str, pod: str) -> Task:
+        return await w.manager.create("k8s.io", Container(id, runtime=Runtime(KETCH), spec=spec(pod)), CreateOptions())
+
+    async def first(w: World) -> None:
+        pause1, app1 = await make(w, "pause1", "pod1"), await make(w, "app1", "pod1")
+        pause2 = await make(w, "pause2", "pod2")
+        assert pause1.group is app1.group and pause1.group is not pause2.group
+        assert len(launcher.shims) == 2
+
+    run(tmp_path, first, launcher=launcher)
+
+    async def second(w: World) -> None:
+        await w.manager.load()
+        late = await make(w, "app2", "pod2")
+        assert late.group is w.manager.get("k8s.io", "pause2").group
+        assert late.group is not w.manager.get("k8s.io", "pause1").group
 
     run(tmp_path, second, launcher=launcher)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import json
 import logging
 import os
 import time
@@ -52,8 +53,8 @@ log = logging.getLogger(__name__)
 __all__ = ["CreateOptions", "ShimGroup", "TaskManager"]
 
 
-#: what tasks sharing one shim process have in common: (namespace, shim binary, shim cgroup)
-GroupKey = tuple[str, str, str]
+#: what tasks sharing one shim process have in common: (namespace, shim binary, shim cgroup, pod)
+GroupKey = tuple[str, str, str, str]
 
 
 @dataclass(eq=False)
@@ -115,6 +116,22 @@ def _shim_cgroup(options: tuple[str, bytes] | None) -> str:
         return str(oci_pb2.Options.FromString(options[1]).shim_cgroup)
     except DecodeError:
         return ""  # the shim's Create says what is wrong with them
+
+
+#: the spec annotation naming a container's pod (Kubernetes CRI): a pod's containers share one
+#: shim, as containerd's runc shim groups them by it
+POD_ANNOTATION = "io.kubernetes.cri.sandbox-id"
+
+
+def _pod_of(spec: bytes) -> str:
+    """The pod a container's OCI spec says it belongs to; "" for none."""
+    if POD_ANNOTATION.encode() not in spec:
+        return ""
+    try:
+        pod = json.loads(spec).get("annotations", {}).get(POD_ANNOTATION, "")
+    except (ValueError, AttributeError):
+        return ""
+    return pod if isinstance(pod, str) else ""
 
 
 class TaskManager:
@@ -211,11 +228,13 @@ class TaskManager:
         binary = self.launcher.resolve(self.aliases.get(run_as, run_as))
         bundle = Bundle.at(self.state_dir, self.root_dir, namespace, id)
         task = Task(namespace, id, runtime, binary, bundle, shim_cgroup=_shim_cgroup(options),
-                    stdio={"": opts.stdio})
+                    pod=_pod_of(container.spec.value), stdio={"": opts.stdio})
         self._tasks[(namespace, id)] = task
         info = {"runtime": runtime, "binary": binary}
         if task.shim_cgroup:
             info["shim_cgroup"] = task.shim_cgroup
+        if task.pod:
+            info["pod"] = task.pod
         try:
             bundle.create(container.spec.value, info)
             await self._start_shim(task, opts, options)
@@ -251,9 +270,10 @@ class TaskManager:
 
     @staticmethod
     def _group_key(task: Task) -> GroupKey:
-        """Tasks share a shim when they share a namespace, a shim binary and the cgroup their
-        shim must run in: a task asking for another shim_cgroup gets a shim of its own."""
-        return task.namespace, task.binary, task.shim_cgroup
+        """Tasks share a shim when they share a namespace, a shim binary, the cgroup their
+        shim must run in and their pod: a task asking for another shim_cgroup gets a shim of
+        its own, and so does each Kubernetes pod (one pod's shim dying touches no other pod)."""
+        return task.namespace, task.binary, task.shim_cgroup, task.pod
 
     async def _join_group(self, task: Task, start_options: bytes) -> tuple[ShimClient, bool]:
         """Attach ``task`` to a shim: its namespace's live shared ketch shim if there is one
@@ -267,7 +287,8 @@ class TaskManager:
             group = self._groups.get(key)
             reused = group is not None and group.client is not None and not group.client.closed
             if group is None or not reused:
-                name = f"ketchd-{task.namespace}" + (f" cgroup={task.shim_cgroup}" if task.shim_cgroup else "")
+                name = (f"ketchd-{task.namespace}" + (f" cgroup={task.shim_cgroup}" if task.shim_cgroup else "")
+                        + (f" pod={task.pod}" if task.pod else ""))
                 address = await start(task.binary, task.namespace, task.id, str(task.bundle.path), start_options,
                                       group=name)
                 group = self._groups[key] = await self._connect_group(address, task.namespace, key)
@@ -491,7 +512,7 @@ class TaskManager:
             bundle.delete()
             return None
         task = Task(bundle.namespace, bundle.id, info.get("runtime", ""), info.get("binary", ""), bundle,
-                    shim_cgroup=info.get("shim_cgroup", ""))
+                    shim_cgroup=info.get("shim_cgroup", ""), pod=info.get("pod", ""))
         self._tasks[(bundle.namespace, bundle.id)] = task
         exited = bundle.read_exit()
         if exited is not None:

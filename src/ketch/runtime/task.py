@@ -100,6 +100,8 @@ class Task:
     bundle: Bundle
     #: the cgroup its shim runs in (runtime options' shim_cgroup); "" for the daemon's choice
     shim_cgroup: str = ""
+    #: the Kubernetes pod it belongs to (its spec's io.kubernetes.cri.sandbox-id); "" for none
+    pod: str = ""
     pid: int = 0
     phase: Phase = Phase.NEW
     group: ShimGroup | None = None
