@@ -20,6 +20,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from collections.abc import Awaitable
 from typing import Any
 
 from ketch import __version__, config, errdefs, topics, ttrpc
@@ -148,8 +149,9 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
     ])
     register_all(server, cfg=cfg, store=store, exchange=exchange, manager=manager, publish=publish,
                  content=content, images=images, snapshotters=snapshotters, collector=collector)
+    cri_recovery = None
     if cfg.cri.enabled:
-        _register_cri(server, cfg, store, content, images, snapshotters, collector, publish, manager)
+        cri_recovery = _register_cri(server, cfg, store, content, images, snapshotters, collector, publish, manager)
     _prepare_socket_dir(cfg.grpc.address)
     server.add_insecure_port(f"unix://{cfg.grpc.address}")
     await server.start()
@@ -160,6 +162,8 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
         ready.set_result(None)
     asyncio.get_running_loop().call_later(RESUBSCRIBE_GRACE, exchange.release)
     launcher.launch_template()
+    if cri_recovery is not None:
+        await cri_recovery
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -187,8 +191,9 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
 
 
 def _register_cri(server: Any, cfg: config.Config, store: Any, content: Any, images: Any,
-                  snapshotters: dict[str, Any], collector: Any, publish: Any, manager: Any) -> None:
-    """The Kubernetes CRI on the same socket, over the same core."""
+                  snapshotters: dict[str, Any], collector: Any, publish: Any, manager: Any) -> Awaitable[None]:
+    """The Kubernetes CRI on the same socket, over the same core; what it must do once ketchd
+    serves (reattach to running containers' output)."""
     from ketch.cri import cni
     from ketch.cri import images as cri_images
     from ketch.cri import server as cri_server
@@ -214,6 +219,7 @@ def _register_cri(server: Any, cfg: config.Config, store: Any, content: Any, ima
                             tasks=manager, snapshots=snapshots, snapshotter=cfg.cri.snapshotter,
                             runtime=cfg.cri.runtime, state_dir=cfg.state)
     cri_server.register(server, cfg.cri, image_manager, pods, containers)
+    return containers.recover()
 
 
 def upgrade_shims(state: str, template: str = "") -> int:

@@ -451,6 +451,26 @@ class Containers:
             meta.started_at = time.time_ns()
             self._save(meta)
 
+    async def recover(self) -> None:
+        """After a ketchd restart: go on copying the output of every running container to its
+        log (the shims kept their ends of the FIFOs; what was written meanwhile waits in them)."""
+        for meta in self.all():
+            if not meta.started_at or meta.finished_at or meta.id in self._running:
+                continue
+            if await self.state(meta) != cri.ContainerState.CONTAINER_RUNNING:
+                continue
+            fifos = Fifos(self._io_dir(meta.id))
+            try:
+                out, err = await fifos.open()
+            except OSError as e:
+                log.warning("container %s: cannot reopen its output FIFOs: %s", meta.id, e)
+                continue
+            fifos.writers_ready()
+            writer = LogWriter(meta.log_path) if meta.log_path else None
+            running = self._running[meta.id] = _Running(fifos, writer)
+            for reader, stream in ((out, "stdout"), (err, "stderr")):
+                running.copies.append(asyncio.ensure_future(self._copy(reader, stream, writer)))
+
     @staticmethod
     async def _copy(reader: asyncio.StreamReader, stream: str, writer: LogWriter | None) -> None:
         if writer is None:
