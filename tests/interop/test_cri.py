@@ -129,16 +129,6 @@ def test_pull_with_credentials(cri: CriKetchd, kit: Validation, rootfs: Path, tm
     cri.crictl(kit, "rmi", ref)
 
 
-def test_critest_images_and_runtime_info(cri: CriKetchd, kit: Validation, tmp_path: Path) -> None:
-    focus = "Image Manager|Runtime info"
-    results = critest(kit, cri.address, focus, tmp_path)
-    wanted = [name for name in kit.passlist if "Image Manager" in name or "Runtime info" in name]
-    assert len(wanted) == 8
-    bad = {name: results.get(name, "not run") for name in wanted if results.get(name) != "passed"}
-    assert not bad, f"critest specs not passing: {bad} (log: {tmp_path / 'critest.log'})"
-    assert os.path.exists(tmp_path / "critest.junit.xml")
-
-
 # -- pod sandboxes -------------------------------------------------------------------------------
 
 def _pod_config(tmp_path: Path, name: str = "web", **extra: object) -> Path:
@@ -187,35 +177,24 @@ def test_pod_runs_stops_and_is_removed_releasing_its_network(cri: CriKetchd, kit
     assert missing.returncode != 0 and "NotFound" in missing.stderr
 
 
-def test_critest_pod_sandboxes(cri: CriKetchd, kit: Validation, tmp_path: Path) -> None:
-    results = critest(kit, cri.address, "PodSandbox runtime should support basic operations", tmp_path)
-    wanted = [name for name in kit.passlist if "PodSandbox runtime should support basic operations" in name]
-    assert len(wanted) == 3
-    bad = {name: results.get(name, "not run") for name in wanted if results.get(name) != "passed"}
-    assert not bad, f"critest specs not passing: {bad} (log: {tmp_path / 'critest.log'})"
-
-
-CONTAINER_SPECS = "Container runtime should support (basic operations|log)"
-
-
 #: critest checks that a timed-out exec is gone with ``pgrep sleep`` in a container sharing its
 #: pod's pid namespace (the CRI default), where the kit's stand-in pause image (a shell looping
 #: on ``sleep 3600``) always has a sleep: the spec cannot pass with that image, whichever the
 #: runtime. test_a_container_as_a_person_runs_it_with_crictl proves the killing itself.
 EXEC_TIMEOUT_SPEC = ("[It] [k8s.io] Container runtime should support basic operations on container runtime should "
                      "support execSync with timeout [Conformance]")
+#: the streaming server (exec, attach, port-forward over SPDY) is not built yet
+STREAMING = "Streaming"
 
 
-def test_critest_containers(cri: CriKetchd, kit: Validation, tmp_path: Path) -> None:
-    results = critest(kit, cri.address, CONTAINER_SPECS, tmp_path)
-    wanted = [name for name in kit.passlist if "Container runtime should support basic operations" in name
-              or "Container runtime should support log" in name]
-    assert len(wanted) == 14 and EXEC_TIMEOUT_SPEC in wanted
+def test_critest_everything_but_streaming(cri: CriKetchd, kit: Validation, tmp_path: Path) -> None:
+    results = critest(kit, cri.address, "", tmp_path, skip=STREAMING)
+    wanted = [name for name in kit.passlist if STREAMING not in name and name != "[BeforeSuite]"]
+    assert len(wanted) == 64 and EXEC_TIMEOUT_SPEC in wanted
     bad = {name: results.get(name, "not run") for name in wanted if results.get(name) != "passed"}
     assert not bad.keys() - {EXEC_TIMEOUT_SPEC}, f"critest specs not passing: {bad} (log: {tmp_path / 'critest.log'})"
-    log = (tmp_path / "critest.log").read_text()
     if EXEC_TIMEOUT_SPEC in bad:  # only for the reason above: the pod's pause sleep is what pgrep finds
-        assert "timeout exec process should be gone" in log
+        assert "timeout exec process should be gone" in (tmp_path / "critest.log").read_text()
 
 
 BUSYBOX = "registry.k8s.io/e2e-test-images/busybox:1.29-2"

@@ -36,6 +36,7 @@ from ketch.cri.sandbox import (CONTAINER_TYPE, KIND_LABEL, NODE, POD, SANDBOX_ID
                                SANDBOX_UID, Pods, Sandbox, creating)
 from ketch.metadata import Container, Runtime, TypedValue
 from ketch.metadata.local import ContainerService
+from ketch.oci.seccomp import default_profile, load_profile
 from ketch.oci.spec import PROCESS_TYPE_URL, RESOURCES_TYPE_URL, SPEC_TYPE_URL, default_spec
 from ketch.runtime import CreateOptions, Stdio, TaskManager
 from ketch.snapshots.service import SnapshotService
@@ -293,6 +294,9 @@ class Containers:
             if sec.readonly_paths:
                 spec["linux"]["readonlyPaths"] = list(sec.readonly_paths)
         process["capabilities"] = {"bounding": caps, "effective": caps, "permitted": caps}
+        profile = _seccomp(sec, caps)
+        if profile is not None:
+            spec["linux"]["seccomp"] = profile
         process["noNewPrivileges"] = sec.no_new_privs
         spec["root"]["readonly"] = sec.readonly_rootfs
         # the pod's namespaces
@@ -684,6 +688,29 @@ class Containers:
         out.cpu.usage_core_nano_seconds.value = cpu
         out.memory.working_set_bytes.value = memory
         return out
+
+
+def _seccomp(sec: cri.LinuxContainerSecurityContext, caps: list[str]) -> dict[str, Any] | None:
+    """The seccomp profile the security context asks for (none for a privileged container),
+    as containerd reads it: the ``seccomp`` field, else ``seccomp_profile_path``."""
+    if sec.privileged:
+        return None
+    if sec.HasField("seccomp"):
+        kind = sec.seccomp.profile_type
+        if kind == cri.SecurityProfile.ProfileType.RuntimeDefault:
+            return default_profile(caps)
+        if kind == cri.SecurityProfile.ProfileType.Localhost:
+            return load_profile(sec.seccomp.localhost_ref)
+        return None
+    path = sec.seccomp_profile_path
+    if path in ("", "unconfined"):
+        return None
+    if path in ("runtime/default", "docker/default"):
+        return default_profile(caps)
+    if path.startswith("localhost/"):
+        return load_profile(path[len("localhost/"):])
+    raise errdefs.InvalidArgument(f"unsupported seccomp profile {path!r}: use runtime/default, unconfined or "
+                                  "localhost/<path>")
 
 
 def _cap(name: str) -> str:
