@@ -30,7 +30,7 @@ from ketch.snapshots import (
     Usage,
     supported,
 )
-from ketch.snapshots._fsutil import mounts_under
+from ketch.mount import mounts_under
 from ketch.snapshots._metastore import SCHEMA_VERSION
 
 ROOT = os.geteuid() == 0
@@ -513,3 +513,4 @@ def test_concurrent_prepares_and_cleanup(sn: SnapshotterBase) -> None:
     for i in range(24):
         assert len(os.listdir(_layer_dir(sn, f"c{i}"))) == (0 if isinstance(sn, OverlaySnapshotter) else 50)
     assert sorted(os.listdir(os.path.join(sn.root, "snapshots")), key=int) == [str(i) for i in range(1, 26)]
+

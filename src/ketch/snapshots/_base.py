@@ -29,7 +29,8 @@ from ketch import identifiers
 from ketch.errdefs import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument
 from ketch.identifiers import quote
 from ketch.mount import Mount
-from ketch.snapshots._fsutil import disk_usage, remove_tree
+from ketch.mount import remove_tree
+from ketch.snapshots._fsutil import disk_usage
 from ketch.snapshots._metastore import MetaStore, Row, not_found, validate_labels
 from ketch.snapshots._types import Info, Kind, SnapshotRef, Usage
 
