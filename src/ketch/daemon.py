@@ -5,7 +5,8 @@
 
 Start-up: load the configuration, open the metadata store, reload every task from its bundle
 (reconnecting to live shims, burying dead ones), then listen: the ttrpc socket for shims'
-events first, the gRPC socket last, so a client that can connect finds the daemon whole.
+events first, the gRPC socket last, so a client that can connect finds the daemon whole;
+then collect garbage once (which also reclaims what a crash left on disk).
 SIGTERM or SIGINT stops serving and disconnects from the shims; containers keep running.
 """
 
@@ -157,6 +158,9 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
     if ready is not None and not ready.done():
         ready.set_result(None)
     asyncio.get_running_loop().call_later(RESUBSCRIBE_GRACE, exchange.release)
+    # collect once soon after starting, as containerd does (its gc startup_delay): what a
+    # crash left behind (snapshot directories without a record, ingest files) goes
+    collector.schedule()
     launcher.launch_template()
 
     stop = asyncio.Event()

@@ -28,6 +28,9 @@ The sweep deletes the unmarked content rows, ingest rows and (expired) leases in
 write transaction as the mark, so nothing written meanwhile is judged on stale data; then
 removes unmarked snapshots through the snapshotters, children before parents; then asks the
 content store to remove blob files and ingest directories that no row wants any more.
+After its removals, each snapshotter's ``cleanup`` removes the directories that no snapshot owns (left by a
+crash during a prepare, or by a removal refused while something was mounted there), as
+containerd's snapshotters' Cleanup after its collection; it never removes one still mounted.
 
 Snapshotters are reached only through :class:`SnapshotterLike`. Their snapshots live in
 their own files, outside the metadata transaction: a snapshot that a container starts using
@@ -97,6 +100,10 @@ class SnapshotterLike(Protocol):
         """The namespaces holding at least one snapshot."""
         ...
 
+    def cleanup(self) -> Sequence[str]:
+        """Remove the directories no snapshot owns (never one still mounted); those removed."""
+        ...
+
 
 class ResourceType(enum.Enum):
     CONTENT = "content"  #: key: a digest
@@ -123,6 +130,9 @@ class Stats:
     """Digests of the blob files removed from disk (held by no namespace any more)."""
     snapshots: tuple[tuple[str, str, str], ...] = ()
     """(snapshotter, namespace, key) of each snapshot removed, in removal order."""
+    directories: tuple[str, ...] = ()
+    """Snapshotter directories that no snapshot owned, removed: left by a crash (a ketchd
+    killed during a prepare) or by a removal refused while something was mounted there."""
     leases: tuple[tuple[str, str], ...] = ()
     """(namespace, id) of each expired lease removed."""
     ingests: tuple[tuple[str, str], ...] = ()
@@ -310,17 +320,24 @@ def collect(store: Store, content: ContentStore | None,
                 log.warning("gc: could not remove snapshot %r of %s in namespace %s: %s", key, name, ns, exc)
                 continue
             removed_snapshots.append((name, ns, key))
+    # then what no snapshot owns (containerd's snapshotter Cleanup after its GC)
+    directories: list[str] = []
+    for name, snapshotter in snapshotters.items():
+        try:
+            directories.extend(snapshotter.cleanup())
+        except (KetchError, OSError) as exc:
+            log.warning("gc: cleanup of snapshotter %s failed: %s", name, exc)
 
     blobs: tuple[str, ...] = ()
     if content is not None:
         blobs = content.sweep().blobs
 
     stats = Stats(content=tuple(removed_content), blobs=blobs, snapshots=tuple(removed_snapshots),
-                  leases=tuple(removed_leases), ingests=tuple(removed_ingests),
+                  directories=tuple(directories), leases=tuple(removed_leases), ingests=tuple(removed_ingests),
                   duration=time.monotonic() - started)
-    log.info("gc: removed %d content rows, %d blobs, %d snapshots, %d leases, %d ingests in %.3fs",
-             len(stats.content), len(stats.blobs), len(stats.snapshots), len(stats.leases),
-             len(stats.ingests), stats.duration)
+    log.info("gc: removed %d content rows, %d blobs, %d snapshots, %d leftover snapshot directories, "
+             "%d leases, %d ingests in %.3fs", len(stats.content), len(stats.blobs), len(stats.snapshots),
+             len(stats.directories), len(stats.leases), len(stats.ingests), stats.duration)
     return stats
 
 

@@ -63,6 +63,9 @@ class FakeSnapshotter:
     def namespaces(self) -> list[str]:
         return sorted(ns for ns, snaps in self.snaps.items() if snaps)
 
+    def cleanup(self) -> list[str]:
+        return []
+
     def keys(self, ns: str = "default") -> set[str]:
         return set(self.snaps.get(ns, {}))
 
