@@ -88,7 +88,8 @@ class Bundle:
 
     def write_exit(self, pid: int, exit_status: int, exited_at: float) -> None:
         write_atomic(self.path / "exited.json",
-                     json.dumps({"pid": pid, "exit_status": exit_status, "exited_at": exited_at}).encode())
+                     json.dumps({"pid": pid, "exit_status": exit_status, "exited_at": exited_at}).encode(),
+                     durable=False)  # runtime state: a reboot discards it with the bundle
 
     def note_exit(self, key: str) -> bool:
         """Record that the exit ``key`` was published; False if it was already. Only the last
