@@ -235,8 +235,10 @@ def tiny_root(rootfs: Path) -> Iterator[Env]:
         daemon.kill()
         subprocess.run(["umount", str(base / "root")], check=False)
         left = cleanup(base, env.namespaces)
+        slow = daemon.slow_callbacks()
         shutil.rmtree(base, ignore_errors=True)
         assert not left, left
+        assert not slow, "ketchd's event loop was blocked:\n" + "\n".join(slow)
 
 
 def test_full_disk_during_ingest(tiny_root: Env) -> None:
