@@ -101,9 +101,8 @@ def _open_disk(cfg: config.Config) -> tuple[Store, dict[str, Snapshotter]]:
     import ketch.services
     import ketch.services.events  # noqa: F401
     from ketch.metadata import Store
-    from ketch.snapshots import NativeSnapshotter, OverlaySnapshotter, supported
-
     from ketch.services.system import server_uuid
+    from ketch.snapshots import NativeSnapshotter, OverlaySnapshotter, supported
 
     for d in (cfg.root, cfg.state):
         os.makedirs(d, mode=0o711, exist_ok=True)
@@ -117,6 +116,13 @@ def _open_disk(cfg: config.Config) -> tuple[Store, dict[str, Snapshotter]]:
     else:
         log.warning("overlayfs is not supported under %s; only the native snapshotter is loaded", overlay_root)
     return store, snapshotters
+
+
+def _close_disk(store: Store, snapshotters: dict[str, Snapshotter]) -> None:
+    """Close what :func:`_open_disk` opened (SQLite checkpoints its log: blocking)."""
+    for snapshotter in snapshotters.values():
+        snapshotter.close()
+    store.close()
 
 
 async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None) -> None:
@@ -207,10 +213,8 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
         await events_server.shutdown(grace=0.5)
         ttrpc_task.cancel()
         await manager.close()
-        collector.close()
-        for snapshotter in snapshotters.values():
-            snapshotter.close()
-        store.close()
+        await collector.close()
+        await asyncio.to_thread(_close_disk, store, snapshotters)
         for path in (cfg.grpc.address,):
             try:
                 os.unlink(path)

@@ -352,11 +352,15 @@ class Collector:
         self._snapshotters = snapshotters
         self._delay = delay
         self._pending: asyncio.Task[None] | None = None
+        self._running: asyncio.Future[Stats] | None = None
         self._lock = asyncio.Lock()
 
     async def now(self) -> Stats:
         async with self._lock:
-            return await asyncio.to_thread(collect, self._store, self._content, self._snapshotters)
+            # the thread goes on if the caller is cancelled: close() waits for it
+            self._running = asyncio.ensure_future(
+                asyncio.to_thread(collect, self._store, self._content, self._snapshotters))
+            return await asyncio.shield(self._running)
 
     async def after_delete(self, sync: bool) -> None:
         """After a client deleted something: collect now when it asked for a synchronous
@@ -374,6 +378,10 @@ class Collector:
         await asyncio.sleep(self._delay)
         await self.now()
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """Collect no more: a scheduled collection is dropped, one running is waited for (it
+        uses the stores, which the caller is about to close)."""
         if self._pending is not None:
             self._pending.cancel()
+        if self._running is not None:
+            await asyncio.wait([self._running])
