@@ -6,7 +6,7 @@
 Start-up: load the configuration, open the metadata store, reload every task from its bundle
 (reconnecting to live shims, burying dead ones), then listen: the ttrpc socket for shims'
 events first, the gRPC socket last, so a client that can connect finds the daemon whole;
-then collect garbage once (which also reclaims what a crash left on disk).
+then remove what a crash left on disk (``gc.reclaim``: files and directories no record wants).
 SIGTERM or SIGINT stops serving and disconnects from the shims; containers keep running.
 """
 
@@ -194,9 +194,9 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
     if ready is not None and not ready.done():
         ready.set_result(None)
     asyncio.get_running_loop().call_later(RESUBSCRIBE_GRACE, exchange.release)
-    # collect once soon after starting, as containerd does (its gc startup_delay): what a
-    # crash left behind (snapshot directories without a record, ingest files) goes
-    collector.schedule()
+    # what a crash left on disk (a prepare's directory, a blob without its row) goes now; no
+    # record is judged: clients may already be making some that nothing references yet
+    reclaiming = asyncio.ensure_future(collector.reclaim())
     launcher.launch_template()
 
     stop = asyncio.Event()
@@ -208,6 +208,7 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
     finally:
         log.info("shutting down; shims and containers keep running")
         burial.cancel()
+        reclaiming.cancel()
         await launcher.settle(params.start_timeout)
         await server.stop(grace=1.0)
         await events_server.shutdown(grace=0.5)

@@ -547,3 +547,16 @@ def test_garbage_collection_reclaims_leftover_directories_but_never_a_mounted_on
     assert (volume / "precious").read_text() == "keep me"
     assert [i.name for i in sn.walk(NS)] == ["kept"]
     assert sorted(os.listdir(snapdir)) == ["1"]
+
+
+def test_reclaiming_at_startup_removes_leftovers_but_judges_no_snapshot(sn: SnapshotterBase) -> None:
+    """What ketchd runs as it starts: a snapshot that nothing references yet (just prepared by
+    a client, without a lease) stays; what no snapshot owns goes."""
+    from ketch import gc
+
+    sn.prepare(NS, "just-prepared")
+    snapdir = Path(sn.root) / "snapshots"
+    (snapdir / "new-killed" / "fs").mkdir(parents=True)
+    stats = gc.reclaim(None, {sn.name: sn})
+    assert stats.directories == (str(snapdir / "new-killed"),)
+    assert [i.name for i in sn.walk(NS)] == ["just-prepared"] and sorted(os.listdir(snapdir)) == ["1"]
