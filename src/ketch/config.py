@@ -40,6 +40,9 @@ address = ""
 level = "info"
 # "text" or "json"
 format = "text"
+# seconds; above 0, asyncio's debug mode is on and every callback that holds ketchd's event
+# loop longer than this is logged ("Executing <...> took N seconds"): for finding blocking work
+slow_callback = 0.0
 
 [runtime]
 # seconds allowed for a shim's start, for each call to it, and for its delete
@@ -100,6 +103,7 @@ class TTRPC:
 class Log:
     level: str = ""
     format: str = ""
+    slow_callback: float = 0.0
 
 
 @dataclass
@@ -181,4 +185,6 @@ def load(path: str | None = None) -> Config:
         _apply(cfg, data, "")
     if cfg.log.level not in ("debug", "info", "warn", "warning", "error", "trace"):
         raise errdefs.InvalidArgument(f"config: log.level {cfg.log.level!r} is not one of debug, info, warn, error")
+    if cfg.log.slow_callback < 0:
+        raise errdefs.InvalidArgument(f"config: log.slow_callback {cfg.log.slow_callback} is negative")
     return cfg

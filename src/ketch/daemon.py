@@ -5,7 +5,8 @@
 
 Start-up: load the configuration, open the metadata store, reload every task from its bundle
 (reconnecting to live shims, burying dead ones), then listen: the ttrpc socket for shims'
-events first, the gRPC socket last, so a client that can connect finds the daemon whole.
+events first, the gRPC socket last, so a client that can connect finds the daemon whole;
+then remove what a crash left on disk (``gc.reclaim``: files and directories no record wants).
 SIGTERM or SIGINT stops serving and disconnects from the shims; containers keep running.
 """
 
@@ -21,9 +22,13 @@ import sys
 import time
 from pathlib import Path
 from collections.abc import Awaitable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ketch import __version__, config, errdefs, topics, ttrpc
+
+if TYPE_CHECKING:
+    from ketch.metadata import Store
+    from ketch.snapshots import Snapshotter
 
 log = logging.getLogger("ketchd")
 
@@ -83,22 +88,61 @@ def _template_socket(cfg: config.Config) -> str:
     return path
 
 
+def _open_disk(cfg: config.Config) -> tuple[Store, dict[str, Snapshotter]]:
+    """What starting blocks on: importing the daemon's modules, opening the metadata store and
+    the snapshotters (SQLite files; overlayfs is probed with a mount). Run in a thread, so that
+    ketchd's event loop is never held, not even while it starts."""
+    import grpc  # noqa: F401  (imported here, off the loop, for serve)
+
+    import ketch.content
+    import ketch.events
+    import ketch.gc
+    import ketch.images
+    import ketch.runtime
+    import ketch.services
+    import ketch.services.events  # noqa: F401
+    from ketch.metadata import Store
+    from ketch.services.system import server_uuid
+    from ketch.snapshots import NativeSnapshotter, OverlaySnapshotter, supported
+
+    for d in (cfg.root, cfg.state):
+        os.makedirs(d, mode=0o711, exist_ok=True)
+    server_uuid(cfg.root)  # made (and fsynced) on the first start: here rather than on the loop
+    store = Store(os.path.join(cfg.root, "meta.db"))
+    snapshotters: dict[str, Snapshotter] = {"native": NativeSnapshotter(os.path.join(cfg.root, "snapshots", "native"))}
+    overlay_root = os.path.join(cfg.root, "snapshots", "overlayfs")
+    os.makedirs(overlay_root, mode=0o700, exist_ok=True)
+    if supported(overlay_root):
+        snapshotters["overlayfs"] = OverlaySnapshotter(overlay_root)
+    else:
+        log.warning("overlayfs is not supported under %s; only the native snapshotter is loaded", overlay_root)
+    return store, snapshotters
+
+
+def _close_disk(store: Store, snapshotters: dict[str, Snapshotter]) -> None:
+    """Close what :func:`_open_disk` opened (SQLite checkpoints its log: blocking)."""
+    for snapshotter in snapshotters.values():
+        snapshotter.close()
+    store.close()
+
+
 async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None) -> None:
+    if cfg.log.slow_callback > 0:
+        from ketch import slowloop
+
+        slowloop.install(asyncio.get_running_loop(), cfg.log.slow_callback)
+    store, snapshotters = await asyncio.to_thread(_open_disk, cfg)
+
     import grpc
 
     from ketch.content import ContentStore
     from ketch.events import Exchange, decode_protobuf
+    from ketch.gc import Collector
     from ketch.images import ImageService
-    from ketch.metadata import Store
-    from ketch.snapshots import NativeSnapshotter, OverlaySnapshotter, Snapshotter, supported
     from ketch.runtime import Launcher, ShimParams, TaskManager
     from ketch.services import register_all
-    from ketch.gc import Collector
     from ketch.services.events import forward_service
 
-    for d in (cfg.root, cfg.state):
-        os.makedirs(d, mode=0o711, exist_ok=True)
-    store = Store(os.path.join(cfg.root, "meta.db"))
     exchange = Exchange(decoder=decode_protobuf)  # event.<field> filters see the payload
     # what shims forward, and what reloading finds, while ketchd starts waits for the clients
     # that resubscribe once the API serves (see RESUBSCRIBE_GRACE)
@@ -108,13 +152,6 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
         exchange.publish(namespace, topics.of(event), event.DESCRIPTOR.full_name, event.SerializeToString())
 
     content = ContentStore(os.path.join(cfg.root, "content"), store, publish=publish)
-    snapshotters: dict[str, Snapshotter] = {"native": NativeSnapshotter(os.path.join(cfg.root, "snapshots", "native"))}
-    overlay_root = os.path.join(cfg.root, "snapshots", "overlayfs")
-    os.makedirs(overlay_root, mode=0o700, exist_ok=True)
-    if supported(overlay_root):
-        snapshotters["overlayfs"] = OverlaySnapshotter(overlay_root)
-    else:
-        log.warning("overlayfs is not supported under %s; only the native snapshotter is loaded", overlay_root)
     collector = Collector(store, content, snapshotters)
     images = ImageService(store, publish=publish)
 
@@ -161,6 +198,9 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
     if ready is not None and not ready.done():
         ready.set_result(None)
     asyncio.get_running_loop().call_later(RESUBSCRIBE_GRACE, exchange.release)
+    # what a crash left on disk (a prepare's directory, a blob without its row) goes now; no
+    # record is judged: clients may already be making some that nothing references yet
+    reclaiming = asyncio.ensure_future(collector.reclaim())
     launcher.launch_template()
     if cri_recovery is not None:
         await cri_recovery
@@ -174,15 +214,14 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
     finally:
         log.info("shutting down; shims and containers keep running")
         burial.cancel()
+        reclaiming.cancel()
         await launcher.settle(params.start_timeout)
         await server.stop(grace=1.0)
         await events_server.shutdown(grace=0.5)
         ttrpc_task.cancel()
         await manager.close()
-        collector.close()
-        for snapshotter in snapshotters.values():
-            snapshotter.close()
-        store.close()
+        await collector.close()
+        await asyncio.to_thread(_close_disk, store, snapshotters)
         for path in (cfg.grpc.address,):
             try:
                 os.unlink(path)
@@ -264,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state", help="runtime state directory (default /run/ketch)")
     parser.add_argument("--address", "-a", help="gRPC socket (default /run/ketch/ketchd.sock)")
     parser.add_argument("--log-level", "-l", help="debug, info, warn, error")
+    parser.add_argument("--slow-callback", type=float, metavar="SECONDS",
+                        help="asyncio debug mode: log every callback holding the event loop longer")
     parser.add_argument("--version", "-v", action="version", version=f"ketchd {__version__}")
     parser.add_argument("command", nargs="*", help="'config default' prints the default configuration; "
                         "'upgrade-shims' has every ketch shim group of this state directory switch to the "
@@ -287,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.grpc.address = os.path.abspath(args.address)
     if args.log_level:
         cfg.log.level = args.log_level
+    if args.slow_callback is not None:
+        cfg.log.slow_callback = max(0.0, args.slow_callback)
     if args.command == ["upgrade-shims"]:
         return upgrade_shims(cfg.state, _template_socket(cfg))
     setup_logging(cfg.log.level, cfg.log.format)

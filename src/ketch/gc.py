@@ -26,8 +26,15 @@ References (edges):
 
 The sweep deletes the unmarked content rows, ingest rows and (expired) leases in the same
 write transaction as the mark, so nothing written meanwhile is judged on stale data; then
-removes unmarked snapshots through the snapshotters, children before parents; then asks the
-content store to remove blob files and ingest directories that no row wants any more.
+removes unmarked snapshots through the snapshotters, children before parents; then removes
+the files no record wants: each snapshotter's ``cleanup`` the directories no snapshot owns
+(left by a crash during a prepare, or by a removal refused while something was mounted there;
+never one still mounted), as containerd's snapshotters' Cleanup after its collection, and the
+content store's sweep the blob files and ingest directories no row wants any more.
+
+:func:`reclaim` is that files half alone, judging no record: ketchd runs it as it starts, to
+remove what a crash left on disk while clients may already be making records that nothing
+references yet.
 
 Snapshotters are reached only through :class:`SnapshotterLike`. Their snapshots live in
 their own files, outside the metadata transaction: a snapshot that a container starts using
@@ -42,7 +49,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, NamedTuple, Protocol
@@ -54,7 +61,8 @@ if TYPE_CHECKING:
     from ketch.content import ContentStore
     from ketch.metadata import Store
 
-__all__ = ["Collector", "Node", "ResourceType", "SnapshotRefLike", "SnapshotterLike", "Stats", "collect", "lease_expired"]
+__all__ = ["Collector", "Node", "ResourceType", "SnapshotRefLike", "SnapshotterLike", "Stats", "collect", "lease_expired",
+           "reclaim"]
 
 log = logging.getLogger("ketch.gc")
 
@@ -97,6 +105,10 @@ class SnapshotterLike(Protocol):
         """The namespaces holding at least one snapshot."""
         ...
 
+    def cleanup(self) -> Sequence[str]:
+        """Remove the directories no snapshot owns (never one still mounted); those removed."""
+        ...
+
 
 class ResourceType(enum.Enum):
     CONTENT = "content"  #: key: a digest
@@ -123,6 +135,9 @@ class Stats:
     """Digests of the blob files removed from disk (held by no namespace any more)."""
     snapshots: tuple[tuple[str, str, str], ...] = ()
     """(snapshotter, namespace, key) of each snapshot removed, in removal order."""
+    directories: tuple[str, ...] = ()
+    """Snapshotter directories that no snapshot owned, removed: left by a crash (a ketchd
+    killed during a prepare) or by a removal refused while something was mounted there."""
     leases: tuple[tuple[str, str], ...] = ()
     """(namespace, id) of each expired lease removed."""
     ingests: tuple[tuple[str, str], ...] = ()
@@ -310,17 +325,43 @@ def collect(store: Store, content: ContentStore | None,
                 log.warning("gc: could not remove snapshot %r of %s in namespace %s: %s", key, name, ns, exc)
                 continue
             removed_snapshots.append((name, ns, key))
+    blobs, directories = _sweep_files(content, snapshotters)
+    stats = Stats(content=tuple(removed_content), blobs=blobs, snapshots=tuple(removed_snapshots),
+                  directories=directories, leases=tuple(removed_leases), ingests=tuple(removed_ingests),
+                  duration=time.monotonic() - started)
+    log.info("gc: removed %d content rows, %d blobs, %d snapshots, %d leftover snapshot directories, "
+             "%d leases, %d ingests in %.3fs", len(stats.content), len(stats.blobs), len(stats.snapshots),
+             len(stats.directories), len(stats.leases), len(stats.ingests), stats.duration)
+    return stats
 
+
+def _sweep_files(content: ContentStore | None,
+                 snapshotters: Mapping[str, SnapshotterLike]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Remove from disk what no record wants: snapshot directories no snapshot owns (each
+    snapshotter's cleanup, as containerd's after its collection), then blob files and ingest
+    directories (the content store's sweep). The removed blobs' digests and directories."""
+    directories: list[str] = []
+    for name, snapshotter in snapshotters.items():
+        try:
+            directories.extend(snapshotter.cleanup())
+        except (KetchError, OSError) as exc:
+            log.warning("gc: cleanup of snapshotter %s failed: %s", name, exc)
     blobs: tuple[str, ...] = ()
     if content is not None:
         blobs = content.sweep().blobs
+    return blobs, tuple(directories)
 
-    stats = Stats(content=tuple(removed_content), blobs=blobs, snapshots=tuple(removed_snapshots),
-                  leases=tuple(removed_leases), ingests=tuple(removed_ingests),
-                  duration=time.monotonic() - started)
-    log.info("gc: removed %d content rows, %d blobs, %d snapshots, %d leases, %d ingests in %.3fs",
-             len(stats.content), len(stats.blobs), len(stats.snapshots), len(stats.leases),
-             len(stats.ingests), stats.duration)
+
+def reclaim(content: ContentStore | None, snapshotters: Mapping[str, SnapshotterLike]) -> Stats:
+    """Only the files half of a collection: remove what no record wants (what a crash left on
+    disk: a directory of a prepare that never finished, a blob renamed into place whose row
+    never committed), judging no record. For the daemon's start, when clients may already be
+    making records that nothing references yet (a snapshot prepared without a lease)."""
+    started = time.monotonic()
+    blobs, directories = _sweep_files(content, snapshotters)
+    stats = Stats(blobs=blobs, directories=directories, duration=time.monotonic() - started)
+    log.info("gc: reclaimed %d blobs and %d leftover snapshot directories in %.3fs", len(stats.blobs),
+             len(stats.directories), stats.duration)
     return stats
 
 
@@ -335,11 +376,21 @@ class Collector:
         self._snapshotters = snapshotters
         self._delay = delay
         self._pending: asyncio.Task[None] | None = None
+        self._running: asyncio.Future[Stats] | None = None
         self._lock = asyncio.Lock()
 
     async def now(self) -> Stats:
+        return await self._in_thread(collect, self._store, self._content, self._snapshotters)
+
+    async def reclaim(self) -> Stats:
+        """:func:`reclaim`: what a crash left on disk goes; for the daemon's start."""
+        return await self._in_thread(reclaim, self._content, self._snapshotters)
+
+    async def _in_thread(self, fn: Callable[..., Stats], *args: object) -> Stats:
         async with self._lock:
-            return await asyncio.to_thread(collect, self._store, self._content, self._snapshotters)
+            # the thread goes on if the caller is cancelled: close() waits for it
+            self._running = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+            return await asyncio.shield(self._running)
 
     async def after_delete(self, sync: bool) -> None:
         """After a client deleted something: collect now when it asked for a synchronous
@@ -357,6 +408,10 @@ class Collector:
         await asyncio.sleep(self._delay)
         await self.now()
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """Collect no more: a scheduled collection is dropped, one running is waited for (it
+        uses the stores, which the caller is about to close)."""
         if self._pending is not None:
             self._pending.cancel()
+        if self._running is not None:
+            await asyncio.wait([self._running])

@@ -3,15 +3,25 @@
 Options are split the way the kernel wants them: known words become mount flags
 (ro, bind, nosuid, …) and the rest is passed as the filesystem's data string
 (overlay's lowerdir=…,upperdir=…). A read-only bind mount takes a second, remounting call.
+
+Removing a tree never reaches into a mounted filesystem (:func:`remove_tree`): a bundle's
+rootfs or a snapshot's directory may still show a container's image, whose files a
+recursive removal would delete.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
+import re
+import shutil
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+log = logging.getLogger("ketch.mount")
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -127,3 +137,50 @@ def unmount_all(target: str) -> None:
     for _ in range(64):
         if not unmount(target):
             return
+
+
+def unmount_recursive(target: str) -> None:
+    """Unmount everything mounted at or below ``target``, deepest first (containerd's
+    UnmountRecursive); OSError when a mount will not go."""
+    for point in sorted(mounts_under(target), key=lambda p: p.count("/"), reverse=True):
+        unmount_all(point)
+
+
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+def mounts_under(path: str) -> list[str]:
+    """Mount points of this process at or below ``path``."""
+    path = os.path.realpath(path)
+    found = []
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        fields = line.split(" ")
+        if len(fields) < 5:
+            continue
+        point = _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[4])
+        if point == path or point.startswith(path.rstrip("/") + "/"):
+            found.append(point)
+    return found
+
+
+def remove_tree(path: str) -> bool:
+    """Remove the tree at ``path``; refuse (False, with a warning) while anything is mounted
+    inside it, so that removal never reaches into a mounted filesystem."""
+    busy = mounts_under(path)
+    if busy:
+        log.warning("not removing %s: still mounted at %s", path, ", ".join(busy))
+        return False
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return True
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+    return True

@@ -47,6 +47,7 @@ def cri(kit: Validation) -> Iterator[CriKetchd]:
             daemon.crictl(kit, "rmp", "--all", "--force", check=False)
         daemon.kill(signal.SIGTERM)
         left = cleanup(base, ["k8s.io"])
+        left += [f"a blocked event loop: {s}" for s in daemon.slow_callbacks()]
         stray = _netns_paths() - netns_before
         if stray:
             left.append(f"network namespaces {sorted(stray)}")

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -623,3 +624,40 @@ def test_kill_of_a_container_runc_no_longer_knows_is_not_found(kenv: Env, channe
     while _pids(kenv, ns)["forgotten"][1] != "STOPPED" and time.monotonic() < deadline:
         time.sleep(0.05)
     tasks_pb2_grpc.TasksStub(channel).Delete(tasks_pb2.DeleteTaskRequest(container_id="forgotten"), metadata=md(ns))
+
+
+def test_leftover_snapshot_directories_are_reclaimed_at_startup(kenv: Env, tmp_path: Path) -> None:
+    """A ketchd killed during a prepare leaves a ``new-*`` directory (or one named by an id with
+    no record) under a snapshotter's root: the next ketchd reclaims it as it starts, with both
+    snapshotters, but never a directory with something mounted in it."""
+    ns = kenv.ns()
+    roots = {name: kenv.cd.base / "root" / "snapshots" / name / "snapshots" for name in ("overlayfs", "native")}
+    for name in roots:
+        kenv.ctr(ns, "snapshots", "--snapshotter", name, "prepare", "kept")
+        kenv.ctr(ns, "snapshots", "--snapshotter", name, "label", "kept", "containerd.io/gc.root=now")
+    kenv.cd.kill(signal.SIGKILL)
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    (volume / "precious").write_text("keep me")
+    leftovers = []
+    for root in roots.values():
+        for name in ("new-killed", "99"):
+            (root / name / "fs").mkdir(parents=True)
+            (root / name / "fs" / "half-copied").write_text("x")
+            leftovers.append(root / name)
+    mounted = roots["overlayfs"] / "98"
+    (mounted / "mnt").mkdir(parents=True)
+    subprocess.run(["mount", "--bind", str(volume), str(mounted / "mnt")], check=True)
+    try:
+        kenv.cd.start()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(p.exists() for p in leftovers):
+            time.sleep(0.05)
+        assert not [p for p in leftovers if p.exists()]
+        assert (mounted / "mnt" / "precious").read_text() == "keep me"
+    finally:
+        subprocess.run(["umount", str(mounted / "mnt")], check=True)
+    for name in roots:
+        assert "kept" in kenv.ctr(ns, "snapshots", "--snapshotter", name, "ls").stdout
+        kenv.ctr(ns, "snapshots", "--snapshotter", name, "rm", "kept")
+    assert (volume / "precious").read_text() == "keep me"

@@ -38,7 +38,8 @@ from ketch.diff import (
 )
 from ketch.mount import Mount, mount_all, unmount_all
 from ketch.snapshots import NativeSnapshotter, OverlaySnapshotter, SnapshotterBase
-from ketch.snapshots._fsutil import copy_tree, mounts_under
+from ketch.mount import mounts_under
+from ketch.snapshots._fsutil import copy_tree
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="needs root (mount, chown, mknod)")

@@ -4,6 +4,7 @@ marking, not a snapshotter)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -62,6 +63,9 @@ class FakeSnapshotter:
 
     def namespaces(self) -> list[str]:
         return sorted(ns for ns, snaps in self.snaps.items() if snaps)
+
+    def cleanup(self) -> list[str]:
+        return []
 
     def keys(self, ns: str = "default") -> set[str]:
         return set(self.snaps.get(ns, {}))
@@ -378,8 +382,6 @@ def test_container_labels_keep_content(cs: ContentStore, store: Store) -> None:
 
 
 def test_collector_after_a_sync_delete_collects_before_answering(cs: ContentStore, store: Store) -> None:
-    import asyncio
-
     async def body() -> None:
         collector = gc.Collector(store, cs, {}, delay=0.01)
         kept, dropped = put(cs, b"kept", **{"containerd.io/gc.root": "1"}), put(cs, b"dropped")
@@ -394,6 +396,31 @@ def test_collector_after_a_sync_delete_collects_before_answering(cs: ContentStor
         async with asyncio.timeout(5):
             while later in on_disk(cs):
                 await asyncio.sleep(0.01)
-        collector.close()
+        await collector.close()
+
+    asyncio.run(body())
+
+
+def test_closing_the_collector_waits_for_a_collection_running_in_its_thread(cs: ContentStore,
+                                                                             store: Store) -> None:
+    """ketchd closes its stores right after: a collection whose caller was cancelled (a
+    shutdown) must be over by then."""
+    snaps = FakeSnapshotter()
+    finished: list[bool] = []
+
+    def slow_cleanup() -> list[str]:
+        time.sleep(0.3)
+        finished.append(True)
+        return []
+
+    snaps.cleanup = slow_cleanup  # type: ignore[method-assign]
+
+    async def body() -> None:
+        collector = gc.Collector(store, cs, {"overlayfs": snaps})
+        caller = asyncio.ensure_future(collector.now())
+        await asyncio.sleep(0.05)
+        caller.cancel()
+        await collector.close()
+        assert finished == [True]
 
     asyncio.run(body())

@@ -47,6 +47,7 @@ RULES = [
     ("topics.py", ("ketch",), ()),
     ("timestamps.py", ("ketch",), ()),
     ("files.py", ("ketch",), ("ketch.errdefs",)),
+    ("slowloop.py", ("ketch",), ()),
     ("filters.py", ("ketch",), ("ketch.errdefs",)),
     # the shim template's framing: spoken by the shim's start path and by the daemon's runtime
     ("templatewire.py", ("ketch",), ()),

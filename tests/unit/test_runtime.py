@@ -6,18 +6,22 @@ from __future__ import annotations
 import json
 
 import asyncio
+import contextlib
+import errno
+import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
-from ketch import errdefs, topics
+from ketch import errdefs, mount, topics
 from ketch.metadata import Container
 from ketch.metadata.types import Runtime, TypedValue
 from ketch.runtime import CreateOptions, Phase, Stdio, Task, TaskManager
 from ketch.runtime.bundle import Bundle
+from ketch.testing import system
 from ketch.testing.fakeshim import FakeLauncher, FakeShim
 
 T = TypeVar("T")
@@ -512,3 +516,95 @@ def test_output_nobody_reads_holds_the_wait_a_bounded_time(tmp_path: Path, monke
         assert 0.25 < run(tmp_path, body) < 2
     finally:
         os.close(client)
+
+
+# -- a bundle is never removed through a mount ------------------------------------------------
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount)")
+
+
+@contextlib.contextmanager
+def image_files(tmp_path: Path) -> Iterator[Path]:
+    """A directory standing for a container image's files (a snapshot's layer)."""
+    image = tmp_path / "image"
+    (image / "bin").mkdir(parents=True)
+    (image / "bin" / "sh").write_text("the image's shell")
+    try:
+        yield image
+    finally:
+        system.unmount_under(str(tmp_path))
+
+
+def _made_bundle(tmp_path: Path) -> Bundle:
+    bundle = Bundle.at(str(tmp_path / "state"), str(tmp_path / "root"), "ns", "t")
+    bundle.create(b"{}", {"runtime": KETCH, "binary": "/bin/true"})
+    return bundle
+
+
+@needs_root
+def test_a_bundle_is_removed_after_unmounting_everything_in_its_rootfs(tmp_path: Path) -> None:
+    """The rootfs is no mount itself but has one below it (umount of the rootfs says "not
+    mounted"): that one is unmounted too, and the image's files are untouched."""
+    with image_files(tmp_path) as image:
+        bundle = _made_bundle(tmp_path)
+        (bundle.path / "rootfs" / "data").mkdir()
+        mount.mount(mount.Mount("bind", str(image), ("rbind",)), str(bundle.path / "rootfs" / "data"))
+        bundle.delete()
+        assert not bundle.path.exists() and not bundle.work.exists()
+        assert (image / "bin" / "sh").read_text() == "the image's shell"
+
+
+@needs_root
+def test_a_bundle_whose_rootfs_will_not_unmount_is_left_in_place(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """umount fails (here a seam makes it; the mount is real): nothing is removed, and the
+    error says what is mounted where."""
+    with image_files(tmp_path) as image:
+        bundle = _made_bundle(tmp_path)
+        rootfs = bundle.path / "rootfs"
+        mount.mount(mount.Mount("bind", str(image), ("rbind",)), str(rootfs))
+
+        def refuse(target: str, flags: int = 0) -> bool:
+            raise OSError(errno.EPERM, f"unmount {target}: Operation not permitted")
+
+        monkeypatch.setattr(mount, "unmount", refuse)
+        with pytest.raises(errdefs.FailedPrecondition, match="left in place.*will not unmount"):
+            bundle.delete()
+        # the unmount "succeeds" without unmounting: the mount is still seen, nothing goes
+        monkeypatch.setattr(mount, "unmount", lambda target, flags=0: False)
+        with pytest.raises(errdefs.FailedPrecondition, match=f"still mounted at {rootfs}"):
+            bundle.delete()
+        assert (rootfs / "bin" / "sh").read_text() == "the image's shell"
+        assert (bundle.path / "config.json").exists() and bundle.work.exists()
+        monkeypatch.undo()
+        bundle.delete()
+        assert not bundle.path.exists()
+        assert (image / "bin" / "sh").read_text() == "the image's shell"
+
+
+@needs_root
+def test_a_task_whose_bundle_must_stay_stays_stopped_until_a_delete_removes_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def body(w: World) -> None:
+        with image_files(tmp_path) as image:
+            task = await w.create("ns", "web")
+            rootfs = w.bundle("ns", "web") / "rootfs"
+            mount.mount(mount.Mount("bind", str(image), ("rbind",)), str(rootfs))
+            await task.start()
+            await task.kill(signal.SIGKILL)
+            await task.wait()
+            monkeypatch.setattr(mount, "unmount", lambda target, flags=0: False)
+            with pytest.raises(errdefs.FailedPrecondition, match="still mounted"):
+                await w.manager.delete("ns", "web")
+            assert (rootfs / "bin" / "sh").exists() and w.bundle("ns", "web").exists()
+            kept = w.manager.get("ns", "web")
+            assert kept.phase is Phase.STOPPED
+            assert ((await kept.state()).status, (await kept.state()).exit_status) == (3, 137)
+            monkeypatch.undo()
+            assert (await w.manager.delete("ns", "web")).status == 137
+            assert not w.bundle("ns", "web").exists()
+            assert (image / "bin" / "sh").read_text() == "the image's shell"
+            with pytest.raises(errdefs.NotFound):
+                w.manager.get("ns", "web")
+
+    run(tmp_path, body)

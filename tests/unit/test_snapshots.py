@@ -30,7 +30,7 @@ from ketch.snapshots import (
     Usage,
     supported,
 )
-from ketch.snapshots._fsutil import mounts_under
+from ketch.mount import mounts_under
 from ketch.snapshots._metastore import SCHEMA_VERSION
 
 ROOT = os.geteuid() == 0
@@ -513,3 +513,50 @@ def test_concurrent_prepares_and_cleanup(sn: SnapshotterBase) -> None:
     for i in range(24):
         assert len(os.listdir(_layer_dir(sn, f"c{i}"))) == (0 if isinstance(sn, OverlaySnapshotter) else 50)
     assert sorted(os.listdir(os.path.join(sn.root, "snapshots")), key=int) == [str(i) for i in range(1, 26)]
+
+
+@needs_root
+def test_garbage_collection_reclaims_leftover_directories_but_never_a_mounted_one(
+        sn: SnapshotterBase, tmp_path: Path) -> None:
+    """What a ketchd killed during a prepare leaves (a ``new-*`` directory, or one named by an
+    id with no record), and a directory whose removal was refused while something was mounted
+    in it, are reclaimed by the next collection, not only by an explicit Cleanup call; the
+    mounted one only once it is unmounted."""
+    from ketch import gc
+    from ketch.metadata import Store
+
+    sn.prepare(NS, "kept", labels={"containerd.io/gc.root": "x"})
+    snapdir = Path(sn.root) / "snapshots"
+    (snapdir / "new-killed" / "fs").mkdir(parents=True)
+    (snapdir / "new-killed" / "fs" / "half-copied").write_text("x")
+    (snapdir / "99" / "fs").mkdir(parents=True)
+    sn.prepare(NS, "busy")
+    busy_dir = _layer_dir(sn, "busy") if sn.name == "native" else _layer_dir(sn, "busy").parent
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    (volume / "precious").write_text("keep me")
+    with Store(tmp_path / "meta.db") as store:
+        with mounted_at([Mount("bind", str(volume), ("rbind",))], busy_dir / "mnt"):
+            sn.remove(NS, "busy")  # the record goes; the directory stays: something is mounted in it
+            assert busy_dir.exists()
+            stats = gc.collect(store, None, {sn.name: sn})
+            assert sorted(stats.directories) == [str(snapdir / "99"), str(snapdir / "new-killed")]
+            assert busy_dir.exists() and (busy_dir / "mnt" / "precious").read_text() == "keep me"
+        stats = gc.collect(store, None, {sn.name: sn})
+        assert stats.directories == (str(busy_dir),)
+    assert (volume / "precious").read_text() == "keep me"
+    assert [i.name for i in sn.walk(NS)] == ["kept"]
+    assert sorted(os.listdir(snapdir)) == ["1"]
+
+
+def test_reclaiming_at_startup_removes_leftovers_but_judges_no_snapshot(sn: SnapshotterBase) -> None:
+    """What ketchd runs as it starts: a snapshot that nothing references yet (just prepared by
+    a client, without a lease) stays; what no snapshot owns goes."""
+    from ketch import gc
+
+    sn.prepare(NS, "just-prepared")
+    snapdir = Path(sn.root) / "snapshots"
+    (snapdir / "new-killed" / "fs").mkdir(parents=True)
+    stats = gc.reclaim(None, {sn.name: sn})
+    assert stats.directories == (str(snapdir / "new-killed"),)
+    assert [i.name for i in sn.walk(NS)] == ["just-prepared"] and sorted(os.listdir(snapdir)) == ["1"]

@@ -1,10 +1,9 @@
 """Small file helpers of the content store: OS errors to typed errors, the times written in
-ingest directories, directory fsync."""
+ingest directories."""
 
 from __future__ import annotations
 
 import errno
-import os
 from datetime import datetime, timezone
 
 from ketch.errdefs import KetchError, ResourceExhausted, Unknown
@@ -35,11 +34,3 @@ def parse_time(text: str) -> float:
 def read_text(path: str) -> str:
     with open(path, encoding="utf-8") as f:
         return f.read()
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

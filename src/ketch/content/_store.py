@@ -44,7 +44,8 @@ from typing import TYPE_CHECKING
 from ketch import digests
 from ketch import filters as _filters
 from ketch import identifiers
-from ketch.content._disk import CHUNK, fsync_dir, os_error
+from ketch.files import rename_durable
+from ketch.content._disk import CHUNK, os_error
 from ketch.content._locks import GCLock, Handle, RefLocks
 from ketch.content._reader import BlobReader
 from ketch.content._writer import Owner, Status, Writer, ingest_status
@@ -326,13 +327,13 @@ class ContentStore:
                     store.leases.add_resource(ns, writer.lease, LeaseResource(digest, "content"))
                 if data is not None and not os.path.exists(target):
                     try:
-                        os.rename(data, target)
+                        # on disk before the row that makes it visible commits
+                        rename_durable(data, target)
                     except OSError as exc:
                         raise os_error(exc, f"committing ingest {ref}") from None
                     # no row sees the file yet: making it read-only after the rename is safe
                     with contextlib.suppress(OSError):
                         os.chmod(target, 0o444)
-                        fsync_dir(self._blobs)
                 try:
                     info = store.content.add(ns, ContentInfo(digest, size, labels))
                 except AlreadyExists:

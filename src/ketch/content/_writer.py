@@ -2,7 +2,9 @@
 
 ``ingest/<sha256(bref)>/`` holds ``data``, ``ref``, ``startedat``, ``updatedat`` and ``total``
 (containerd ``content/local/writer.go``); this module is the only one that writes them, and
-:func:`ingest_status` the one that reads them back. A writer never reaches into its store:
+:func:`ingest_status` the one that reads them back. They are written atomically but not
+durably (as containerd): after a power cut an ingest whose files are damaged starts over, and
+a resumed one re-hashes its data; what must survive is the committed blob (durable rename). A writer never reaches into its store:
 what it needs of it (where blobs live, moving a verified ingest into place with its
 records, aborting) is handed over as an :class:`Owner`.
 """
@@ -153,18 +155,18 @@ class Writer:
         self._started, self._updated = status.started_at, status.updated_at
         self._total = status.total
         if total > 0 and status.total == 0:
-            write_atomic(os.path.join(self.path, "total"), str(total).encode())
+            write_atomic(os.path.join(self.path, "total"), str(total).encode(), durable=False)
             self._total = total
         return True
 
     def _create(self, total: int) -> None:
         now = time.time()
-        write_atomic(os.path.join(self.path, "ref"), self.bref.encode())
-        write_atomic(os.path.join(self.path, "startedat"), format_time(now).encode())
-        write_atomic(os.path.join(self.path, "updatedat"), format_time(now).encode())
+        write_atomic(os.path.join(self.path, "ref"), self.bref.encode(), durable=False)
+        write_atomic(os.path.join(self.path, "startedat"), format_time(now).encode(), durable=False)
+        write_atomic(os.path.join(self.path, "updatedat"), format_time(now).encode(), durable=False)
         total_path = os.path.join(self.path, "total")
         if total > 0:
-            write_atomic(total_path, str(total).encode())
+            write_atomic(total_path, str(total).encode(), durable=False)
         else:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(total_path)
@@ -342,7 +344,8 @@ class Writer:
             with contextlib.suppress(OSError):
                 os.fsync(handle.fd)
             with contextlib.suppress(OSError):
-                write_atomic(os.path.join(self.path, "updatedat"), format_time(self._updated).encode())
+                write_atomic(os.path.join(self.path, "updatedat"), format_time(self._updated).encode(),
+                             durable=False)
         handle.release()
         self._finalizer.detach()
 

@@ -61,7 +61,8 @@ class Bundle:
             write_atomic(self.path / "ketch.json", json.dumps(info).encode(), durable=False)
             os.mkfifo(self.path / "log", 0o700)
         except BaseException:
-            self.delete()
+            with contextlib.suppress(errdefs.FailedPrecondition):  # nothing was mounted yet
+                self.delete()
             raise
 
     @property
@@ -87,7 +88,8 @@ class Bundle:
 
     def write_exit(self, pid: int, exit_status: int, exited_at: float) -> None:
         write_atomic(self.path / "exited.json",
-                     json.dumps({"pid": pid, "exit_status": exit_status, "exited_at": exited_at}).encode())
+                     json.dumps({"pid": pid, "exit_status": exit_status, "exited_at": exited_at}).encode(),
+                     durable=False)  # runtime state: a reboot discards it with the bundle
 
     def note_exit(self, key: str) -> bool:
         """Record that the exit ``key`` was published; False if it was already. Only the last
@@ -108,11 +110,45 @@ class Bundle:
         return True
 
     def delete(self) -> None:
-        """Remove the bundle and its work directory, unmounting a rootfs left mounted."""
-        with contextlib.suppress(OSError):
-            mount.unmount_all(str(self.path / "rootfs"))
+        """Remove the bundle and its work directory, unmounting a rootfs left mounted first.
+
+        Removal never reaches into a mount: a rootfs still mounted would show the container's
+        image, whose files (a snapshot's layers) a recursive removal would delete. So every
+        mount at or under the rootfs is unmounted, deepest first; if one will not go, or
+        anything is still mounted in the bundle or its work directory, nothing is removed and
+        FailedPrecondition says what is mounted where. The rootfs itself is removed with rmdir
+        only (it holds nothing but mount points): a file left in it stops the removal too.
+        Blocking: call it from a thread on an event loop."""
+        rootfs = str(self.path / "rootfs")
+        try:
+            mount.unmount_recursive(rootfs)
+        except OSError as e:
+            raise self._kept(f"its rootfs will not unmount ({e})") from None
+        busy = mount.mounts_under(str(self.path)) + mount.mounts_under(str(self.work))
+        if busy:
+            raise self._kept(f"still mounted at {', '.join(busy)}")
+        try:
+            _remove_directories(rootfs)
+        except OSError as e:
+            raise self._kept(f"its rootfs holds more than empty mount points after unmounting ({e})") from None
         shutil.rmtree(self.path, ignore_errors=True)
         shutil.rmtree(self.work, ignore_errors=True)
+
+    def _kept(self, why: str) -> errdefs.FailedPrecondition:
+        return errdefs.FailedPrecondition(
+            f"bundle of task {self.id} in namespace {self.namespace} left in place at {self.path}: {why}; "
+            "unmount it, then delete the task again")
+
+
+def _remove_directories(path: str) -> None:
+    """Remove the directory ``path`` and the directories in it, with rmdir only: OSError
+    (ENOTEMPTY) when it holds anything else."""
+    if not os.path.lexists(path):
+        return
+    for top, dirs, _files in os.walk(path, topdown=False):
+        for name in dirs:
+            os.rmdir(os.path.join(top, name))
+    os.rmdir(path)
 
 
 def walk(state: str, root: str) -> list[Bundle]:

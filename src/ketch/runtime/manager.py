@@ -328,6 +328,8 @@ class TaskManager:
         if task.bundle.path.exists():
             with contextlib.suppress(errdefs.KetchError, OSError):
                 await self.launcher.delete(task.binary, task.namespace, task.id, str(task.bundle.path))
+        with contextlib.suppress(errdefs.FailedPrecondition):  # logged; the create's own error is the answer
+            await self._remove_bundle(task)
         self._forget(task)
 
     async def delete(self, namespace: str, id: str) -> Exit:
@@ -335,6 +337,9 @@ class TaskManager:
         while it runs."""
         task = self.get(namespace, id)
         if task.tombstone is not None:
+            await self._remove_bundle(task)
+            if not task.can("delete"):
+                raise errdefs.NotFound(f"task {id} not found")  # deleted meanwhile by another call
             task.move("delete")
             self._forget(task)
             ended = task.tombstone
@@ -353,9 +358,19 @@ class TaskManager:
         except errdefs.KetchError as e:
             log.debug("shim shutdown for %s: %s", id, e)
         await self._release(task)
+        ended = Exit(resp.pid, resp.exit_status, timestamps.seconds(resp.exited_at))
+        try:
+            await self._remove_bundle(task)
+        except errdefs.FailedPrecondition:
+            # deleted in its shim, but the bundle stays: a tombstone until a delete removes it
+            task.tombstone = ended
+            with contextlib.suppress(OSError):
+                task.bundle.write_exit(ended.pid, ended.status, ended.exited_at)
+            task.move("keep")
+            raise
         task.move("released")
         self._forget(task)
-        return Exit(resp.pid, resp.exit_status, timestamps.seconds(resp.exited_at))
+        return ended
 
     async def _release(self, task: Task) -> None:
         """Detach ``task`` from its shim; close the connection unless a shared shim keeps it."""
@@ -366,11 +381,20 @@ class TaskManager:
         if group.key is None and group.client is not None:
             await group.client.close()
 
+    async def _remove_bundle(self, task: Task) -> None:
+        """Remove the task's bundle, in a thread (it unmounts and removes trees). One that must
+        stay because something is still mounted in it is logged, and FailedPrecondition."""
+        try:
+            await asyncio.to_thread(task.bundle.delete)
+        except errdefs.FailedPrecondition as e:
+            log.error("%s", e.message)
+            raise
+
     def _forget(self, task: Task) -> None:
+        """Drop a task whose bundle is gone."""
         self._tasks.pop((task.namespace, task.id), None)
         if task.log is not None:
             task.log.close()
-        task.bundle.delete()
 
     # -- exits forwarded by shims ------------------------------------------------------------
 
@@ -509,7 +533,10 @@ class TaskManager:
         info = bundle.info
         if not info:
             log.warning("bundle %s has no ketch.json; removing it", bundle.path)
-            bundle.delete()
+            try:
+                bundle.delete()
+            except errdefs.FailedPrecondition as e:
+                log.error("%s", e.message)
             return None
         task = Task(bundle.namespace, bundle.id, info.get("runtime", ""), info.get("binary", ""), bundle,
                     shim_cgroup=info.get("shim_cgroup", ""), pod=info.get("pod", ""))

@@ -10,6 +10,7 @@ shim's business; this table is about the task's link to its shim.
      │   ╲lose       release         │              │
      │    ╲          ▼               │              │
      │     ╲──▶ lost releasing ──released──▶ deleted
+     │                       └──keep──▶ stopped   (deleted, but its bundle must stay)
      ├─────bury──▶ stopped   (a tombstone found on disk)
      └─abandon─▶ deleted     (a create that failed part-way)
 
@@ -21,7 +22,9 @@ shim's business; this table is about the task's link to its shim.
   UNKNOWN, and Wait blocks until one or the other.
 - **stopped**: a tombstone: the shim is gone and the exit its cleanup reported is recorded
   (137: the cleanup killed the task; 255: its status died with the shim), in the bundle too,
-  until the task is deleted.
+  until the task is deleted. A task whose shim deleted it but whose bundle could not be
+  removed (its rootfs still mounted: see ``Bundle.delete``) is kept here too, with its real
+  exit, so that a later delete retries.
 - **releasing**: being deleted, or ketchd is shutting down: a closing shim connection is
   expected and buries nothing.
 - **deleted**: forgotten; its bundle is gone.
@@ -76,6 +79,7 @@ TRANSITIONS: dict[tuple[Phase, str], Phase] = {
     (Phase.STOPPED, "release"): Phase.RELEASING,
     (Phase.STOPPED, "delete"): Phase.DELETED,
     (Phase.RELEASING, "released"): Phase.DELETED,
+    (Phase.RELEASING, "keep"): Phase.STOPPED,
 }
 
 

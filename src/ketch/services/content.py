@@ -106,9 +106,10 @@ class Content(content_pb2_grpc.ContentServicer):
             await abort(context, e)
         finally:
             if session is not None:
-                session.close()
+                await asyncio.to_thread(session.close)  # fsyncs what was written
 
     @unary
     async def Abort(self, request: capi.AbortRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
-        self.content.abort(namespace(context), request.ref, lease=lease_of(context))
+        # waits for a running sweep, then removes the ingest's files: in a thread
+        await asyncio.to_thread(self.content.abort, namespace(context), request.ref, lease=lease_of(context))
         return empty_pb2.Empty()

@@ -1,6 +1,8 @@
 """Images, Snapshots and Diff: what ``ctr images import/pull`` and ``ctr run IMAGE`` use.
 
-Blocking work (disk IO, hashing, tar) runs in threads; the core stores are thread-safe.
+Blocking work (disk IO, hashing, tar) runs in threads; the core stores are thread-safe. Every
+snapshotter call does: it may wait for a create that holds the snapshotter's metadata lock
+while it flushes the new directory.
 A lease named in the call's ``containerd-lease`` metadata holds what the call creates.
 """
 
@@ -133,7 +135,7 @@ class Snapshots(snapshots_pb2_grpc.SnapshotsServicer):
 
     @unary
     async def Mounts(self, request: sapi.MountsRequest, context: grpc.aio.ServicerContext) -> sapi.MountsResponse:
-        mounts = self._get(request.snapshotter).mounts(namespace(context), request.key)
+        mounts = await asyncio.to_thread(self._get(request.snapshotter).mounts, namespace(context), request.key)
         return sapi.MountsResponse(mounts=_mounts(mounts))
 
     @unary
@@ -150,7 +152,7 @@ class Snapshots(snapshots_pb2_grpc.SnapshotsServicer):
     @unary
     async def Stat(self, request: sapi.StatSnapshotRequest,
                    context: grpc.aio.ServicerContext) -> sapi.StatSnapshotResponse:
-        info = self._get(request.snapshotter).stat(namespace(context), request.key)
+        info = await asyncio.to_thread(self._get(request.snapshotter).stat, namespace(context), request.key)
         return sapi.StatSnapshotResponse(info=_snapshot_info(info))
 
     @unary
@@ -158,13 +160,14 @@ class Snapshots(snapshots_pb2_grpc.SnapshotsServicer):
                      context: grpc.aio.ServicerContext) -> sapi.UpdateSnapshotResponse:
         info = SnapshotInfo(kind=_kind(request.info.kind), name=request.info.name, parent=request.info.parent,
                             labels=dict(request.info.labels))
-        updated = self._get(request.snapshotter).update(namespace(context), info, list(request.update_mask.paths))
+        updated = await asyncio.to_thread(self._get(request.snapshotter).update, namespace(context), info,
+                                          list(request.update_mask.paths))
         return sapi.UpdateSnapshotResponse(info=_snapshot_info(updated))
 
     @stream
     async def List(self, request: sapi.ListSnapshotsRequest,
                    context: grpc.aio.ServicerContext) -> AsyncIterator[sapi.ListSnapshotsResponse]:
-        infos = self._get(request.snapshotter).walk(namespace(context), list(request.filters))
+        infos = await asyncio.to_thread(self._get(request.snapshotter).walk, namespace(context), list(request.filters))
         for start in range(0, len(infos), 100):
             yield sapi.ListSnapshotsResponse(info=[_snapshot_info(i) for i in infos[start:start + 100]])
 

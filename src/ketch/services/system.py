@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import platform
 import uuid
 from pathlib import Path
@@ -11,6 +10,7 @@ import grpc
 from google.protobuf import empty_pb2
 
 from ketch import __version__, filters
+from ketch.files import write_atomic
 from ketch.api.containerd.services.introspection.v1 import introspection_pb2 as intro
 from ketch.api.containerd.services.introspection.v1 import introspection_pb2_grpc
 from ketch.api.containerd.services.version.v1 import version_pb2, version_pb2_grpc
@@ -62,9 +62,7 @@ def server_uuid(root: str) -> str:
         return str(uuid.UUID(path.read_text().strip()))
     except (OSError, ValueError):
         value = str(uuid.uuid4())
-        tmp = path.with_name(f".uuid.{os.getpid()}")
-        tmp.write_text(value + "\n")
-        os.replace(tmp, path)
+        write_atomic(path, (value + "\n").encode())
         return value
 
 

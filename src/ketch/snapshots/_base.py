@@ -26,10 +26,12 @@ from collections.abc import Mapping, Sequence
 
 from ketch import filters as _filters
 from ketch import identifiers
+from ketch.files import rename_durable
 from ketch.errdefs import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument
 from ketch.identifiers import quote
 from ketch.mount import Mount
-from ketch.snapshots._fsutil import disk_usage, remove_tree
+from ketch.mount import remove_tree
+from ketch.snapshots._fsutil import disk_usage
 from ketch.snapshots._metastore import MetaStore, Row, not_found, validate_labels
 from ketch.snapshots._types import Info, Kind, SnapshotRef, Usage
 
@@ -161,7 +163,7 @@ class SnapshotterBase:
                 row = ms.insert(conn, namespace, key, kind, parent, cleaned)
                 if tmp is not None:
                     placed = self._dir(row.id)
-                    os.rename(tmp, placed)
+                    rename_durable(tmp, placed)  # the directory before the row naming it
                     self._done_tmp(tmp)
                     tmp = None
         except BaseException:

@@ -1,4 +1,5 @@
-"""Filesystem work the snapshotters share: copying a tree whole, measuring one, removing one.
+"""Filesystem work the snapshotters share: copying a tree whole, measuring one (removing one
+is :func:`ketch.mount.remove_tree`, which never reaches into a mount).
 
 Nothing here follows a symbolic link: trees are read with ``lstat`` and written with
 ``O_NOFOLLOW`` / ``follow_symlinks=False``.
@@ -9,13 +10,11 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
-import shutil
 import stat
 
 from ketch.snapshots._types import Usage
 
-__all__ = ["copy_tree", "disk_usage", "mounts_under", "remove_tree"]
+__all__ = ["copy_tree", "disk_usage"]
 
 log = logging.getLogger("ketch.snapshots")
 
@@ -134,43 +133,3 @@ def disk_usage(path: str) -> Usage:
                 for entry in it:
                     stack.append((entry.path, entry.stat(follow_symlinks=False)))
     return Usage(size=size, inodes=len(seen))
-
-
-_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
-
-
-def mounts_under(path: str) -> list[str]:
-    """Mount points of this process at or below ``path``."""
-    path = os.path.realpath(path)
-    found = []
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        fields = line.split(" ")
-        if len(fields) < 5:
-            continue
-        point = _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[4])
-        if point == path or point.startswith(path.rstrip("/") + "/"):
-            found.append(point)
-    return found
-
-
-def remove_tree(path: str) -> bool:
-    """Remove the tree at ``path``; refuse (False, with a warning) while anything is mounted
-    inside it, so that removal never reaches into a mounted filesystem."""
-    busy = mounts_under(path)
-    if busy:
-        log.warning("not removing %s: still mounted at %s", path, ", ".join(busy))
-        return False
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return True
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
-    return True

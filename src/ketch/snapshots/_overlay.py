@@ -22,9 +22,8 @@ import os
 import shutil
 import tempfile
 
-from ketch.mount import Mount, mount, unmount
+from ketch.mount import Mount, mount, remove_tree, unmount
 from ketch.snapshots._base import SnapshotterBase
-from ketch.snapshots._fsutil import remove_tree
 from ketch.snapshots._metastore import Row
 from ketch.snapshots._types import Kind
 

@@ -9,8 +9,10 @@ import os
 import signal
 import subprocess
 import time
+import re
 from pathlib import Path
 
+from ketch import slowloop
 from ketch.testing import system
 
 KETCH_RUNTIME = "io.containerd.ketch.v2"
@@ -18,6 +20,8 @@ RUNC_RUNTIME = "io.containerd.runc.v2"
 #: where containerd's runc shim puts its sockets, whoever its daemon is (it leaves them when
 #: it is killed)
 RUNC_SHIM_SOCKETS = "/run/containerd/s"
+#: asyncio's report of a slow callback in debug mode
+SLOW_CALLBACK = re.compile(r"logger=asyncio msg=Executing .* took \d+\.\d+ seconds")
 
 
 class Daemon:
@@ -134,10 +138,34 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
 class Ketchd(Daemon):
     name = "ketchd"
     socket_name = "ketchd.sock"
+    #: asyncio's debug mode in tests: every callback that holds ketchd's event loop longer
+    #: than this is logged, and :meth:`slow_callbacks` finds it (0: off, as for benchmarks)
+    slow_callback = 0.1
 
     def argv(self) -> list[str]:
-        return [f"{system.VENV_BIN}/ketchd", "--root", str(self.base / "root"), "--state", str(self.base / "state"),
+        argv = [f"{system.VENV_BIN}/ketchd", "--root", str(self.base / "root"), "--state", str(self.base / "state"),
                 "--address", self.address, "--log-level", "debug"]
+        if self.slow_callback > 0:
+            argv += ["--slow-callback", str(self.slow_callback)]
+        return argv
+
+    def slow_callbacks(self) -> list[str]:
+        """The log's reports (over every start) of a callback in ketch's code that held
+        ketchd's event loop too long: asyncio's "Executing <...> took N seconds", where the
+        time ketchd itself held the loop (on a CPU or blocked, see ketch.slowloop) is over the
+        bound; the time its thread only waited for a CPU of a loaded machine does not count."""
+        try:
+            text = self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return []
+        found = []
+        for line in text.splitlines():
+            if not SLOW_CALLBACK.search(line) or "/ketch/" not in line:
+                continue
+            held = slowloop.HELD.search(line)
+            if held is None or float(held.group(1)) >= self.slow_callback:
+                found.append(line)
+        return found
 
     def bundle(self, ns: str, id: str) -> Path:
         return self.base / "state" / "runtime" / "v2" / ns / id
