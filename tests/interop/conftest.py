@@ -17,9 +17,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from ketch.testing import images
+from ketch.testing import images, leftovers
 from ketch.testing import system as support
-from ketch.testing.daemons import KETCH_RUNTIME, RUNC_RUNTIME, Containerd, Daemon, Ketchd, cleanup
+from ketch.testing.daemons import KETCH_RUNTIME, RUNC_RUNTIME, Containerd, Daemon, Ketchd
 
 pytestmark = pytest.mark.interop
 
@@ -84,10 +84,11 @@ def running(daemon: str, runtime: str, rootfs: Path) -> Iterator[Env]:
             except Exception:
                 pass
         cd.kill(signal.SIGTERM)
-        left = cleanup(base, e.namespaces)
+        cd.end_template()
+        left = leftovers.check(cd.scope(e.namespaces))
         if not left:
             shutil.rmtree(base, ignore_errors=True)
-        assert not left, f"test left behind: {left} (logs in {base})"
+        assert not left, "test left behind:\n  " + "\n  ".join(left) + f"\n(logs in {base})"
 
 
 @pytest.fixture(params=COMBINATIONS)

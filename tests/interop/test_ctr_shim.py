@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import pty
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from ketch.testing import leftovers
 from ketch.testing import system as support
 from tests.interop.conftest import Env
 
@@ -334,6 +336,11 @@ def test_shim_killed_reports_exit(env: Env) -> None:
         while time.monotonic() < deadline and (support.shim_pids(ns) or support.keeper_pids(ns)):
             time.sleep(0.1)
         assert not support.shim_pids(ns) and not support.keeper_pids(ns)
+        if env.runtime == RUNC_RUNTIME:
+            # containerd's runc shim removes its socket only when it exits of itself; after a
+            # kill -9 nothing does (its ``shim delete`` neither, as under containerd): we do
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftovers.runc_shim_socket(env.cd.address, ns, "orphan"))
     finally:
         events.close()
 
