@@ -62,7 +62,7 @@ def test_every_kind_of_leftover_is_found_then_removed(rootfs: Path) -> None:
             assert foreign not in found.sockets
             assert sorted(found.bundles) == sorted(str(env.cd.bundle(ns, "c")) for ns in (ours, theirs))
 
-            described = leftovers.check(scope)
+            described = leftovers.check(scope, grace=0)  # nothing here is on its way out
             for kind in ("process", "runc container", "mount", "cgroup", "shim socket", "bundle"):
                 assert any(line.startswith(kind) for line in described), (kind, described)
             again = leftovers.find(scope)
