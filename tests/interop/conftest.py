@@ -65,6 +65,8 @@ COMBINATIONS = [
     pytest.param(("ketchd", KETCH_RUNTIME), id="ketchd-ketchshim"),
     pytest.param(("ketchd", RUNC_RUNTIME), id="ketchd-runcshim"),
 ]
+#: for a test of the ketch shim itself: ``@pytest.mark.parametrize("env", KETCH_SHIM, indirect=True)``
+KETCH_SHIM = [p for p in COMBINATIONS if p.values[0][1] == KETCH_RUNTIME]
 
 
 @contextlib.contextmanager
