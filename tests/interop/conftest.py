@@ -15,8 +15,9 @@ import grpc
 import pytest
 
 from ketch.testing import registry as registries
+from ketch.testing import leftovers
 from ketch.testing import system as support
-from ketch.testing.daemons import KETCH_RUNTIME, RUNC_RUNTIME, Containerd, Daemon, Ketchd, cleanup
+from ketch.testing.daemons import KETCH_RUNTIME, RUNC_RUNTIME, Containerd, Daemon, Ketchd
 
 pytestmark = pytest.mark.interop
 
@@ -62,6 +63,8 @@ COMBINATIONS = [
     pytest.param(("ketchd", KETCH_RUNTIME), id="ketchd-ketchshim"),
     pytest.param(("ketchd", RUNC_RUNTIME), id="ketchd-runcshim"),
 ]
+#: for a test of the ketch shim itself: ``@pytest.mark.parametrize("env", KETCH_SHIM, indirect=True)``
+KETCH_SHIM = [p for p in COMBINATIONS if p.values[0][1] == KETCH_RUNTIME]
 
 
 @contextlib.contextmanager
@@ -81,11 +84,12 @@ def running(daemon: str, runtime: str, rootfs: Path) -> Iterator[Env]:
             except Exception:
                 pass
         cd.kill(signal.SIGTERM)
-        left = cleanup(base, e.namespaces)
+        cd.end_template()
+        left = leftovers.check(cd.scope(e.namespaces))
         slow = cd.slow_callbacks() if isinstance(cd, Ketchd) else []
         if not left and not slow:
             shutil.rmtree(base, ignore_errors=True)
-        assert not left, f"test left behind: {left} (logs in {base})"
+        assert not left, "test left behind:\n  " + "\n  ".join(left) + f"\n(logs in {base})"
         assert not slow, "ketchd's event loop was blocked:\n" + "\n".join(slow)
 
 

@@ -25,7 +25,7 @@ from ketch.client import (
     Stdio,
     Unavailable,
 )
-from ketch.client._images import host_platform
+from ketch.distribution.manifests import host_platform
 from ketch.testing import registry as registries
 from ketch.testing import images
 from ketch.testing import system as support

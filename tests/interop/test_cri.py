@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from ketch.testing import images
+from ketch.testing import images, leftovers
 from ketch.testing import registry as registries
 from ketch.testing import system as support
 from ketch.testing.cri import CriKetchd, Validation, critest, validation
-from ketch.testing.daemons import cleanup
 
 PAUSE = "registry.k8s.io/pause:3.6"
 
@@ -46,7 +45,8 @@ def cri(kit: Validation) -> Iterator[CriKetchd]:
         if daemon.proc is not None:  # what a test left running goes through the API first
             daemon.crictl(kit, "rmp", "--all", "--force", check=False)
         daemon.kill(signal.SIGTERM)
-        left = cleanup(base, ["k8s.io"])
+        daemon.end_template()
+        left = leftovers.check(daemon.scope(["k8s.io"]))
         left += [f"a blocked event loop: {s}" for s in daemon.slow_callbacks()]
         stray = _netns_paths() - netns_before
         if stray:

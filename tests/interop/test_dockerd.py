@@ -7,7 +7,6 @@ alias io.containerd.runc.v2 → io.containerd.ketch.v2 (dockerd 20.10 cannot nam
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
@@ -24,8 +23,9 @@ from pathlib import Path
 
 import pytest
 
+from ketch.testing import leftovers
 from ketch.testing import system as support
-from ketch.testing.daemons import KETCH_RUNTIME, Ketchd, cleanup
+from ketch.testing.daemons import KETCH_RUNTIME, Ketchd
 from tests.interop.test_ctr_shim import _read_until, assert_resized
 
 DOCKER = "/usr/bin/docker"
@@ -50,6 +50,7 @@ class Docker:
         self.containerd = containerd
         self.sock = str(base / "docker.sock")
         self.proc: subprocess.Popen[bytes] | None = None
+        self.cgroup_parent = base.name
         (base / "daemon.json").write_text(json.dumps({"live-restore": True}))
 
     def start(self) -> None:
@@ -59,7 +60,9 @@ class Docker:
             ["dockerd", f"--containerd={self.containerd}", "--data-root", str(self.base / "data"),
              "--exec-root", str(self.base / "exec"), "--pidfile", str(self.base / "dockerd.pid"),
              "-H", f"unix://{self.sock}", "--bridge=none", "--iptables=false", "--ip6tables=false",
-             "--config-file", str(self.base / "daemon.json")],
+             "--config-file", str(self.base / "daemon.json"),
+             # its containers' cgroups under a parent of its own (not the /docker other runs share)
+             "--exec-opt", "native.cgroupdriver=cgroupfs", "--cgroup-parent", f"/{self.cgroup_parent}"],
             stdout=logf, stderr=logf, env=env, start_new_session=True)
         logf.close()
         deadline = time.monotonic() + 60
@@ -122,16 +125,15 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
                 docker.run("rm", "-f", *ids, check=False)
         docker.stop()
         ketchd.kill(signal.SIGTERM)
+        ketchd.end_template()
         # dockerd bind-mounts its data root onto itself (for mount propagation) and may leave it
         subprocess.run(["umount", str(base / "data")], capture_output=True, check=False)
-        left = cleanup(base, ["moby"])
-        for d in support.cgroup_dirs("docker"):
-            with contextlib.suppress(OSError):
-                os.rmdir(d)
+        # dockerd's namespace "moby" is every dockerd's: only what is under base is ours
+        left = leftovers.check(ketchd.scope([], shared=("moby",), cgroup_parents=(docker.cgroup_parent,)))
         slow = ketchd.slow_callbacks()
         if not left and not slow:
             shutil.rmtree(base, ignore_errors=True)
-        assert not left, f"left behind: {left} (logs in {base})"
+        assert not left, "left behind:\n  " + "\n  ".join(left) + f"\n(logs in {base})"
         assert not slow, "ketchd's event loop was blocked:\n" + "\n".join(slow)
 
 

@@ -22,10 +22,10 @@ from ketch.api.containerd.services.diff.v1 import diff_pb2, diff_pb2_grpc
 from ketch.api.containerd.services.leases.v1 import leases_pb2, leases_pb2_grpc
 from ketch.api.containerd.services.snapshots.v1 import snapshots_pb2, snapshots_pb2_grpc
 from ketch.api.containerd.types import descriptor_pb2
-from ketch.testing import images
+from ketch.testing import images, leftovers
 from ketch.testing import registry as registries
 from ketch.testing import system as support
-from ketch.testing.daemons import KETCH_RUNTIME, RUNC_RUNTIME, Ketchd, cleanup
+from ketch.testing.daemons import KETCH_RUNTIME, RUNC_RUNTIME, Ketchd
 from tests.interop.conftest import Env, running
 
 NAME = "docker.io/library/busybox:ketch"
@@ -232,11 +232,13 @@ def tiny_root(rootfs: Path) -> Iterator[Env]:
         yield env
     finally:
         daemon.kill()
-        subprocess.run(["umount", str(base / "root")], check=False)
-        left = cleanup(base, env.namespaces)
+        daemon.end_template()
+        subprocess.run(["umount", str(base / "root")], check=False)  # the tmpfs this fixture mounted
+        left = leftovers.check(daemon.scope(env.namespaces))
         slow = daemon.slow_callbacks()
-        shutil.rmtree(base, ignore_errors=True)
-        assert not left, left
+        if not left and not slow:
+            shutil.rmtree(base, ignore_errors=True)
+        assert not left, f"left behind: {left} (logs in {base})"
         assert not slow, "ketchd's event loop was blocked:\n" + "\n".join(slow)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -22,7 +23,7 @@ from ketch.api.containerd.runc.options import oci_pb2
 from ketch.api.containerd.services.containers.v1 import containers_pb2, containers_pb2_grpc
 from ketch.api.containerd.services.tasks.v1 import tasks_pb2, tasks_pb2_grpc
 from ketch.testing.daemons import KETCH_RUNTIME
-from tests.interop.conftest import Env
+from tests.interop.conftest import KETCH_SHIM, Env
 from tests.interop.test_ketchd import SPEC_TYPE, md, spec_for
 
 OPTIONS_TYPE = "containerd.runc.v1.Options"
@@ -182,14 +183,13 @@ def test_binary_log_uri_with_a_terminal(env: Env, client: Client) -> None:
     client.delete("tty")
 
 
+@pytest.mark.parametrize("env", KETCH_SHIM, indirect=True)  # it counts the ketch shim's fds
 def test_failed_exec_starts_leave_no_fd_in_the_shim(env: Env, client: Client) -> None:
     """Execs whose stdio or runc exec fails (a stdout path that does not exist; a binary runc
     cannot exec, after the pipes were made; a terminal exec that fails the same way): the
     serving shim holds as many fds afterwards as before."""
     from ketch.testing import system as support
 
-    if env.runtime != KETCH_RUNTIME:
-        pytest.skip("counts the ketch shim's fds")
     fifos = {}
     for name in ("in", "out"):
         fifos[name] = env.cd.base / f"exec-{name}"
@@ -283,8 +283,7 @@ def _cgroup_of(pid: int, hierarchy: str) -> str:
 
 @pytest.fixture
 def shim_cgroups(client: Client) -> Iterator[tuple[str, str]]:
-    """Two cgroups for shims, under the namespace's (which the env's cleanup removes once the
-    shims are gone: a shared ketch shim lingers after its last task)."""
+    """Two cgroups for shims, under the namespace's, removed once the shims in them are gone."""
     paths = (f"/{client.ns}/shims-a", f"/{client.ns}/shims-b")
     for path in paths:
         for d in CGROUP_HIERARCHIES:
@@ -292,12 +291,20 @@ def shim_cgroups(client: Client) -> Iterator[tuple[str, str]]:
     try:
         yield paths
     finally:
+        # a shared ketch shim lingers for its group's next task; ketchd, stopping, tells it to
+        # exit now (a runc shim, or ours under containerd, exits with its task)
+        client.env.cd.kill(signal.SIGTERM)
+        deadline = time.monotonic() + 20
         for path in paths:
             for d in CGROUP_HIERARCHIES:
-                try:
-                    os.rmdir(f"/sys/fs/cgroup/{d}{path}")
-                except OSError:
-                    pass  # a shim still in it: the env's cleanup removes it after the shim
+                while True:
+                    try:
+                        os.rmdir(f"/sys/fs/cgroup/{d}{path}")
+                        break
+                    except OSError:
+                        if time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.05)
 
 
 def test_each_shim_runs_in_the_shim_cgroup_its_tasks_ask_for(env: Env, client: Client,

@@ -78,8 +78,12 @@ RULES = [
     # the client speaks gRPC to any containerd 1.6+: leaves, the API's messages and the OCI
     # spec defaults, nothing of the daemon or the shim
     ("client", ("ketch",), ("ketch.errdefs", "ketch.identifiers", "ketch.filters", "ketch.timestamps", "ketch.digests",
-                            "ketch.config", "ketch.topics", "ketch.api", "ketch.oci.spec", "ketch.client")),
+                            "ketch.config", "ketch.topics", "ketch.api", "ketch.oci.spec", "ketch.distribution",
+                            "ketch.client")),
     ("oci/spec.py", ("ketch",), ()),
+    ("oci/seccomp.py", ("ketch",), ("ketch.errdefs",)),
+    # images as registries and archives hold them: shared by the daemon's pulls and the client's
+    ("distribution", ("ketch",), ("ketch.errdefs", "ketch.digests", "ketch.identifiers", "ketch.distribution")),
     # the command line is a face of the client
     ("cli", ("ketch",), ("ketch.__version__", "ketch.errdefs", "ketch.identifiers", "ketch.filters", "ketch.timestamps",
                          "ketch.client", "ketch.cli")),

@@ -20,8 +20,9 @@ from ketch import errdefs
 from ketch.content import ContentStore
 from ketch.diff.service import DiffService
 from ketch.images import ImageService
-from ketch.images.pull import Puller, chain_ids, host_platform
-from ketch.images.reference import parse
+from ketch.distribution.manifests import chain_ids, host_platform
+from ketch.distribution.reference import parse
+from ketch.images.pull import Puller
 from ketch.metadata import Store
 from ketch.snapshots.service import SnapshotService
 from ketch.testing import images

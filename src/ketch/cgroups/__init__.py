@@ -4,6 +4,9 @@ Hosts differ: v1 (one hierarchy per controller under /sys/fs/cgroup/<controller>
 (v1 controllers plus an empty v2 tree at /sys/fs/cgroup/unified) and unified (v2 only, at
 /sys/fs/cgroup). runc puts a container in v1 controllers unless the host is unified, so
 "v2" here means a unified host. Nothing here does asyncio: OOM watches expose an fd to wait on.
+
+Everything takes the cgroup filesystem's mount point as ``root`` (``/sys/fs/cgroup`` unless told
+otherwise): the unit tests point it at trees recorded from real kernels (tests/data/cgroup1, cgroup2).
 """
 
 from __future__ import annotations
@@ -17,9 +20,9 @@ from typing import Any
 ROOT = "/sys/fs/cgroup"
 
 
-def unified() -> bool:
+def unified(root: str = ROOT) -> bool:
     """True when the host runs cgroup v2 only."""
-    return os.path.exists(os.path.join(ROOT, "cgroup.controllers"))
+    return os.path.exists(os.path.join(root, "cgroup.controllers"))
 
 
 def hierarchies() -> list[str]:
@@ -68,16 +71,22 @@ class Cgroup:
     paths: dict[str, str]
 
     @classmethod
-    def of_pid(cls, pid: int) -> Cgroup:
+    def of_pid(cls, pid: int, root: str = ROOT) -> Cgroup:
         with open(f"/proc/{pid}/cgroup") as f:
-            lines = f.read().splitlines()
-        if unified():
+            return cls.parse(f.read(), root, f"pid {pid}")
+
+    @classmethod
+    def parse(cls, proc_cgroup: str, root: str = ROOT, whose: str = "a process") -> Cgroup:
+        """The cgroup that ``proc_cgroup`` (the text of /proc/<pid>/cgroup) names, in the
+        hierarchies mounted at ``root``."""
+        lines = proc_cgroup.splitlines()
+        if unified(root):
             for line in lines:
                 hid, _, rest = line.partition(":")
                 ctrls, _, path = rest.partition(":")
                 if hid == "0":
-                    return cls(2, {"": os.path.join(ROOT, path.lstrip("/"))})
-            raise FileNotFoundError(f"no cgroup v2 entry for pid {pid}")
+                    return cls(2, {"": os.path.join(root, path.lstrip("/"))})
+            raise FileNotFoundError(f"no cgroup v2 entry for {whose}")
         paths: dict[str, str] = {}
         for line in lines:
             _hid, _, rest = line.partition(":")
@@ -85,9 +94,9 @@ class Cgroup:
             for ctrl in ctrls.split(","):
                 if not ctrl or ctrl.startswith("name="):
                     continue
-                mount = os.path.join(ROOT, ctrls)
+                mount = os.path.join(root, ctrls)
                 if not os.path.isdir(mount):
-                    mount = os.path.join(ROOT, ctrl)
+                    mount = os.path.join(root, ctrl)
                 paths[ctrl] = os.path.join(mount, path.lstrip("/"))
         return cls(1, paths)
 
@@ -168,9 +177,13 @@ class Cgroup:
         cpu = _kv(os.path.join(d, "cpu.stat"))
         for field in ("usage_usec", "user_usec", "system_usec", "nr_periods", "nr_throttled", "throttled_usec"):
             setattr(out.cpu, field, cpu.get(field, 0))
-        for name, value in _kv(os.path.join(d, "memory.stat")).items():
+        stat = _kv(os.path.join(d, "memory.stat"))
+        for name, value in stat.items():
             if name in m.MemoryStat.DESCRIPTOR.fields_by_name:
                 setattr(out.memory, name, value)
+        for name in ("workingset_refault", "workingset_activate"):  # split into _anon and _file since 5.9
+            if name not in stat:
+                setattr(out.memory, name, stat.get(f"{name}_anon", 0) + stat.get(f"{name}_file", 0))
         out.memory.usage = _int(d, "memory.current")
         out.memory.usage_limit = _int(d, "memory.max")
         out.memory.swap_usage = _int(d, "memory.swap.current")
@@ -178,6 +191,23 @@ class Cgroup:
         events = _kv(os.path.join(d, "memory.events"))
         for field in ("low", "high", "max", "oom", "oom_kill"):
             setattr(out.memory_events, field, events.get(field, 0))
+        for line in _read(d, "io.stat").splitlines():  # "MAJ:MIN rbytes=N wbytes=N rios=N wios=N ..."
+            device, _, rest = line.partition(" ")
+            major, _, minor = device.partition(":")
+            values = dict(p.split("=", 1) for p in rest.split() if "=" in p)
+            with contextlib.suppress(ValueError):
+                out.io.usage.add(major=int(major), minor=int(minor),
+                                 **{k: int(values.get(k, 0)) for k in ("rbytes", "wbytes", "rios", "wios")})
+        hugetlb: dict[str, Any] = {}
+        with contextlib.suppress(OSError):
+            names = sorted(os.listdir(d))
+            for name in names:  # hugetlb.<page size>.current and .max
+                parts = name.split(".")
+                if len(parts) == 3 and parts[0] == "hugetlb" and parts[2] in ("current", "max"):
+                    entry = hugetlb.get(parts[1])
+                    if entry is None:
+                        entry = hugetlb[parts[1]] = out.hugetlb.add(pagesize=parts[1])
+                    setattr(entry, parts[2], _int(d, name))
         return out
 
 

@@ -16,7 +16,6 @@ import hashlib
 import io
 import json
 import os
-import platform
 import tarfile
 import time
 import uuid
@@ -34,6 +33,10 @@ from ketch.api.containerd.services.images.v1 import images_pb2, images_pb2_grpc
 from ketch.api.containerd.services.leases.v1 import leases_pb2, leases_pb2_grpc
 from ketch.api.containerd.services.snapshots.v1 import snapshots_pb2, snapshots_pb2_grpc
 from ketch.api.containerd.types import descriptor_pb2
+from ketch.distribution import reference
+from ketch.distribution.manifests import (DOCKER_MANIFEST, INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX, chain_ids,
+                                          gc_labels, select_manifest)
+from ketch.distribution.registry import Registry, RemoteDescriptor
 
 if TYPE_CHECKING:
     from ketch.client._client import AsyncClient
@@ -42,14 +45,10 @@ if TYPE_CHECKING:
 
 __all__ = ["Image", "Progress"]
 
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 DOCKER_LAYER_TAR = "application/vnd.docker.image.rootfs.diff.tar"
-INDEXES = (OCI_INDEX, DOCKER_LIST)
-MANIFESTS = (OCI_MANIFEST, DOCKER_MANIFEST)
+INDEXES = INDEX_TYPES
+MANIFESTS = MANIFEST_TYPES
 LEASE_KEY = "containerd-lease"
 GC_REF = "containerd.io/gc.ref.content"
 CHUNK = 1 << 20
@@ -77,22 +76,6 @@ class Image:
 def _image_of(i: images_pb2.Image) -> Image:
     return Image(i.name, i.target.digest, i.target.media_type, i.target.size, dict(i.labels),
                  timestamps.seconds(i.created_at) if i.HasField("created_at") else None)
-
-
-def host_platform() -> tuple[str, str]:
-    """(os, architecture) in Go's words, for choosing from an index."""
-    machine = platform.machine().lower()
-    arch = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386", "ppc64le": "ppc64le",
-            "s390x": "s390x", "riscv64": "riscv64"}.get(machine, machine)
-    return "linux", arch
-
-
-def chain_ids(diff_ids: Sequence[str]) -> list[str]:
-    """The chain ID of each layer: the first is its diff ID, then sha256 of "parent diffid"."""
-    out: list[str] = []
-    for d in diff_ids:
-        out.append(d if not out else digests.from_sha256_hex(hashlib.sha256(f"{out[-1]} {d}".encode()).hexdigest()))
-    return out
 
 
 def _sha256(data: bytes) -> str:
@@ -229,7 +212,7 @@ class Store:
         """The manifest for this host's platform under ``desc`` (an index or a manifest)."""
         doc = await self.read_json(desc["digest"])
         if desc["mediaType"] in INDEXES or doc.get("mediaType") in INDEXES or "manifests" in doc:
-            chosen = select_platform(doc.get("manifests") or [])
+            chosen = select_manifest(doc, desc["digest"])
             return await self.manifest_of(chosen)
         return dict(doc)
 
@@ -272,28 +255,6 @@ class Store:
             parent = chain
         await self.label(config_digest, {f"containerd.io/gc.ref.snapshot.{self.snapshotter}": chains[-1]})
         return chains[-1]
-
-
-def select_platform(manifests: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
-    want_os, want_arch = host_platform()
-    for m in manifests:
-        p = m.get("platform") or {}
-        if p.get("os", "linux") == want_os and p.get("architecture") == want_arch:
-            return m
-    raise errdefs.NotFound(f"no manifest for {want_os}/{want_arch} among "
-                           f"{[(m.get('platform') or {}).get('architecture') for m in manifests]}")
-
-
-def gc_labels(doc: Mapping[str, Any]) -> dict[str, str]:
-    """The labels that make a manifest or index keep what it refers to."""
-    labels: dict[str, str] = {}
-    if "config" in doc:
-        labels[f"{GC_REF}.config"] = doc["config"]["digest"]
-    for i, layer in enumerate(doc.get("layers") or []):
-        labels[f"{GC_REF}.l.{i}"] = layer["digest"]
-    for i, m in enumerate(doc.get("manifests") or []):
-        labels[f"{GC_REF}.m.{i}"] = m["digest"]
-    return labels
 
 
 # -- the operations of AsyncClient -------------------------------------------------------------
@@ -348,7 +309,7 @@ async def import_archive(client: AsyncClient, path: str, *, name: str | None = N
                 digest = await store.write(data, None, gc_labels(manifest))
                 target = {"mediaType": DOCKER_MANIFEST, "digest": digest, "size": len(data)}
                 for tag in (entry.get("RepoTags") or [name] if name else entry.get("RepoTags") or []):
-                    out.append(await _finish(store, _normalize(tag), target, unpack))
+                    out.append(await _finish(store, str(reference.parse(tag)), target, unpack))
         else:
             raise errdefs.InvalidArgument(f"{path}: neither an OCI layout (index.json) nor a docker save archive")
     return out
@@ -367,17 +328,6 @@ def _read_tar(path: str) -> dict[str, bytes]:
         raise errdefs.NotFound(f"archive {path}") from None
     except tarfile.TarError as e:
         raise errdefs.InvalidArgument(f"{path}: not a tar archive ({e})") from None
-
-
-def _normalize(ref: str) -> str:
-    """docker's short names (``busybox``, ``library/x:1``) as containerd stores them."""
-    name, _, digest = ref.partition("@")
-    first = name.split("/", 1)[0]
-    if "/" not in name or ("." not in first and ":" not in first and first != "localhost"):
-        name = f"docker.io/{name if '/' in name else 'library/' + name}"
-    if not digest and ":" not in name.rsplit("/", 1)[-1]:
-        name += ":latest"
-    return f"{name}@{digest}" if digest else name
 
 
 async def export_archive(client: AsyncClient, names: Sequence[str], path: str) -> None:
@@ -489,91 +439,50 @@ async def image_size(client: AsyncClient, image: Image) -> int:
 
 # -- pull ----------------------------------------------------------------------------------
 
-ACCEPT = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST))
-
-
-def parse_reference(ref: str) -> tuple[str, str, str, str]:
-    """(normalized name, registry host, repository, tag or digest) of an image reference."""
-    name = _normalize(ref)
-    base, _, digest = name.partition("@")
-    host, _, rest = base.partition("/")
-    repo, _, tag = rest.rpartition(":") if ":" in rest else (rest, "", "latest")
-    return name, host, repo, digest or tag
-
-
-class _Registry:
-    """The distribution API, anonymous, over http.client (run in a thread)."""
-
-    def __init__(self, host: str, plain_http: bool | None) -> None:
-        self.host = "registry-1.docker.io" if host == "docker.io" else host
-        local = self.host.split(":")[0] in ("localhost", "127.0.0.1", "::1")
-        self.https = not (plain_http if plain_http is not None else local)
-
-    def get(self, path: str, accept: str = "*/*") -> tuple[bytes, str]:
-        import http.client
-        from urllib.parse import urlsplit
-
-        host, scheme = self.host, "https" if self.https else "http"
-        for _ in range(5):  # redirects (blob storage)
-            conn = (http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection)(host, timeout=60)
-            try:
-                conn.request("GET", path, headers={"Accept": accept})
-                resp = conn.getresponse()
-                body = resp.read()
-            except OSError as e:
-                raise errdefs.Unavailable(f"registry {host}: {e}") from None
-            finally:
-                conn.close()
-            if resp.status in (301, 302, 303, 307, 308):
-                target = urlsplit(resp.getheader("Location") or "")
-                scheme, host = target.scheme or scheme, target.netloc or host
-                path = target.path + (f"?{target.query}" if target.query else "")
-                continue
-            if resp.status == 404:
-                raise errdefs.NotFound(f"{self.host}{path.replace('/v2/', '/', 1)}")
-            if resp.status == 401:
-                raise errdefs.PermissionDenied(f"registry {self.host} asks for credentials (ketch pulls anonymously)")
-            if resp.status != 200:
-                raise errdefs.Unknown(f"registry {self.host}: GET {path}: HTTP {resp.status}")
-            return body, (resp.getheader("Content-Type") or "").split(";")[0]
-        raise errdefs.Unknown(f"registry {self.host}: too many redirects for {path}")
-
-
 async def pull(client: AsyncClient, ref: str, *, plain_http: bool | None = None, unpack: bool = True,
                snapshotter: str = "overlayfs", progress: Progress | None = None) -> Image:
     """Fetch ``ref`` for this host's platform, store it as the image ``ref`` names (docker's
-    short names normalized) and unpack it. ``progress(what, done, total)`` follows each blob."""
-    name, host, repo, reference = parse_reference(ref)
-    registry = _Registry(host, plain_http)
+    short names normalized) and unpack it. ``progress(what, done, total)`` follows each blob.
+    The registry is spoken to as :class:`ketch.distribution.registry.Registry` does (anonymous
+    tokens where it asks for them; plain HTTP on loopback unless ``plain_http`` says)."""
+    parsed = reference.parse(ref)
+    registry = Registry(plain_http=plain_http)
     store = Store(client.conn, snapshotter)
 
-    async def fetch(path: str, accept: str = "*/*") -> tuple[bytes, str]:
-        return await asyncio.to_thread(registry.get, path, accept)
+    async def fetch(desc: Mapping[str, Any], manifest: bool) -> bytes:
+        remote = RemoteDescriptor(str(desc.get("mediaType", "")), str(desc["digest"]), int(desc.get("size", -1)))
+
+        def get() -> bytes:
+            with contextlib.closing(registry.fetch(parsed, remote, manifest=manifest)) as got:
+                body: bytes = got.body.read()
+            return body
+
+        data = await asyncio.to_thread(get)
+        if _sha256(data) != remote.digest:
+            raise errdefs.DataLoss(f"{ref}: {remote.digest} from the registry does not match its digest")
+        return data
 
     async with store.leased():
-        data, media_type = await fetch(f"/v2/{repo}/manifests/{reference}", ACCEPT)
+        root = await asyncio.to_thread(registry.resolve, parsed)
+        top = {"mediaType": root.media_type, "digest": root.digest, "size": root.size}
+        data = await fetch(top, True)
+        top["size"] = len(data)
         doc = json.loads(data)
-        media_type = doc.get("mediaType") or media_type
-        top = {"mediaType": media_type, "digest": _sha256(data), "size": len(data)}
-        if reference.startswith("sha256:") and top["digest"] != reference:
-            raise errdefs.InvalidArgument(f"{ref}: the registry sent {top['digest']}")
         index = None
-        if media_type in INDEXES or "manifests" in doc:
-            index, chosen = (data, doc), select_platform(doc.get("manifests") or [])
-            data, _ = await fetch(f"/v2/{repo}/manifests/{chosen['digest']}", ACCEPT)
-            if _sha256(data) != chosen["digest"]:
-                raise errdefs.InvalidArgument(f"{ref}: manifest {chosen['digest']} does not match its digest")
+        if root.media_type in INDEXES or "manifests" in doc:
+            index, chosen = (data, doc), select_manifest(doc, ref)
+            data = await fetch(chosen, True)
             doc = json.loads(data)
         for blob in (doc["config"], *(doc.get("layers") or [])):
             if not await store.has(blob["digest"]):
-                body, _ = await fetch(f"/v2/{repo}/blobs/{blob['digest']}")
+                body = await fetch(blob, False)
                 await store.write(body, blob["digest"], None, progress, blob["digest"])
             elif progress:
                 progress(blob["digest"], int(blob["size"]), int(blob["size"]))
         await store.write(data, None, gc_labels(doc))
         if index is not None:
             await store.write(index[0], None, gc_labels(index[1]))
-        image = await store.put_image(name, top)
+        image = await store.put_image(str(parsed), top)
         if unpack:
             await store.unpack(doc, doc["config"]["digest"])
         return image

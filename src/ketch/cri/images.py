@@ -23,9 +23,10 @@ from ketch import errdefs
 from ketch.api.k8s.cri.runtime.v1 import api_pb2 as cri
 from ketch.content import ContentStore
 from ketch.images import ImageService
-from ketch.images.pull import INDEX_TYPES, Puller, chain_ids, select_manifest
-from ketch.images.reference import parse
-from ketch.images.registry import Credentials
+from ketch.distribution.manifests import INDEX_TYPES, chain_ids, select_manifest
+from ketch.distribution.reference import parse
+from ketch.distribution.registry import Credentials
+from ketch.images.pull import Puller
 from ketch.metadata import Descriptor, Image
 
 __all__ = ["MANAGED_LABEL", "NAMESPACE", "CriImages", "ImageInfo"]
@@ -196,7 +197,8 @@ class CriImages:
         """The config descriptor of the image ``target`` points at, and the image's size."""
         manifest_desc = target
         if target.media_type in INDEX_TYPES:
-            manifest_desc = select_manifest(json.loads(self._read(target.digest)), target.digest)
+            m = select_manifest(json.loads(self._read(target.digest)), target.digest)
+            manifest_desc = Descriptor(str(m.get("mediaType", "")), str(m["digest"]), int(m["size"]))
         manifest = json.loads(self._read(manifest_desc.digest))
         config = manifest["config"]
         size = manifest_desc.size + int(config["size"]) + sum(int(layer["size"]) for layer in manifest.get("layers") or [])

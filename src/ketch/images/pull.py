@@ -17,26 +17,24 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import platform
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ketch import errdefs
 from ketch.content import ContentStore
 from ketch.diff.service import DiffService
-from ketch.images.reference import Reference, parse
-from ketch.images.registry import Credentials, Registry, RemoteDescriptor
+from ketch.distribution.manifests import INDEX_TYPES, chain_ids, gc_labels, select_manifest
+from ketch.distribution.reference import Reference, parse
+from ketch.distribution.registry import Credentials, Registry, RemoteDescriptor
 from ketch.images.store import ImageService
 from ketch.metadata import Descriptor, Image, LeaseStore
 from ketch.snapshots.service import SnapshotService
 
-__all__ = ["INDEX_TYPES", "Progress", "Puller", "Pulled", "chain_ids", "host_platform", "select_manifest"]
+__all__ = ["Progress", "Puller", "Pulled"]
 
-INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
-               "application/vnd.docker.distribution.manifest.list.v2+json")
 _CHUNK = 1 << 20
 _PARALLEL = 3
 #: how long a pull's lease keeps what it fetched if ketchd dies before the pull ends
@@ -44,36 +42,6 @@ _LEASE_EXPIRY = 24 * 3600
 
 #: called with (what, bytes done, bytes total) as blobs arrive
 Progress = Callable[[str, int, int], None]
-
-
-def host_platform() -> tuple[str, str]:
-    """(os, architecture) in OCI's words, for choosing a manifest from an index."""
-    machine = platform.machine().lower()
-    arch = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386", "i386": "386"}.get(machine, machine)
-    return "linux", arch
-
-
-def select_manifest(index: dict[str, Any], where: str) -> Descriptor:
-    """The manifest of an index (OCI or Docker list) for this machine's platform; NotFound
-    naming ``where`` when it has none."""
-    want_os, want_arch = host_platform()
-    for m in index.get("manifests") or []:
-        plat = m.get("platform") or {}
-        if plat.get("os") == want_os and plat.get("architecture") == want_arch:
-            return _descriptor(m)
-    raise errdefs.NotFound(f"{where}: no manifest for {want_os}/{want_arch} in its index")
-
-
-def chain_ids(diff_ids: Sequence[str]) -> list[str]:
-    """The OCI chain id of each layer: the first is its diff id, then sha256 of
-    ``<chain below> <diff id>``."""
-    out: list[str] = []
-    for diff_id in diff_ids:
-        if not out:
-            out.append(diff_id)
-        else:
-            out.append("sha256:" + hashlib.sha256(f"{out[-1]} {diff_id}".encode()).hexdigest())
-    return out
 
 
 @dataclass
@@ -152,11 +120,11 @@ class Puller:
             return desc, json.loads(body)
         index_bytes = await self._fetch_bytes(registry, ref, desc, manifest=True)
         index = json.loads(index_bytes)
-        chosen = select_manifest(index, str(ref))
+        chosen = _descriptor(dict(select_manifest(index, str(ref))))
         body = await self._fetch(namespace, registry, ref, chosen, lease, source, manifest=True, labels_for=True)
         # the index after its child, so that its label finds the child stored
-        await self._store(namespace, desc, index_bytes, registry, ref, lease,
-                          {**source, "containerd.io/gc.ref.content.m.0": chosen.digest}, manifest=True)
+        await self._store(namespace, desc, index_bytes, registry, ref, lease, {**source, **gc_labels(index)},
+                          manifest=True)
         return chosen, json.loads(body)
 
     async def _fetch_layers(self, namespace: str, registry: Registry, ref: Reference, layers: list[Descriptor],
@@ -177,11 +145,7 @@ class Puller:
         body = await self._fetch_bytes(registry, ref, desc, manifest=manifest)
         labels = dict(source)
         if labels_for:
-            parsed = json.loads(body)
-            if parsed.get("config", {}).get("digest"):
-                labels["containerd.io/gc.ref.content.config"] = parsed["config"]["digest"]
-            for i, layer in enumerate(parsed.get("layers") or []):
-                labels[f"containerd.io/gc.ref.content.l.{i}"] = layer["digest"]
+            labels.update(gc_labels(json.loads(body)))
         await self._store(namespace, desc, body, registry, ref, lease, labels, manifest=manifest, progress=progress)
         return body
 

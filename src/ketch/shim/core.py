@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from google.protobuf import message as _message
 
-from ketch import delivery, errdefs, mount, timestamps
+from ketch import cgroups, delivery, errdefs, mount, timestamps
 from ketch.files import write_atomic
 from ketch.api.containerd.events import task_pb2 as events
 from ketch.api.containerd.types import mount_pb2
@@ -151,8 +151,11 @@ class Core:
         publisher: Publisher,
         runc_root: str,
         lifetime: Lifetime | None = None,
+        cgroup_root: str = cgroups.ROOT,
     ) -> None:
         self.namespace = namespace
+        #: where the cgroup filesystem is mounted
+        self.cgroup_root = cgroup_root
         self.monitor = monitor
         self.publisher = publisher
         self.runc_root = runc_root
@@ -386,7 +389,7 @@ class Core:
 
     def _watch_oom(self, container: Container) -> None:
         try:
-            container.cgroup = Cgroup.of_pid(container.init.pid)
+            container.cgroup = Cgroup.of_pid(container.init.pid, self.cgroup_root)
             container.oom = OOMWatch(container.cgroup)
         except OSError as e:
             log.warning("no OOM watch for %s: %s", container.id, e)

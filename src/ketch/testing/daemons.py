@@ -4,7 +4,6 @@ each with ketch's bin directory on PATH so that ``io.containerd.ketch.v2`` finds
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -14,12 +13,10 @@ from pathlib import Path
 
 from ketch import slowloop
 from ketch.testing import system
+from ketch.testing.leftovers import Scope
 
 KETCH_RUNTIME = "io.containerd.ketch.v2"
 RUNC_RUNTIME = "io.containerd.runc.v2"
-#: where containerd's runc shim puts its sockets, whoever its daemon is (it leaves them when
-#: it is killed)
-RUNC_SHIM_SOCKETS = "/run/containerd/s"
 #: asyncio's report of a slow callback in debug mode
 SLOW_CALLBACK = re.compile(r"logger=asyncio msg=Executing .* took \d+\.\d+ seconds")
 
@@ -44,8 +41,25 @@ class Daemon:
     def argv(self) -> list[str]:
         raise NotImplementedError
 
+    #: where the daemon keeps its tasks' bundles: ``<bundles>/<namespace>/<id>``
+    bundles_dir = ""
+
+    @property
+    def bundles(self) -> Path:
+        return self.base / "state" / self.bundles_dir
+
     def bundle(self, ns: str, id: str) -> Path:
-        raise NotImplementedError
+        return self.bundles / ns / id
+
+    def scope(self, namespaces: list[str], *, shared: tuple[str, ...] = (),
+              cgroup_parents: tuple[str, ...] = ()) -> Scope:
+        """What a run of this daemon owns, for :func:`ketch.testing.leftovers.check`:
+        ``namespaces`` are its alone; ``shared`` ones (dockerd's ``moby``) are not."""
+        return Scope(self.base, self.address, self.log, self.bundles, tuple(namespaces), shared, cgroup_parents)
+
+    def end_template(self) -> None:
+        """End what the daemon leaves running by design once it is stopped (ketchd's shim
+        template), by PID."""
 
     def start(self) -> None:
         env = dict(os.environ, PATH=f"{system.VENV_BIN}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}",
@@ -103,6 +117,7 @@ class Daemon:
 class Containerd(Daemon):
     name = "containerd"
     socket_name = "containerd.sock"
+    bundles_dir = "io.containerd.runtime.v2.task"
 
     def __init__(self, base: Path) -> None:
         super().__init__(base)
@@ -131,13 +146,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
     def argv(self) -> list[str]:
         return ["containerd", "--config", str(self.config), "--log-level", "info"]
 
-    def bundle(self, ns: str, id: str) -> Path:
-        return self.base / "state" / "io.containerd.runtime.v2.task" / ns / id
-
 
 class Ketchd(Daemon):
     name = "ketchd"
     socket_name = "ketchd.sock"
+    bundles_dir = "runtime/v2"
     #: asyncio's debug mode in tests: every callback that holds ketchd's event loop longer
     #: than this is logged, and :meth:`slow_callbacks` finds it (0: off, as for benchmarks)
     slow_callback = 0.1
@@ -167,39 +180,6 @@ class Ketchd(Daemon):
                 found.append(line)
         return found
 
-    def bundle(self, ns: str, id: str) -> Path:
-        return self.base / "state" / "runtime" / "v2" / ns / id
-
-
-def cleanup(base: Path, namespaces: list[str], since: float | None = None) -> list[str]:
-    """End what the test left under ``base`` (by PID), unmount, remove cgroups and the sockets
-    of runc shims killed since ``since`` (default: when ``base`` was made); what was left.
-    ketchd's shim template is no leftover: it outlives ketchd by design (and goes first, so
-    that it forks nothing more)."""
-    left = []
-    system.kill_pids(system.shim_templates(str(base)))
-    pids = system.pids_referencing(str(base))
-    if pids:
-        left.append(f"processes {pids}")
-        system.kill_pids(pids)
-    runc_state = base / "runc"
-    roots = list(runc_state.glob("*")) if runc_state.is_dir() else []
-    roots += [Path("/run/containerd/runc", ns) for ns in namespaces if Path("/run/containerd/runc", ns).is_dir()]
-    for root in roots:
-        ids = subprocess.run(["runc", "--root", str(root), "list", "-q"], capture_output=True, text=True).stdout.split()
-        if ids:
-            left.append(f"runc containers {ids}")
-        for cid in ids:
-            subprocess.run(["runc", "--root", str(root), "delete", "--force", cid], capture_output=True)
-    mounts = system.mounts_under(str(base))
-    if mounts:
-        left.append(f"mounts {mounts}")
-        system.unmount_under(str(base))
-    for ns in namespaces:
-        system.remove_cgroups(ns)
-        with contextlib.suppress(OSError):
-            os.rmdir(Path("/run/containerd/runc", ns))
-    if since is None:
-        since = float((base / ".created").read_text()) if (base / ".created").exists() else time.time()
-    system.remove_dead_sockets(RUNC_SHIM_SOCKETS, since=since - 1)
-    return left
+    def end_template(self) -> None:
+        """ketchd's shim template outlives ketchd, as shims do (README): end it."""
+        system.kill_pids(system.shim_templates(str(self.base)))

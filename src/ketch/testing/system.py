@@ -1,5 +1,5 @@
-"""What tests and benchmarks need from the host: a busybox rootfs, and finding and ending
-what a run left under its private directory (processes by PID, mounts, cgroups)."""
+"""What tests and benchmarks need from the host: a busybox rootfs, finding shims, keepers,
+mounts and cgroups, and ending processes by PID (what a run left behind: ketch.testing.leftovers)."""
 
 from __future__ import annotations
 
@@ -100,9 +100,11 @@ def kill_pids(pids: list[int], timeout: float = 5.0) -> None:
 
 
 def mounts_under(prefix: str) -> list[str]:
+    """Mount points at or under the directory ``prefix``."""
+    prefix = prefix.rstrip("/")
     with open("/proc/self/mounts") as f:
         targets = [line.split()[1] for line in f]
-    return [t for t in targets if t.startswith(prefix)]
+    return [t for t in targets if t == prefix or t.startswith(prefix + "/")]
 
 
 def unmount_under(prefix: str) -> None:
@@ -110,25 +112,16 @@ def unmount_under(prefix: str) -> None:
         subprocess.run(["umount", "-l", target], check=False, capture_output=True)
 
 
+def cgroup_mounts() -> list[str]:
+    """Where every cgroup hierarchy is mounted, v1 and v2 (hybrid hosts have both)."""
+    with open("/proc/self/mounts") as f:
+        return [parts[1] for parts in (line.split() for line in f) if parts[2] in ("cgroup", "cgroup2")]
+
+
 def cgroup_dirs(name: str) -> list[str]:
     """cgroup directories named ``name`` directly under any hierarchy's root (runc creates
     /<namespace>/<id> for containers started by containerd)."""
-    out = []
-    for root in Path("/sys/fs/cgroup").iterdir():
-        d = root / name
-        if d.is_dir():
-            out.append(str(d))
-    return out
-
-
-def remove_cgroups(name: str) -> None:
-    """Remove a namespace's cgroup directories, children first (they must be empty)."""
-    for d in cgroup_dirs(name):
-        for sub, dirs, _files in sorted(os.walk(d), key=lambda t: -len(t[0])):
-            try:
-                os.rmdir(sub)
-            except OSError:
-                pass
+    return [d for d in (os.path.join(m, name) for m in cgroup_mounts()) if os.path.isdir(d)]
 
 
 def _shims(namespace: str, keepers: bool = False) -> Iterator[tuple[int, list[tuple[bytes, bytes]]]]:
@@ -180,32 +173,3 @@ def shim_pid(namespace: str, id: str) -> int:
         if (b"-id", id.encode()) in pairs:
             return pid
     raise LookupError(f"no shim for {namespace}/{id}")
-
-
-def remove_dead_sockets(directory: str, since: float) -> list[str]:
-    """Remove the unix sockets in ``directory`` made after ``since`` that nobody answers on
-    (left by shims that were killed)."""
-    import socket
-
-    removed: list[str] = []
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return removed
-    for name in names:
-        path = os.path.join(directory, name)
-        try:
-            if os.stat(path).st_mtime < since:
-                continue
-        except OSError:
-            continue
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-                removed.append(path)
-        finally:
-            probe.close()
-    return removed

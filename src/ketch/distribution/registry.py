@@ -2,8 +2,8 @@
 manifest descriptor, fetch manifests and blobs. Blocking (urllib): callers run it in a thread.
 
 - HTTPS everywhere but on loopback hosts (``localhost``, ``127.0.0.1``, ``[::1]``), which are
-  spoken to in plain HTTP, as containerd's CRI does by default; Docker Hub is
-  ``registry-1.docker.io``.
+  spoken to in plain HTTP, as containerd's CRI does by default (``plain_http`` decides
+  otherwise); Docker Hub is ``registry-1.docker.io``.
 - The proxy comes from the environment (``HTTPS_PROXY``, ``NO_PROXY``), the trusted CAs from
   the system and ``SSL_CERT_FILE``/``SSL_CERT_DIR``.
 - Authentication as the registry asks in its 401: ``Bearer`` (a token from the realm it
@@ -27,17 +27,14 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from ketch import errdefs
-from ketch.images.reference import DOCKER_HUB, Reference
+from ketch.distribution import manifests
+from ketch.distribution.manifests import INDEX_TYPES
+from ketch.distribution.reference import DOCKER_HUB, Reference
 
 __all__ = ["MANIFEST_TYPES", "Credentials", "Fetched", "Registry", "RemoteDescriptor"]
 
 #: what a manifest request accepts: an index or a single-platform manifest, OCI or Docker
-MANIFEST_TYPES = (
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-)
+MANIFEST_TYPES = (*INDEX_TYPES, *manifests.MANIFEST_TYPES)
 
 #: (username, password) for a registry host, or None
 Credentials = Callable[[str], "tuple[str, str] | None"]
@@ -69,18 +66,21 @@ def _no_credentials(host: str) -> tuple[str, str] | None:
 
 
 class Registry:
-    def __init__(self, credentials: Credentials = _no_credentials, *, timeout: float = 60.0) -> None:
+    def __init__(self, credentials: Credentials = _no_credentials, *, timeout: float = 60.0,
+                 plain_http: bool | None = None) -> None:
         self._credentials = credentials
         self._timeout = timeout
+        self._plain_http = plain_http
         self._tokens: dict[tuple[str, str], str] = {}  # (host, repository) -> Authorization header
         self._opener = urllib.request.build_opener(
             urllib.request.HTTPSHandler(context=ssl.create_default_context()))
 
-    @staticmethod
-    def endpoint(ref: Reference) -> str:
+    def endpoint(self, ref: Reference) -> str:
         host = "registry-1.docker.io" if ref.domain == DOCKER_HUB else ref.domain
-        scheme = "http" if host.rsplit(":", 1)[0] in _LOOPBACK or host.startswith("[::1]") else "https"
-        return f"{scheme}://{host}/v2/{ref.path}"
+        plain = self._plain_http
+        if plain is None:
+            plain = host.rsplit(":", 1)[0] in _LOOPBACK or host.startswith("[::1]")
+        return f"{'http' if plain else 'https'}://{host}/v2/{ref.path}"
 
     def resolve(self, ref: Reference) -> RemoteDescriptor:
         """The descriptor of the manifest (or index) ``ref`` names."""
