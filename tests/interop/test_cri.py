@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -37,7 +38,6 @@ def cri(kit: Validation) -> Iterator[CriKetchd]:
     base = Path(tempfile.mkdtemp(prefix="kc-", dir="/tmp"))
     base.chmod(0o711)
     daemon = CriKetchd(base, kit)
-    netns_before = _netns_paths()
     try:
         daemon.start()
         yield daemon
@@ -48,7 +48,7 @@ def cri(kit: Validation) -> Iterator[CriKetchd]:
         daemon.end_template()
         left = leftovers.check(daemon.scope(["k8s.io"]))
         left += [f"a blocked event loop: {s}" for s in daemon.slow_callbacks()]
-        stray = _netns_paths() - netns_before
+        stray = _netns_of(daemon)
         if stray:
             left.append(f"network namespaces {sorted(stray)}")
             for path in stray:
@@ -142,12 +142,15 @@ def _pod_config(tmp_path: Path, name: str = "web", **extra: object) -> Path:
     return path
 
 
-def _netns_paths() -> set[str]:
-    return {str(p) for p in Path("/run/netns").glob("cni-*")} if Path("/run/netns").is_dir() else set()
+def _netns_of(cri: CriKetchd) -> set[str]:
+    """The network namespaces this ketchd made that exist (its log names them; other runs on
+    the machine make theirs)."""
+    made = re.findall(r"network namespace (/run/netns/cni-[0-9a-f-]+) created", cri.log.read_text())
+    return {path for path in made if os.path.exists(path)}
 
 
 def test_pod_runs_stops_and_is_removed_releasing_its_network(cri: CriKetchd, kit: Validation, tmp_path: Path) -> None:
-    before = _netns_paths()
+    before = _netns_of(cri)
     pod = cri.crictl(kit, "runp", str(_pod_config(tmp_path))).stdout.strip()
     assert len(pod) == 64
     (listed,) = crictl_json(cri, kit, "pods")["items"]
@@ -155,7 +158,7 @@ def test_pod_runs_stops_and_is_removed_releasing_its_network(cri: CriKetchd, kit
     status = crictl_json(cri, kit, "inspectp", pod)
     ip = status["status"]["network"]["ip"]
     assert ip.startswith("10.231.0."), status
-    (new_netns,) = _netns_paths() - before
+    (new_netns,) = _netns_of(cri) - before
     assert status["info"]["netNamespacePath"] == new_netns, status
     leases = cri.base / "cni" / "ipam" / "cri-validation"
     assert (leases / ip).exists()
@@ -169,7 +172,7 @@ def test_pod_runs_stops_and_is_removed_releasing_its_network(cri: CriKetchd, kit
     cri.crictl(kit, "stopp", pod)
     (listed,) = crictl_json(cri, kit, "pods")["items"]
     assert listed["state"] == "SANDBOX_NOTREADY"
-    assert _netns_paths() == before and not (leases / ip).exists()
+    assert _netns_of(cri) == before and not (leases / ip).exists()
     cri.crictl(kit, "stopp", pod)  # again: nothing more to do
     cri.crictl(kit, "rmp", pod)
     assert crictl_json(cri, kit, "pods")["items"] == []
@@ -271,7 +274,7 @@ def test_a_pod_is_one_shim_group(cri: CriKetchd, kit: Validation, tmp_path: Path
 
 def test_pods_and_containers_survive_a_kill_9_of_ketchd(cri: CriKetchd, kit: Validation, tmp_path: Path) -> None:
     cri.crictl(kit, "pull", BUSYBOX)
-    before_netns = _netns_paths()
+    before_netns = _netns_of(cri)
     pods, apps = [], []
     for name in ("one", "two"):
         pod_json = _pod_config(tmp_path, name)
@@ -308,5 +311,5 @@ def test_pods_and_containers_survive_a_kill_9_of_ketchd(cri: CriKetchd, kit: Val
     for pod in pods:
         cri.crictl(kit, "stopp", pod)
         cri.crictl(kit, "rmp", pod)
-    assert _netns_paths() == before_netns
+    assert _netns_of(cri) == before_netns
     assert not list((cri.base / "cni" / "ipam" / "cri-validation").glob("10.*"))

@@ -6,10 +6,13 @@ so that its network survives the pause container and a ketchd restart."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import uuid
 
 from ketch import errdefs
+
+log = logging.getLogger("ketch.cri")
 
 __all__ = ["NETNS_DIR", "create", "remove"]
 
@@ -29,7 +32,9 @@ async def create() -> str:
     code, out = await _ip("netns", "add", name)
     if code != 0:
         raise errdefs.Unavailable(f"cannot create network namespace {name}: {out}")
-    return os.path.join(NETNS_DIR, name)
+    path = os.path.join(NETNS_DIR, name)
+    log.info("network namespace %s created", path)
+    return path
 
 
 async def remove(path: str) -> None:
