@@ -239,6 +239,20 @@ def test_a_container_as_a_person_runs_it_with_crictl(cri: CriKetchd, kit: Valida
     assert any(line.endswith(" stdout F started") for line in raw), raw
     assert any(line.endswith(" stderr F oops") for line in raw), raw
 
+    stats = crictl_json(cri, kit, "stats", "--id", ctr)["stats"]
+    assert isinstance(stats, list) and len(stats) == 1
+    (stat,) = stats
+    assert stat["attributes"]["id"] == ctr
+    assert int(stat["memory"]["workingSetBytes"]["value"]) > 64 * 1024
+    assert int(stat["cpu"]["usageCoreNanoSeconds"]["value"]) > 0
+    follow = subprocess.Popen([kit.crictl, "--runtime-endpoint", f"unix://{cri.address}", "logs", "-f", ctr],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert follow.stdout is not None and follow.stdout.readline() == b"started\n"
+    finally:
+        follow.kill()
+        follow.communicate()
+
     cri.crictl(kit, "stop", "--timeout", "1", ctr)
     status = crictl_json(cri, kit, "inspect", ctr)["status"]
     # SIGTERM first: the shell (not pid 1: it shares the pod's pid namespace) dies of it
