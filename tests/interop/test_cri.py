@@ -364,6 +364,21 @@ def test_crictl_exec_streams_with_and_without_a_terminal(cri: CriKetchd, kit: Va
     # the exit code came in the v4 status's causes: client-go names it
     assert failed.returncode != 0 and "command terminated with exit code 3" in failed.stderr, failed.stderr
 
+    unknown = cri.crictl(kit, "exec", "nosuchcontainer", "true", check=False)
+    assert unknown.returncode != 0 and "NotFound" in unknown.stderr and "nosuchcontainer" in unknown.stderr
+
+    # a client that goes away takes its process with it
+    with subprocess.Popen(_crictl_argv(cri, kit, "exec", ctr, "sleep", "4444")) as gone:
+        deadline = time.monotonic() + 30
+        while "sleep 4444" not in cri.crictl(kit, "exec", "-s", ctr, "ps").stdout:
+            assert time.monotonic() < deadline, "the exec never ran"
+            time.sleep(0.3)
+        gone.kill()
+    deadline = time.monotonic() + 30
+    while "sleep 4444" in cri.crictl(kit, "exec", "-s", ctr, "ps").stdout:
+        assert time.monotonic() < deadline, "the exec outlived its client"
+        time.sleep(0.3)
+
     def shells() -> int:
         return cri.crictl(kit, "exec", "-s", ctr, "ps", "-o", "comm").stdout.split().count("sh")
 
@@ -414,13 +429,16 @@ def test_crictl_attach_to_a_containers_own_stdio(cri: CriKetchd, kit: Validation
     output comes back to them (and still to its log); when their input ends the attach ends and
     the container (not stdin_once) runs on, and a later attach works the same."""
     _, ctr = _running_container(cri, kit, tmp_path, "reader", "sh", stdin=True)
-    for word in ("first", "second"):
+    for word in ("first", "second", "restarted"):
+        if word == "restarted":  # a ketchd that restarted attaches the same
+            cri.kill(signal.SIGKILL)
+            cri.start()
         with subprocess.Popen(_crictl_argv(cri, kit, "attach", "-i", ctr), stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
             _attach_once(proc, word)
     (listed,) = crictl_json(cri, kit, "ps")["containers"]
     assert listed["state"] == "CONTAINER_RUNNING"
-    assert cri.crictl(kit, "logs", ctr).stdout == "first\nsecond\n"
+    assert cri.crictl(kit, "logs", ctr).stdout == "first\nsecond\nrestarted\n"
 
 
 def _free_port() -> int:

@@ -561,7 +561,7 @@ class Containers:
                 continue
             if await self.state(meta) != cri.ContainerState.CONTAINER_RUNNING:
                 continue
-            fifos = Fifos(self._io_dir(meta.id))
+            fifos = Fifos(self._io_dir(meta.id), stdin=meta.container_config.stdin)  # for attach
             try:
                 out, err = await fifos.open()
             except OSError as e:
