@@ -364,6 +364,12 @@ def test_crictl_exec_streams_with_and_without_a_terminal(cri: CriKetchd, kit: Va
     # the exit code came in the v4 status's causes: client-go names it
     assert failed.returncode != 0 and "command terminated with exit code 3" in failed.stderr, failed.stderr
 
+    # much, both ways (Go's SPDY ignores flow control windows: TCP's holds each side back)
+    big = subprocess.run(_crictl_argv(cri, kit, "exec", "-i", ctr, "sh", "-c", "wc -c; head -c 3000000 /dev/zero"),
+                         input=b"y" * 3_000_000, capture_output=True, timeout=120)
+    assert big.returncode == 0, big.stderr
+    assert big.stdout.startswith(b"3000000\n") and big.stdout[8:] == b"\0" * 3_000_000
+
     unknown = cri.crictl(kit, "exec", "nosuchcontainer", "true", check=False)
     assert unknown.returncode != 0 and "NotFound" in unknown.stderr and "nosuchcontainer" in unknown.stderr
 

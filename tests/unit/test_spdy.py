@@ -165,7 +165,7 @@ def test_another_protocol_version_ends_the_connection_with_goaway() -> None:
 
 
 def test_the_send_window_holds_data_until_the_peer_opens_it() -> None:
-    conn, peer = Connection(honour_send_window=True), Peer()
+    conn, peer = Connection(flow_control=True), Peer()
     conn.receive(peer(SynStream(1)))
     big = bytes(range(256)) * 400  # 100 KiB
     assert conn.send_data(1, big, fin=True) == 64 * 1024
@@ -186,20 +186,24 @@ def test_the_send_window_holds_data_until_the_peer_opens_it() -> None:
 
 
 def test_settings_change_the_initial_send_window() -> None:
-    conn, peer = Connection(honour_send_window=True), Peer()
+    conn, peer = Connection(flow_control=True), Peer()
     conn.receive(peer(SynStream(1), Settings([(0, SETTINGS_INITIAL_WINDOW_SIZE, 1000)])))
     assert conn.send_window(1) == 1000
     conn.receive(peer(SynStream(3)))
     assert conn.send_window(3) == 1000
 
 
-def test_a_peer_that_ignores_windows_is_not_stalled_when_asked() -> None:
-    """Go's spdystream (Kubernetes' clients) sends no WINDOW_UPDATE: the streaming server
-    counts, but does not hold data."""
-    conn, peer = Connection(honour_send_window=False), Peer()
+def test_without_flow_control_windows_are_counted_not_enforced() -> None:
+    """Go's spdystream (Kubernetes' clients) neither sends WINDOW_UPDATE nor heeds ours: the
+    streaming server neither holds its data nor resets a stream that overruns."""
+    conn, peer = Connection(flow_control=False), Peer()
     conn.receive(peer(SynStream(1)))
     assert conn.send_data(1, b"x" * 200_000) == 200_000
     assert sum(len(f.data) for f in peer.frames(conn.data_to_send()) if isinstance(f, DataFrame)) == 200_000
+    events = conn.receive(peer(DataFrame(1, b"y" * 100_000)))
+    assert events == [DataReceived(1, b"y" * 100_000, False)] and conn.is_open(1)
+    conn.consumed(1, 100_000)
+    assert peer.frames(conn.data_to_send()) == [WindowUpdate(1, 100_000)]
 
 
 def test_the_receive_window_is_given_back_as_consumed_and_enforced() -> None:
@@ -259,6 +263,35 @@ def test_the_adapter_answers_streams_and_moves_bytes() -> None:
         writer.close()
 
     run(scenario)
+
+
+def test_a_stream_its_reader_does_not_keep_up_with_holds_the_peer_back_through_tcp() -> None:
+    async def scenario() -> None:
+        conn, reader, writer = await _socket_pair()
+        peer = Peer()
+        writer.write(peer(SynStream(1)))
+        stream = await conn.accept()
+        assert stream is not None
+        payload = bytes(range(256)) * 4096 * 3  # 3 MiB, in DATA frames of 64 KiB
+        sending = asyncio.ensure_future(_send_all(writer, peer, payload))
+        await asyncio.sleep(0.5)
+        assert not sending.done()  # TCP pushes back: the connection stopped reading
+        assert 1024 * 1024 < stream.queued <= 1024 * 1024 + 2 * 65536
+        got = bytearray()
+        while len(got) < len(payload):
+            got += await stream.read()
+        assert got == payload
+        await sending
+        writer.close()
+        await conn.close(linger=1)
+
+    run(scenario)
+
+
+async def _send_all(writer: asyncio.StreamWriter, peer: Peer, payload: bytes) -> None:
+    for i in range(0, len(payload), 65536):
+        writer.write(peer(DataFrame(1, payload[i:i + 65536])))
+        await writer.drain()
 
 
 # -- the streaming server -------------------------------------------------------------------

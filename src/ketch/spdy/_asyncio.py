@@ -1,6 +1,10 @@
 """The asyncio face of :mod:`ketch.spdy._connection`: a server connection over a stream
 reader/writer whose peer opens streams; each stream answered (SYN_REPLY) as it arrives and
-handed out by :meth:`ServerConnection.accept`."""
+handed out by :meth:`ServerConnection.accept`.
+
+Without SPDY flow control (``flow_control=False``, for Go's spdystream peers, which ignore
+it), TCP's is what holds a fast sender back: the connection stops reading while a stream has
+more than :data:`BACKLOG` bytes its reader has not taken yet."""
 
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ __all__ = ["ServerConnection", "Stream"]
 log = logging.getLogger("ketch.spdy")
 
 _READ = 64 * 1024
+#: the most bytes a stream holds for its reader before the connection stops reading
+BACKLOG = 1024 * 1024
 
 
 class Stream:
@@ -29,6 +35,7 @@ class Stream:
         self.headers = headers
         self._chunks: asyncio.Queue[bytes] = asyncio.Queue()
         self._window = asyncio.Event()
+        self.queued = 0
         self.reset_status = 0
         self.closed = False
         if fin:
@@ -41,6 +48,9 @@ class Stream:
         if not chunk:
             self._chunks.put_nowait(b"")  # stays at its end
         else:
+            self.queued -= len(chunk)
+            if self.queued <= BACKLOG:
+                self._conn._room.set()
             self._conn._core.consumed(self.id, len(chunk))
             await self._conn._flush()
         return chunk
@@ -88,10 +98,12 @@ class Stream:
 
 class ServerConnection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 honour_send_window: bool = False) -> None:
+                 flow_control: bool = False) -> None:
         self._reader = reader
         self._writer = writer
-        self._core = Connection(honour_send_window=honour_send_window)
+        self._core = Connection(flow_control=flow_control)
+        self._room = asyncio.Event()
+        self._room.set()
         self._streams: dict[int, Stream] = {}
         self._new: asyncio.Queue[Stream | None] = asyncio.Queue()
         self._lock = asyncio.Lock()
@@ -117,6 +129,7 @@ class ServerConnection:
     async def _read_loop(self) -> None:
         try:
             while True:
+                await self._room.wait()
                 try:
                     data = await self._reader.read(_READ)
                 except ConnectionError:
@@ -134,6 +147,9 @@ class ServerConnection:
                         if target is not None:
                             if event.data:
                                 target._chunks.put_nowait(event.data)
+                                target.queued += len(event.data)
+                                if target.queued > BACKLOG:
+                                    self._room.clear()
                             if event.fin:
                                 target._chunks.put_nowait(b"")
                     elif isinstance(event, StreamReset):
@@ -154,6 +170,7 @@ class ServerConnection:
         finally:
             for s in self._streams.values():
                 s._ended()
+            self._room.set()
             self._new.put_nowait(None)
             self.done.set()
 

@@ -10,9 +10,10 @@ application says how much it consumed (:meth:`Connection.consumed`) and a WINDOW
 that back to the peer once half the window is used. The send window of each stream and of
 the connection starts at 64 KiB (or the peer's SETTINGS_INITIAL_WINDOW_SIZE) and grows by the
 peer's WINDOW_UPDATEs; :meth:`Connection.send_data` sends no more than the window allows and
-says how much it took. A peer that never sends WINDOW_UPDATE (Go's spdystream, which
-Kubernetes clients use, neither sends nor reads them) would stall such a sender: with
-``honour_send_window=False`` the windows are counted but not enforced.
+says how much it took; a peer overrunning our window has the stream reset. Go's spdystream,
+which Kubernetes' clients and kubelet use, neither sends WINDOW_UPDATE nor heeds it (it relies
+on TCP's flow control alone): with ``flow_control=False`` the windows are counted and given
+back as above, but neither side's is enforced.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class _Stream:
 
 @dataclass
 class Connection:
-    honour_send_window: bool = True
+    flow_control: bool = True
     _out: bytearray = field(default_factory=bytearray)
     _in: bytearray = field(default_factory=bytearray)
     _compressor: HeaderCompressor = field(default_factory=HeaderCompressor)
@@ -151,7 +152,7 @@ class Connection:
                 self._send(RstStream(frame.stream_id, RST_INVALID_STREAM))
                 return []
             stream.recv_window -= len(frame.data)
-            if stream.recv_window < 0:
+            if stream.recv_window < 0 and self.flow_control:
                 self._reset(stream.id, RST_FLOW_CONTROL_ERROR)
                 return [StreamReset(stream.id, RST_FLOW_CONTROL_ERROR)]
             fin = bool(frame.flags & FLAG_FIN)
@@ -220,7 +221,7 @@ class Connection:
     def send_window(self, stream_id: int) -> int:
         """How much :meth:`send_data` would take now."""
         stream = self._open(stream_id)
-        if not self.honour_send_window:
+        if not self.flow_control:
             return 1 << 30
         return max(0, min(stream.send_window, self._conn_send_window))
 
