@@ -189,6 +189,7 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
     cri_recovery = None
     streams = None
     if cfg.cri.enabled:
+        await asyncio.sleep(0)  # the CRI's imports and set-up are a step of the loop's own
         cri_recovery, streams = _register_cri(server, cfg, store, content, images, snapshotters, collector, publish,
                                               manager)
         await streams.start()
