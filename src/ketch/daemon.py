@@ -187,8 +187,12 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
     register_all(server, cfg=cfg, store=store, exchange=exchange, manager=manager, publish=publish,
                  content=content, images=images, snapshotters=snapshotters, collector=collector)
     cri_recovery = None
+    streams = None
     if cfg.cri.enabled:
-        cri_recovery = _register_cri(server, cfg, store, content, images, snapshotters, collector, publish, manager)
+        await asyncio.sleep(0)  # the CRI's imports and set-up are a step of the loop's own
+        cri_recovery, streams = _register_cri(server, cfg, store, content, images, snapshotters, collector, publish,
+                                              manager)
+        await streams.start()
     _prepare_socket_dir(cfg.grpc.address)
     server.add_insecure_port(f"unix://{cfg.grpc.address}")
     await server.start()
@@ -217,6 +221,8 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
         reclaiming.cancel()
         await launcher.settle(params.start_timeout)
         await server.stop(grace=1.0)
+        if streams is not None:
+            await streams.close()
         await events_server.shutdown(grace=0.5)
         ttrpc_task.cancel()
         await manager.close()
@@ -230,14 +236,17 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
 
 
 def _register_cri(server: Any, cfg: config.Config, store: Any, content: Any, images: Any,
-                  snapshotters: dict[str, Any], collector: Any, publish: Any, manager: Any) -> Awaitable[None]:
+                  snapshotters: dict[str, Any], collector: Any, publish: Any,
+                  manager: Any) -> tuple[Awaitable[None], Any]:
     """The Kubernetes CRI on the same socket, over the same core; what it must do once ketchd
-    serves (reattach to running containers' output)."""
+    serves (reattach to running containers' output), and its streaming server (exec, attach,
+    port-forward; to be started)."""
     from ketch.cri import cni
     from ketch.cri import images as cri_images
     from ketch.cri import server as cri_server
     from ketch.cri.containers import Containers
     from ketch.cri.sandbox import Pods
+    from ketch.cri.streaming import StreamServer
     from ketch.diff.service import DiffService
     from ketch.images.pull import Puller
     from ketch.metadata.local import ContainerService
@@ -257,8 +266,10 @@ def _register_cri(server: Any, cfg: config.Config, store: Any, content: Any, ima
     containers = Containers(pods=pods, images=image_manager, containers=ContainerService(store, publish, manager.exists),
                             tasks=manager, snapshots=snapshots, snapshotter=cfg.cri.snapshotter,
                             runtime=cfg.cri.runtime, state_dir=cfg.state)
-    cri_server.register(server, cfg.cri, image_manager, pods, containers)
-    return containers.recover()
+    streams = StreamServer(cri_server.StreamingRuntime(pods, containers), cfg.cri.stream_server_address,
+                           cfg.cri.stream_server_port)
+    cri_server.register(server, cfg.cri, image_manager, pods, containers, streams)
+    return containers.recover(), streams
 
 
 def upgrade_shims(state: str, template: str = "") -> int:

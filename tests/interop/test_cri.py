@@ -3,12 +3,18 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
+import pty
+import select
 import shutil
 import signal
+import socket
+import struct
 import subprocess
+import termios
 import tempfile
 import time
 from collections.abc import Iterator
@@ -187,14 +193,15 @@ def test_pod_runs_stops_and_is_removed_releasing_its_network(cri: CriKetchd, kit
 #: runtime. test_a_container_as_a_person_runs_it_with_crictl proves the killing itself.
 EXEC_TIMEOUT_SPEC = ("[It] [k8s.io] Container runtime should support basic operations on container runtime should "
                      "support execSync with timeout [Conformance]")
-#: the streaming server (exec, attach, port-forward over SPDY) is not built yet
-STREAMING = "Streaming"
 
 
-def test_critest_everything_but_streaming(cri: CriKetchd, kit: Validation, tmp_path: Path) -> None:
-    results = critest(kit, cri.address, "", tmp_path, skip=STREAMING)
-    wanted = [name for name in kit.passlist if STREAMING not in name and name != "[BeforeSuite]"]
-    assert len(wanted) == 64 and EXEC_TIMEOUT_SPEC in wanted
+def test_critest_passlist(cri: CriKetchd, kit: Validation, tmp_path: Path) -> None:
+    """Every spec of the kit's pass list, the streaming ones (exec, attach, port-forward over
+    SPDY/3.1 to ketchd's streaming server) among them."""
+    results = critest(kit, cri.address, "", tmp_path)
+    wanted = [name for name in kit.passlist if name != "[BeforeSuite]"]
+    assert len(wanted) == 68 and EXEC_TIMEOUT_SPEC in wanted
+    assert sum("Streaming" in name for name in wanted) == 4
     bad = {name: results.get(name, "not run") for name in wanted if results.get(name) != "passed"}
     assert not bad.keys() - {EXEC_TIMEOUT_SPEC}, f"critest specs not passing: {bad} (log: {tmp_path / 'critest.log'})"
     if EXEC_TIMEOUT_SPEC in bad:  # only for the reason above: the pod's pause sleep is what pgrep finds
@@ -327,3 +334,173 @@ def test_pods_and_containers_survive_a_kill_9_of_ketchd(cri: CriKetchd, kit: Val
         cri.crictl(kit, "rmp", pod)
     assert _netns_of(cri) == before_netns
     assert not list((cri.base / "cni" / "ipam" / "cri-validation").glob("10.*"))
+
+
+def _running_container(cri: CriKetchd, kit: Validation, tmp_path: Path, name: str, *args: str,
+                       **extra: object) -> tuple[str, str]:
+    pod_json = _pod_config(tmp_path)
+    pod = cri.crictl(kit, "runp", str(pod_json)).stdout.strip()
+    cri.crictl(kit, "pull", BUSYBOX)
+    ctr = cri.crictl(kit, "create", pod, str(_container_config(tmp_path, name, *args, **extra)),
+                     str(pod_json)).stdout.strip()
+    cri.crictl(kit, "start", ctr)
+    return pod, ctr
+
+
+def _crictl_argv(cri: CriKetchd, kit: Validation, *args: str) -> list[str]:
+    return [kit.crictl, "--runtime-endpoint", f"unix://{cri.address}", "--image-endpoint", f"unix://{cri.address}",
+            "--timeout", "60s", *args]
+
+
+def _read_until(fd: int, wanted: bytes, timeout: float = 30) -> bytes:
+    """What the pty at ``fd`` gives until ``wanted`` shows up (AssertionError after ``timeout``)."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while wanted not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0, f"{wanted!r} not seen; got {seen!r}"
+        if select.select([fd], [], [], left)[0]:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # EIO: the other side is gone
+                break
+            if not chunk:
+                break
+            seen += chunk
+    assert wanted in seen, f"{wanted!r} not seen; got {seen!r}"
+    return seen
+
+
+def test_crictl_exec_streams_with_and_without_a_terminal(cri: CriKetchd, kit: Validation, tmp_path: Path) -> None:
+    """``crictl exec -it`` as a person types into it: a shell on a terminal of the size of
+    theirs (and of the new size after they resize it), their keys in, its output back; plain
+    ``crictl exec`` gets stdout and stderr apart and the command's exit code."""
+    _, ctr = _running_container(cri, kit, tmp_path, "shell", "sleep", "3600")
+
+    plain = cri.crictl(kit, "exec", ctr, "sh", "-c", "echo out; echo err >&2")
+    assert plain.stdout == "out\n" and plain.stderr == "err\n"
+    failed = cri.crictl(kit, "exec", ctr, "sh", "-c", "exit 3", check=False)
+    # the exit code came in the v4 status's causes: client-go names it
+    assert failed.returncode != 0 and "command terminated with exit code 3" in failed.stderr, failed.stderr
+
+    # much, both ways (Go's SPDY ignores flow control windows: TCP's holds each side back)
+    big = subprocess.run(_crictl_argv(cri, kit, "exec", "-i", ctr, "sh", "-c", "wc -c; head -c 3000000 /dev/zero"),
+                         input=b"y" * 3_000_000, capture_output=True, timeout=120)
+    assert big.returncode == 0, big.stderr
+    assert big.stdout.startswith(b"3000000\n") and big.stdout[8:] == b"\0" * 3_000_000
+
+    unknown = cri.crictl(kit, "exec", "nosuchcontainer", "true", check=False)
+    assert unknown.returncode != 0 and "NotFound" in unknown.stderr and "nosuchcontainer" in unknown.stderr
+
+    # a client that goes away takes its process with it
+    with subprocess.Popen(_crictl_argv(cri, kit, "exec", ctr, "sleep", "4444")) as gone:
+        deadline = time.monotonic() + 30
+        while "sleep 4444" not in cri.crictl(kit, "exec", "-s", ctr, "ps").stdout:
+            assert time.monotonic() < deadline, "the exec never ran"
+            time.sleep(0.3)
+        gone.kill()
+    deadline = time.monotonic() + 30
+    while "sleep 4444" in cri.crictl(kit, "exec", "-s", ctr, "ps").stdout:
+        assert time.monotonic() < deadline, "the exec outlived its client"
+        time.sleep(0.3)
+
+    def shells() -> int:
+        return cri.crictl(kit, "exec", "-s", ctr, "ps", "-o", "comm").stdout.split().count("sh")
+
+    before = shells()  # the pod's pause stand-in is a shell too (one pid namespace)
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: crictl on the pty, as in a person's terminal
+        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 77, 0, 0))
+        os.execv(kit.crictl, _crictl_argv(cri, kit, "exec", "-it", ctr, "sh"))
+    try:
+        _read_until(fd, b"# ")
+        os.write(fd, b"stty size; echo $((6 * 7))\r")
+        out = _read_until(fd, b"42")
+        assert b"33 77" in out, out
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 44, 99, 0, 0))
+        os.kill(pid, signal.SIGWINCH)
+        time.sleep(1)
+        os.write(fd, b"stty size\r")
+        _read_until(fd, b"44 99")
+        os.write(fd, b"exit 0\r")
+        _, status = os.waitpid(pid, 0)
+        pid = 0
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    assert shells() == before  # the exec's shell is gone
+
+
+def _attach_once(proc: subprocess.Popen[bytes], word: str) -> None:
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    try:
+        time.sleep(1)  # attached (what the container writes before is not for this client)
+        proc.stdin.write(f"echo {word}; echo bad >&2\n".encode())
+        proc.stdin.flush()
+        assert _read_until(proc.stdout.fileno(), b"\n") == f"{word}\n".encode()
+        assert _read_until(proc.stderr.fileno(), b"\n") == b"bad\n"
+        proc.stdin.close()  # the person's input ends: so does the attach
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_crictl_attach_to_a_containers_own_stdio(cri: CriKetchd, kit: Validation, tmp_path: Path) -> None:
+    """``crictl attach -i``: what the person types goes to the container's own stdin, its
+    output comes back to them (and still to its log); when their input ends the attach ends and
+    the container (not stdin_once) runs on, and a later attach works the same."""
+    _, ctr = _running_container(cri, kit, tmp_path, "reader", "sh", stdin=True)
+    for word in ("first", "second", "restarted"):
+        if word == "restarted":  # a ketchd that restarted attaches the same
+            cri.kill(signal.SIGKILL)
+            cri.start()
+        with subprocess.Popen(_crictl_argv(cri, kit, "attach", "-i", ctr), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+            _attach_once(proc, word)
+    (listed,) = crictl_json(cri, kit, "ps")["containers"]
+    assert listed["state"] == "CONTAINER_RUNNING"
+    assert cri.crictl(kit, "logs", ctr).stdout == "first\nsecond\nrestarted\n"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_crictl_port_forward_into_the_pods_network(cri: CriKetchd, kit: Validation, tmp_path: Path) -> None:
+    """``crictl port-forward POD LOCAL:8080`` reaches a server listening in the pod's network
+    namespace, once per connection, both ways; a port nothing listens on is reported (and
+    client-go's port-forward then ends, as it does on any failed forward)."""
+    pod, _ = _running_container(cri, kit, tmp_path, "server", "nc", "-ll", "-p", "8080", "-e", "sh", "-c",
+                                "read x; echo hi $x")
+    local, dead = _free_port(), _free_port()
+    proc = subprocess.Popen(_crictl_argv(cri, kit, "port-forward", pod, f"{local}:8080", f"{dead}:8081"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        for name in ("one", "two", "three"):
+            while True:
+                try:
+                    with socket.create_connection(("127.0.0.1", local), timeout=10) as c:
+                        c.sendall(f"{name}\n".encode())
+                        got = b""
+                        while chunk := c.recv(4096):
+                            got += chunk
+                    break
+                except ConnectionRefusedError:  # crictl still starting
+                    assert time.monotonic() < deadline, f"port-forward never listened: {proc.kill() or proc.communicate()}"
+                    time.sleep(0.3)
+            assert got == f"hi {name}\n".encode()
+        with socket.create_connection(("127.0.0.1", dead), timeout=10) as c:
+            assert c.recv(4096) == b""
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert f"an error occurred forwarding {dead} -> 8081" in out and "Connection refused" in out, out

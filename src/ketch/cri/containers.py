@@ -20,7 +20,7 @@ import secrets
 import signal
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,7 +31,7 @@ from ketch.api.containerd.types import mount_pb2
 from ketch.api.containerd.types.task import task_pb2 as task_types
 from ketch.api.k8s.cri.runtime.v1 import api_pb2 as cri
 from ketch.cri.images import NAMESPACE, CriImages, ImageInfo
-from ketch.cri.logs import Fifos, LogWriter, copy_lines
+from ketch.cri.logs import ByteReader, Fifos, LogWriter, copy_lines
 from ketch.cri.sandbox import (CONTAINER_TYPE, KIND_LABEL, NODE, POD, SANDBOX_ID, SANDBOX_NAME, SANDBOX_NAMESPACE,
                                SANDBOX_UID, Pods, Sandbox, creating)
 from ketch.metadata import Container, Runtime, TypedValue
@@ -41,7 +41,7 @@ from ketch.oci.spec import PROCESS_TYPE_URL, RESOURCES_TYPE_URL, SPEC_TYPE_URL, 
 from ketch.runtime import CreateOptions, Stdio, TaskManager
 from ketch.snapshots.service import SnapshotService
 
-__all__ = ["Containers"]
+__all__ = ["Containers", "StreamIO"]
 
 log = logging.getLogger("ketch.cri")
 
@@ -51,6 +51,9 @@ CONTAINER_NAME = "io.kubernetes.cri.container-name"
 IMAGE_NAME = "io.kubernetes.cri.image-name"
 #: the most ExecSync returns of each stream (the kubelet's gRPC message limit is 16 MiB)
 EXEC_SYNC_CAP = 8 * 1024 * 1024
+#: the most output an attached client may fall behind by; past it, output is dropped for it
+#: (the container's log gets all of it; a slow client never holds the container up)
+ATTACH_BACKLOG = 4 * 1024 * 1024
 
 #: every capability the kernel knows, by number
 _CAP_NAMES = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
@@ -114,12 +117,106 @@ def container_name(md: cri.ContainerMetadata, pod: cri.PodSandboxMetadata) -> st
 
 
 @dataclass
+class StreamIO:
+    """A client's side of an exec or attach: where the process's input comes from (``stdin``
+    answers b"" at its end) and where its output goes, and the terminal sizes it asks for."""
+
+    stdin: Callable[[], Awaitable[bytes]] | None = None
+    stdout: Callable[[bytes], Awaitable[None]] | None = None
+    stderr: Callable[[bytes], Awaitable[None]] | None = None
+    resizes: AsyncIterator[tuple[int, int]] | None = None
+
+
+class _Listener:
+    """An attached client's share of a container's output: (stream, bytes) in order, b"" at a
+    stream's end."""
+
+    def __init__(self) -> None:
+        self.chunks: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self.pending = 0
+        self.dropped = 0
+
+    def feed(self, stream: str, chunk: bytes) -> None:
+        if chunk and self.pending > ATTACH_BACKLOG:
+            self.dropped += len(chunk)
+            return
+        self.pending += len(chunk)
+        self.chunks.put_nowait((stream, chunk))
+
+
+@dataclass
 class _Running:
-    """The log copying of a started container."""
+    """The log copying of a started container, and the clients attached to its output."""
 
     fifos: Fifos
     writer: LogWriter | None
     copies: list[asyncio.Task[None]] = field(default_factory=list)
+    listeners: set[_Listener] = field(default_factory=set)
+    open_streams: set[str] = field(default_factory=set)
+
+
+class _Tee:
+    """Reads a container's output for its log, and hands each chunk to attached clients."""
+
+    def __init__(self, reader: asyncio.StreamReader, stream: str, running: _Running) -> None:
+        self._reader = reader
+        self._stream = stream
+        self._running = running
+        running.open_streams.add(stream)
+
+    async def read(self, n: int = -1) -> bytes:
+        chunk = await self._reader.read(n)
+        if not chunk:
+            self._running.open_streams.discard(self._stream)
+        for listener in list(self._running.listeners):
+            listener.feed(self._stream, chunk)
+        return chunk
+
+
+async def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to the non-blocking ``fd``, waiting (not blocking) while it is full."""
+    loop = asyncio.get_running_loop()
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            ready: asyncio.Future[None] = loop.create_future()
+
+            def wake() -> None:
+                if not ready.done():
+                    ready.set_result(None)
+
+            loop.add_writer(fd, wake)
+            try:
+                await ready
+            finally:
+                loop.remove_writer(fd)
+
+
+async def _feed(path: str, read: Callable[[], Awaitable[bytes]]) -> None:
+    """Copy what ``read`` gives into the FIFO at ``path`` (whose reader, the shim, is there)
+    until its end or the reader's."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        log.info("stdin %s: %s", path, e)
+        return
+    try:
+        while chunk := await read():
+            await _write_all(fd, chunk)
+    except BrokenPipeError:
+        pass
+    finally:
+        os.close(fd)
+
+
+async def _resize(task: Any, sizes: AsyncIterator[tuple[int, int]], exec_id: str = "") -> None:
+    async for width, height in sizes:
+        try:
+            await task.resize(width, height, exec_id)
+        except errdefs.KetchError as e:
+            log.info("resize of %s %s: %s", task.id, exec_id or "", e)
 
 
 class Containers:
@@ -439,7 +536,8 @@ class Containers:
                     stdio=Stdio(stdin, stdout, "" if config.tty else stderr, config.tty), rootfs=rootfs))
                 fifos.writers_ready()
                 for reader, stream in ((out, "stdout"), (err, "stderr")):
-                    running.copies.append(asyncio.ensure_future(self._copy(reader, stream, writer)))
+                    running.copies.append(asyncio.ensure_future(self._copy(_Tee(reader, stream, running), stream,
+                                                                           writer)))
                 meta.pid = await task.start()
             except BaseException:
                 for copy in running.copies:
@@ -463,7 +561,7 @@ class Containers:
                 continue
             if await self.state(meta) != cri.ContainerState.CONTAINER_RUNNING:
                 continue
-            fifos = Fifos(self._io_dir(meta.id))
+            fifos = Fifos(self._io_dir(meta.id), stdin=meta.container_config.stdin)  # for attach
             try:
                 out, err = await fifos.open()
             except OSError as e:
@@ -473,10 +571,11 @@ class Containers:
             writer = LogWriter(meta.log_path) if meta.log_path else None
             running = self._running[meta.id] = _Running(fifos, writer)
             for reader, stream in ((out, "stdout"), (err, "stderr")):
-                running.copies.append(asyncio.ensure_future(self._copy(reader, stream, writer)))
+                running.copies.append(asyncio.ensure_future(self._copy(_Tee(reader, stream, running), stream,
+                                                                       writer)))
 
     @staticmethod
-    async def _copy(reader: asyncio.StreamReader, stream: str, writer: LogWriter | None) -> None:
+    async def _copy(reader: ByteReader, stream: str, writer: LogWriter | None) -> None:
         if writer is None:
             while await reader.read(1 << 16):
                 pass
@@ -600,6 +699,26 @@ class Containers:
     async def exec_sync(self, ref: str, cmd: Sequence[str], timeout: int) -> cri.ExecSyncResponse:
         """Run ``cmd`` in the container; its output (each stream capped) and exit code. Past
         ``timeout`` seconds (0: none) the process is killed and the call is DeadlineExceeded."""
+        outputs: list[bytearray] = [bytearray(), bytearray()]
+
+        def collect(buf: bytearray) -> Callable[[bytes], Awaitable[None]]:
+            async def write(chunk: bytes) -> None:
+                if len(buf) < EXEC_SYNC_CAP:
+                    buf.extend(chunk[:EXEC_SYNC_CAP - len(buf)])
+            return write
+
+        try:
+            code = await self.exec(ref, cmd, False, StreamIO(stdout=collect(outputs[0]), stderr=collect(outputs[1])),
+                                   timeout)
+        except asyncio.TimeoutError:
+            raise errdefs.DeadlineExceeded(f"command {list(cmd)!r} timed out after {timeout}s and was killed") from None
+        return cri.ExecSyncResponse(stdout=bytes(outputs[0]), stderr=bytes(outputs[1]), exit_code=code)
+
+    async def exec(self, ref: str, cmd: Sequence[str], tty: bool, io: StreamIO, timeout: float = 0) -> int:
+        """Run ``cmd`` in the container (with a terminal when ``tty``: its output all comes
+        as stdout), its stdio to and from ``io``; its exit code once it exited and its output
+        went out. Past ``timeout`` seconds (0: none), or when the caller gives up (a cancel),
+        the process is killed; asyncio.TimeoutError for the first."""
         meta = self.get(ref)
         if await self.state(meta) != cri.ContainerState.CONTAINER_RUNNING:
             raise errdefs.FailedPrecondition(f"container {meta.id} is not running")
@@ -608,50 +727,104 @@ class Containers:
         task = self._tasks.get(NAMESPACE, meta.id)
         container = self._containers.get(NAMESPACE, meta.id)
         assert container.spec is not None
-        process = dict(json.loads(container.spec.value)["process"], args=list(cmd), terminal=False)
+        process = dict(json.loads(container.spec.value)["process"], args=list(cmd), terminal=tty)
         exec_id = f"exec-{secrets.token_hex(8)}"
-        fifos = Fifos(tempfile.mkdtemp(prefix=f"{exec_id}-", dir=self._io_dir(meta.id)))
+        fifos = Fifos(tempfile.mkdtemp(prefix=f"{exec_id}-", dir=self._io_dir(meta.id)), stdin=io.stdin is not None)
         out_reader, err_reader = await fifos.open()
-        outputs: list[bytearray] = [bytearray(), bytearray()]
 
-        async def collect(reader: asyncio.StreamReader, buf: bytearray) -> None:
+        async def pump(reader: asyncio.StreamReader, write: Callable[[bytes], Awaitable[None]] | None) -> None:
             while chunk := await reader.read(1 << 16):
-                if len(buf) < EXEC_SYNC_CAP:
-                    buf += chunk[:EXEC_SYNC_CAP - len(buf)]
+                if write is not None:
+                    await write(chunk)
 
-        copies = [asyncio.ensure_future(collect(out_reader, outputs[0])),
-                  asyncio.ensure_future(collect(err_reader, outputs[1]))]
+        copies = [asyncio.ensure_future(pump(out_reader, io.stdout)),
+                  asyncio.ensure_future(pump(err_reader, io.stderr))]
+        sides: list[asyncio.Future[None]] = []
         try:
-            _, stdout, stderr = fifos.paths
+            stdin, stdout, stderr = fifos.paths
             await task.exec(exec_id, any_pb2.Any(type_url=PROCESS_TYPE_URL, value=json.dumps(process).encode()),
-                            Stdio("", stdout, stderr, False))
+                            Stdio(stdin, stdout, "" if tty else stderr, tty))
             waiting = asyncio.ensure_future(task.wait(exec_id))
             try:
                 await task.start(exec_id)
                 fifos.writers_ready()  # an exec's FIFOs are opened by its start
+                if io.stdin is not None:
+                    sides.append(asyncio.ensure_future(self._stdin(task, stdin, io.stdin, exec_id)))
+                if io.resizes is not None and tty:
+                    sides.append(asyncio.ensure_future(_resize(task, io.resizes, exec_id)))
                 ended = await asyncio.wait_for(asyncio.shield(waiting), timeout or None)
-            except BaseException as e:
+            except BaseException:
                 # timed out, or the caller gave up (its deadline, a cancel): the process must
                 # not outlive the call
                 with contextlib.suppress(errdefs.KetchError, asyncio.CancelledError):
                     await asyncio.shield(task.kill(signal.SIGKILL, exec_id=exec_id))
                 with contextlib.suppress(asyncio.TimeoutError, errdefs.KetchError, asyncio.CancelledError):
                     await asyncio.wait_for(asyncio.shield(waiting), 10)
-                if isinstance(e, asyncio.TimeoutError):
-                    raise errdefs.DeadlineExceeded(
-                        f"command {list(cmd)!r} timed out after {timeout}s and was killed") from None
                 raise
             finally:
                 waiting.cancel()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*copies, return_exceptions=True), 5)
-            return cri.ExecSyncResponse(stdout=bytes(outputs[0]), stderr=bytes(outputs[1]), exit_code=ended.status)
+            return ended.status
         finally:
-            for c in copies:
+            for c in [*copies, *sides]:
                 c.cancel()
             with contextlib.suppress(errdefs.KetchError):
                 await task.delete_process(exec_id)
             fifos.remove()
+
+    @staticmethod
+    async def _stdin(task: Any, path: str, read: Callable[[], Awaitable[bytes]], exec_id: str = "") -> None:
+        """Feed the process's stdin FIFO; at the input's end, close the process's stdin."""
+        await _feed(path, read)
+        with contextlib.suppress(errdefs.KetchError):
+            await task.close_io(True, exec_id)
+
+    async def attach(self, ref: str, io: StreamIO) -> None:
+        """Attach ``io`` to the running container's own stdio until its output ends (it
+        exited) or, unless the container is stdin_once, the client's input ends (as
+        containerd: a stdin_once container's stdin is closed then, and it ends on its own).
+        Without a terminal, output comes as stdout and stderr; with one, all as stdout."""
+        meta = self.get(ref)
+        running = self._running.get(meta.id)
+        if await self.state(meta) != cri.ContainerState.CONTAINER_RUNNING or running is None:
+            raise errdefs.FailedPrecondition(f"container {meta.id} is not running")
+        config = meta.container_config
+        task = self._tasks.get(NAMESPACE, meta.id)
+        listener = _Listener()
+        awaiting = set(running.open_streams)
+        running.listeners.add(listener)
+
+        async def out() -> None:
+            while awaiting:
+                stream, chunk = await listener.chunks.get()
+                listener.pending -= len(chunk)
+                if not chunk:
+                    awaiting.discard(stream)
+                    continue
+                write = io.stdout if stream == "stdout" or config.tty else io.stderr
+                if write is not None:
+                    await write(chunk)
+
+        ends = [asyncio.ensure_future(out())]
+        sides: list[asyncio.Future[None]] = []
+        stdin_path = running.fifos.paths[0]
+        if io.stdin is not None and config.stdin and stdin_path:
+            if config.stdin_once and not config.tty:
+                sides.append(asyncio.ensure_future(self._stdin(task, stdin_path, io.stdin)))
+            else:
+                ends.append(asyncio.ensure_future(_feed(stdin_path, io.stdin)))
+        if io.resizes is not None and config.tty:
+            sides.append(asyncio.ensure_future(_resize(task, io.resizes)))
+        try:
+            await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            running.listeners.discard(listener)
+            for t in [*ends, *sides]:
+                t.cancel()
+            if listener.dropped:
+                log.warning("container %s: %d bytes of output were not sent to an attached client that fell "
+                            "behind", meta.id, listener.dropped)
 
     # -- stats and resources ----------------------------------------------------------------
 

@@ -19,8 +19,9 @@ import datetime
 import os
 import shutil
 from dataclasses import dataclass, field
+from typing import Protocol
 
-__all__ = ["MAX_LINE", "Fifos", "LogWriter", "format_time"]
+__all__ = ["MAX_LINE", "ByteReader", "Fifos", "LogWriter", "format_time"]
 
 #: the longest record content; a longer line is split into P records
 MAX_LINE = 16 * 1024
@@ -63,7 +64,11 @@ class LogWriter:
             self._fd = -1
 
 
-async def copy_lines(reader: asyncio.StreamReader, stream: str, out: LogWriter) -> None:
+class ByteReader(Protocol):
+    async def read(self, n: int = -1) -> bytes: ...
+
+
+async def copy_lines(reader: ByteReader, stream: str, out: LogWriter) -> None:
     """Copy ``reader`` into ``out`` line by line until its end."""
     pending = b""
     while True:

@@ -168,6 +168,14 @@ class Pods:
         running = process.status in (task_types.RUNNING, task_types.PAUSED, task_types.PAUSING)
         return cri.PodSandboxState.SANDBOX_READY if running else cri.PodSandboxState.SANDBOX_NOTREADY
 
+    async def port_forward(self, ref: str, port: int) -> socket.socket:
+        """A connection to ``port`` on the pod's loopback (inside its network namespace; the
+        host's for a pod on the host network)."""
+        sandbox = self.get(ref)
+        if await self.state(sandbox) != cri.PodSandboxState.SANDBOX_READY:
+            raise errdefs.FailedPrecondition(f"pod sandbox {sandbox.id} is not ready")
+        return await netns.connect(sandbox.netns, port)
+
     # -- run --------------------------------------------------------------------------------
 
     async def run(self, config: cri.PodSandboxConfig, runtime_handler: str = "") -> str:

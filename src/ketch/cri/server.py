@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import glob
 import os
+import socket
+
 import grpc
 
 from ketch import __version__, config
 from ketch.api.k8s.cri.runtime.v1 import api_pb2 as cri
 from ketch.api.k8s.cri.runtime.v1 import api_pb2_grpc
-from ketch.cri.containers import Containers
+from ketch import errdefs
+from ketch.cri.containers import Containers, StreamIO
 from ketch.cri.images import CriImages
 from ketch.cri.sandbox import Pods
+from ketch.cri.streaming import StreamServer
 from ketch.services._common import unary
 
-__all__ = ["RuntimeService", "ImageService", "register"]
+__all__ = ["RuntimeService", "ImageService", "StreamingRuntime", "register"]
 
 #: what Version answers: the CRI version spoken, and the runtime behind it
 API_VERSION = "v1"
@@ -34,11 +38,37 @@ def network_ready(cfg: config.CRI) -> tuple[bool, str]:
     return False, f"no network config found in {cfg.cni_conf_dir}: cni plugin not initialized"
 
 
+class StreamingRuntime:
+    """What the streaming server runs its requests on."""
+
+    def __init__(self, pods: Pods, containers: Containers) -> None:
+        self._pods = pods
+        self._containers = containers
+
+    async def exec(self, ref: str, cmd: list[str], tty: bool, io: StreamIO) -> int:
+        return await self._containers.exec(ref, cmd, tty, io)
+
+    async def attach(self, ref: str, io: StreamIO) -> None:
+        await self._containers.attach(ref, io)
+
+    async def port_forward(self, sandbox_id: str, port: int) -> socket.socket:
+        return await self._pods.port_forward(sandbox_id, port)
+
+
+def _check_stdio(stdin: bool, stdout: bool, stderr: bool, tty: bool) -> None:
+    """As the kubelet's streaming server checks an exec or attach."""
+    if tty and stderr:
+        raise errdefs.InvalidArgument("tty and stderr cannot both be true")
+    if not (stdin or stdout or stderr):
+        raise errdefs.InvalidArgument("one of stdin, stdout, or stderr must be set")
+
+
 class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
-    def __init__(self, cfg: config.CRI, pods: Pods, containers: Containers) -> None:
+    def __init__(self, cfg: config.CRI, pods: Pods, containers: Containers, streams: StreamServer) -> None:
         self._cfg = cfg
         self._pods = pods
         self._containers = containers
+        self._streams = streams
 
     async def _stop_pod_containers(self, sandbox_id: str) -> None:
         for meta in self._containers.in_pod(sandbox_id):
@@ -155,6 +185,42 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
     async def ExecSync(self, request: cri.ExecSyncRequest, context: grpc.aio.ServicerContext) -> cri.ExecSyncResponse:
         return await self._containers.exec_sync(request.container_id, request.cmd, request.timeout)
 
+    async def _running(self, ref: str) -> str:
+        meta = self._containers.get(ref)
+        if await self._containers.state(meta) != cri.ContainerState.CONTAINER_RUNNING:
+            raise errdefs.FailedPrecondition(f"container {meta.id} is not running")
+        return meta.id
+
+    @unary
+    async def Exec(self, request: cri.ExecRequest, context: grpc.aio.ServicerContext) -> cri.ExecResponse:
+        _check_stdio(request.stdin, request.stdout, request.stderr, request.tty)
+        if not request.cmd:
+            raise errdefs.InvalidArgument("exec needs a command")
+        kept = cri.ExecRequest()
+        kept.CopyFrom(request)
+        kept.container_id = await self._running(request.container_id)
+        return cri.ExecResponse(url=self._streams.url(kept))
+
+    @unary
+    async def Attach(self, request: cri.AttachRequest, context: grpc.aio.ServicerContext) -> cri.AttachResponse:
+        _check_stdio(request.stdin, request.stdout, request.stderr, request.tty)
+        kept = cri.AttachRequest()
+        kept.CopyFrom(request)
+        kept.container_id = await self._running(request.container_id)
+        return cri.AttachResponse(url=self._streams.url(kept))
+
+    @unary
+    async def PortForward(self, request: cri.PortForwardRequest,
+                          context: grpc.aio.ServicerContext) -> cri.PortForwardResponse:
+        sandbox = self._pods.get(request.pod_sandbox_id)
+        if await self._pods.state(sandbox) != cri.PodSandboxState.SANDBOX_READY:
+            raise errdefs.FailedPrecondition(f"pod sandbox {sandbox.id} is not ready")
+        bad = [p for p in request.port if not 0 < p < 65536]
+        if bad:
+            raise errdefs.InvalidArgument(f"invalid ports {list(bad)}: a port is 1 to 65535")
+        kept = cri.PortForwardRequest(pod_sandbox_id=sandbox.id, port=list(request.port))
+        return cri.PortForwardResponse(url=self._streams.url(kept))
+
     @unary
     async def ContainerStats(self, request: cri.ContainerStatsRequest,
                              context: grpc.aio.ServicerContext) -> cri.ContainerStatsResponse:
@@ -215,6 +281,7 @@ class ImageService(api_pb2_grpc.ImageServiceServicer):
         return cri.ImageFsInfoResponse(image_filesystems=[await self._images.fs_info()])
 
 
-def register(server: grpc.aio.Server, cfg: config.CRI, images: CriImages, pods: Pods, containers: Containers) -> None:
-    api_pb2_grpc.add_RuntimeServiceServicer_to_server(RuntimeService(cfg, pods, containers), server)
+def register(server: grpc.aio.Server, cfg: config.CRI, images: CriImages, pods: Pods, containers: Containers,
+             streams: StreamServer) -> None:
+    api_pb2_grpc.add_RuntimeServiceServicer_to_server(RuntimeService(cfg, pods, containers, streams), server)
     api_pb2_grpc.add_ImageServiceServicer_to_server(ImageService(images), server)
