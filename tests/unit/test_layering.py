@@ -51,6 +51,10 @@ RULES = [
     ("filters.py", ("ketch",), ("ketch.errdefs",)),
     # the shim template's framing: spoken by the shim's start path and by the daemon's runtime
     ("templatewire.py", ("ketch",), ()),
+    # SPDY/3.1, as ttrpc: a sans-IO core (frames, connection) and an asyncio adapter, nothing of ketch
+    ("spdy", ("ketch",), ("ketch.spdy",)),
+    ("spdy/_frames.py", ("ketch.spdy._connection", "ketch.spdy._asyncio", "asyncio"), ()),
+    ("spdy/_connection.py", ("ketch.spdy._asyncio", "asyncio"), ()),
     # the protocol core: nothing of ketch but errdefs and its own wire messages
     ("ttrpc", ("ketch",), ("ketch.errdefs", "ketch.ttrpc")),
     # the shim speaks ttrpc and outlives the daemon: no daemon core, no gRPC
