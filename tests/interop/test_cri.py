@@ -504,3 +504,33 @@ def test_crictl_port_forward_into_the_pods_network(cri: CriKetchd, kit: Validati
             proc.kill()
             proc.communicate()
     assert f"an error occurred forwarding {dead} -> 8081" in out and "Connection refused" in out, out
+
+
+def _host_ip() -> str:
+    route = subprocess.run(["ip", "-o", "-4", "route", "get", "192.0.2.1"], capture_output=True, text=True).stdout.split()
+    return route[route.index("src") + 1]
+
+
+def test_a_host_port_reaches_its_pod(cri: CriKetchd, kit: Validation, tmp_path: Path) -> None:
+    """The pod's port mappings reach the CNI plugins as a capability (portmap): the host's port,
+    on its address and on localhost, reaches the container; once the pod is gone, so is the
+    mapping."""
+    cri.crictl(kit, "pull", BUSYBOX)
+    pod_json = _pod_config(tmp_path, "web", port_mappings=[{"protocol": 0, "container_port": 8080, "host_port": 18089}])
+    pod = cri.crictl(kit, "runp", str(pod_json)).stdout.strip()
+    app = cri.crictl(kit, "create", pod, str(_container_config(
+        tmp_path, "server", "sh", "-c", "while true; do echo hello-from-pod | nc -l -p 8080; done")),
+        str(pod_json)).stdout.strip()
+    cri.crictl(kit, "start", app)
+    for address in ((_host_ip(), 18089), ("127.0.0.1", 18089)):
+        got, deadline = b"", time.monotonic() + 15
+        while not got and time.monotonic() < deadline:
+            try:
+                with socket.create_connection(address, timeout=2) as s:
+                    got = s.recv(100)
+            except OSError:
+                time.sleep(0.2)
+        assert got == b"hello-from-pod\n", address
+    cri.crictl(kit, "rmp", "-f", pod)
+    rules = subprocess.run(["iptables", "-t", "nat", "-S"], capture_output=True, text=True).stdout
+    assert "18089" not in rules

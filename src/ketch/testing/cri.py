@@ -78,8 +78,8 @@ def validation() -> Validation:
 
 class CriKetchd(Ketchd):
     """ketchd with its CRI on: the local registry's environment, a private CNI configuration
-    (the kit's bridge network with its own IPAM directory), and ``restrict_oom_score_adj``
-    (root here lacks CAP_SYS_RESOURCE)."""
+    (the kit's bridge network with its own IPAM directory and a default route), and
+    ``restrict_oom_score_adj`` (root here lacks CAP_SYS_RESOURCE)."""
 
     def __init__(self, base: Path, kit: Validation) -> None:
         super().__init__(base)
@@ -90,6 +90,9 @@ class CriKetchd(Ketchd):
         for plugin in network["plugins"]:
             if "ipam" in plugin:
                 plugin["ipam"]["dataDir"] = str(base / "cni" / "ipam")
+                # a default route through the bridge, as a node's pod network has: without it a
+                # pod cannot answer a host port's clients (their source is the host's address)
+                plugin["ipam"].setdefault("routes", [{"dst": "0.0.0.0/0"}])
         (self.cni_conf / "10-bridge.conflist").write_text(json.dumps(network, indent=1))
         self.config = base / "ketchd.toml"
         self.config.write_text(f"""[cri]
