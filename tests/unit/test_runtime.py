@@ -110,11 +110,21 @@ def test_a_second_task_is_already_exists_and_a_failed_create_leaves_nothing(tmp_
             await w.create("default", "two")
         assert not w.manager.exists("default", "two") and not w.bundle("default", "two").exists()
         assert ("default", "two") in w.launcher.deleted
-        # no spec, or a checkpoint: refused before anything is made
+        # no spec: refused before anything is made
         with pytest.raises(errdefs.FailedPrecondition, match="has no spec"):
             await w.manager.create("default", Container("bare", runtime=Runtime(KETCH)), CreateOptions())
-        with pytest.raises(errdefs.Unimplemented, match="checkpoint"):
-            await w.create("default", "cp", checkpoint="sha256:" + "0" * 64)
+        # a checkpoint that will not unpack: its part-unpacked image goes with the bundle
+        unpacked: list[str] = []
+
+        async def bad_checkpoint(directory: str) -> None:
+            unpacked.append(directory)
+            Path(directory).mkdir(parents=True)
+            (Path(directory) / "pages.img").write_bytes(b"half")
+            raise errdefs.InvalidArgument("invalid layer stream")
+
+        with pytest.raises(errdefs.InvalidArgument, match="invalid layer stream"):
+            await w.create("default", "cp", unpack=bad_checkpoint)
+        assert unpacked and not Path(unpacked[0]).exists() and not w.bundle("default", "cp").exists()
         assert [t.id for t in w.manager.list("default")] == ["one"]
 
     run(tmp_path, body)

@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -78,8 +78,11 @@ class CreateOptions:
     options: tuple[str, bytes] | None = None
     #: a shim binary to run instead of the container's runtime
     runtime_path: str = ""
-    #: a checkpoint to restore from (not supported yet)
+    #: a directory holding the CRIU image to restore the task from (runc options' criu_image_path)
     checkpoint: str = ""
+    #: writes the CRIU image to restore from into the directory it is given (a checkpoint blob:
+    #: see ketch.runtime.checkpoint); unpacked into the task's bundle, removed once it starts
+    unpack: Callable[[str], Awaitable[None]] | None = None
 
 
 #: containerd's deprecated v1 runtime, which old clients still name; run on the v2 runc path
@@ -216,8 +219,6 @@ class TaskManager:
             raise errdefs.AlreadyExists(f"task {id}")
         if container.spec is None:
             raise errdefs.FailedPrecondition(f"container {id!r} has no spec")
-        if opts.checkpoint:
-            raise errdefs.Unimplemented("creating a task from a checkpoint is not supported yet")
         runtime = opts.runtime_path or container.runtime.name
         options = opts.options
         if options is None and container.runtime.options is not None:
@@ -237,7 +238,12 @@ class TaskManager:
             info["pod"] = task.pod
         try:
             bundle.create(container.spec.value, info)
-            await self._start_shim(task, opts, options)
+            checkpoint = opts.checkpoint
+            if opts.unpack is not None:
+                checkpoint = str(bundle.restore_image)
+                task.restored = True
+                await opts.unpack(checkpoint)
+            await self._start_shim(task, opts, options, checkpoint)
             task.move("attach")
         except BaseException:
             await self._abandon(task)
@@ -245,11 +251,12 @@ class TaskManager:
         log.info("task created namespace=%s id=%s pid=%d runtime=%s", namespace, id, task.pid, runtime)
         return task
 
-    async def _start_shim(self, task: Task, opts: CreateOptions, options: tuple[str, bytes] | None) -> None:
+    async def _start_shim(self, task: Task, opts: CreateOptions, options: tuple[str, bytes] | None,
+                          checkpoint: str) -> None:
         task.log = ShimLog(str(task.bundle.path / "log"), task.namespace, task.id)
         req = shim_pb2.CreateTaskRequest(
             id=task.id, bundle=str(task.bundle.path), rootfs=list(opts.rootfs), terminal=opts.stdio.terminal,
-            stdin=opts.stdio.stdin, stdout=opts.stdio.stdout, stderr=opts.stdio.stderr, checkpoint=opts.checkpoint)
+            stdin=opts.stdio.stdin, stdout=opts.stdio.stdout, stderr=opts.stdio.stderr, checkpoint=checkpoint)
         start_options = b""
         if options is not None:
             req.options.CopyFrom(any_pb2.Any(type_url=options[0], value=options[1]))
@@ -550,6 +557,8 @@ class TaskManager:
             return None
         with contextlib.suppress(OSError):
             task.log = ShimLog(str(bundle.path / "log"), task.namespace, task.id)
+        bundle.drop_checkpoints(restore=False)  # dumps a checkpoint killed with ketchd was making
+        task.restored = bundle.restore_image.exists()
         return task
 
     async def _reconnect(self, address: str, tasks: builtins.list[Task]) -> None:

@@ -25,6 +25,7 @@ from ketch.events import Exchange
 from ketch.images import ImageService
 from ketch.metadata.local import ContainerService, NamespaceService
 from ketch.runtime import TaskManager
+from ketch.runtime.checkpoint import Checkpoints
 from ketch.services.events import Events
 from ketch.services.content import Content
 from ketch.gc import Collector
@@ -52,4 +53,5 @@ def register_all(server: grpc.aio.Server, *, cfg: config.Config, store: metadata
         Snapshots(SnapshotService(snapshotters, store.leases, publish, collector.schedule)), server)
     diff_pb2_grpc.add_DiffServicer_to_server(Diff(DiffService(content)), server)
     events_pb2_grpc.add_EventsServicer_to_server(Events(exchange), server)
-    tasks_pb2_grpc.add_TasksServicer_to_server(Tasks(manager, store.containers.get), server)
+    tasks_pb2_grpc.add_TasksServicer_to_server(
+        Tasks(manager, store.containers.get, Checkpoints(content, publish)), server)
