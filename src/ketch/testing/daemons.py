@@ -35,7 +35,7 @@ class Daemon:
             created.write_text(repr(time.time()))
         self.log = base / f"{self.name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
-        #: added to the daemon's environment
+        #: added to the daemon's environment (a PATH here goes before the usual one)
         self.env: dict[str, str] = {}
 
     def argv(self) -> list[str]:
@@ -62,8 +62,10 @@ class Daemon:
         template), by PID."""
 
     def start(self) -> None:
-        env = dict(os.environ, PATH=f"{system.VENV_BIN}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}",
-                   **self.env)
+        path = f"{system.VENV_BIN}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
+        if self.env.get("PATH"):
+            path = f"{self.env['PATH']}:{path}"
+        env = {**os.environ, **self.env, "PATH": path}
         logf = open(self.log, "ab")
         self.proc = subprocess.Popen(self.argv(), stdout=logf, stderr=logf, env=env, start_new_session=True)
         logf.close()

@@ -1,0 +1,245 @@
+"""Checkpoint and restore on ketchd, driven by Debian's ctr: a container counting in memory
+(and logging each count to a file in its rw layer) is checkpointed into the content store,
+removed, restored, and goes on counting where it stopped; its checkpoint image moves to a
+second ketchd; a ketchd killed mid-checkpoint leaves nothing that outlives GC.
+
+criu: the criu 4.1 that ./scripts/setup installs (Debian 12's 3.17 fails on this kernel), put
+first on ketchd's PATH, which its shims and runc inherit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ketch.testing import images
+from ketch.testing import system as support
+from ketch.testing.daemons import RUNC_RUNTIME
+from tests.interop.conftest import Env, running
+
+CRIU = Path("/var/lib/criu-4/bin/criu")
+NAME = "docker.io/library/counter:ckd"
+#: counts in a shell variable, logging each count: a restart from scratch would log 1 again
+COUNTER = """#!/bin/sh
+i=0
+echo hello > /tmp/before
+while true; do i=$((i+1)); echo $i >> /tmp/log; sleep 0.2; done
+"""
+RUNTIMES = [pytest.param(RUNC_RUNTIME, id="runcshim")]
+
+
+@pytest.fixture(scope="module")
+def criu_dir() -> str:
+    if not os.access(CRIU, os.X_OK):
+        pytest.fail(f"{CRIU} is missing: checkpoint tests need criu 4.1; run ./scripts/setup (it installs it)")
+    return str(CRIU.parent)
+
+
+@pytest.fixture(scope="module")
+def counter_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    rootfs = support.make_busybox_rootfs(tmp_path_factory.mktemp("counter") / "rootfs")
+    (rootfs / "count").write_text(COUNTER)
+    (rootfs / "count").chmod(0o755)
+    out = tmp_path_factory.mktemp("counter-archive") / "counter.tar"
+    images.write_oci_archive(images.image_from_dir(rootfs, NAME), out)
+    return out
+
+
+@pytest.fixture(params=RUNTIMES)
+def cenv(request: pytest.FixtureRequest, rootfs: Path, criu_dir: str) -> Iterator[Env]:
+    with running("ketchd", request.param, rootfs, env={"PATH": criu_dir}) as e:
+        yield e
+
+
+def counts(env: Env, ns: str, cid: str) -> list[int]:
+    """The counts the container's process logged so far (read with an exec)."""
+    r = env.ctr(ns, "tasks", "exec", *env.fifo, "--exec-id", support.unique("cat"), cid, "cat", "/tmp/log")
+    return [int(line) for line in r.stdout.split()]
+
+
+def counting_past(env: Env, ns: str, cid: str, n: int, timeout: float = 30) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = counts(env, ns, cid)
+        if seen and seen[-1] > n:
+            return seen
+        assert time.monotonic() < deadline, f"{cid} is not counting past {n}: {seen[-3:]}"
+        time.sleep(0.2)
+
+
+def status(env: Env, ns: str, cid: str) -> str:
+    for line in env.ctr(ns, "tasks", "ls").stdout.splitlines()[1:]:
+        fields = line.split()
+        if fields[0] == cid:
+            return fields[-1]
+    return ""
+
+
+def wait_status(env: Env, ns: str, cid: str, want: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while status(env, ns, cid) != want:
+        assert time.monotonic() < deadline, f"{cid} is {status(env, ns, cid)!r}, not {want}"
+        time.sleep(0.1)
+
+
+def start_counter(env: Env, ns: str, cid: str, archive: Path) -> None:
+    env.ctr(ns, "images", "import", str(archive))
+    env.ctr(ns, "run", "-d", "--null-io", "--runtime", env.runtime, NAME, cid, "/count")
+    counting_past(env, ns, cid, 3)
+
+
+def remove(env: Env, ns: str, cid: str) -> None:
+    env.ctr(ns, "tasks", "kill", "-s", "SIGKILL", cid, check=False)
+    wait_status(env, ns, cid, "STOPPED")
+    env.ctr(ns, "tasks", "rm", cid)
+    env.ctr(ns, "containers", "rm", cid)
+
+
+def assert_restored(env: Env, ns: str, cid: str, before: list[int]) -> None:
+    """``cid`` goes on counting from the last count it logged before its checkpoint."""
+    wait_status(env, ns, cid, "RUNNING")
+    after = counting_past(env, ns, cid, before[-1] + 3)
+    assert after == list(range(1, len(after) + 1)), f"the count restarted or skipped: {after}"
+    assert env.ctr(ns, "tasks", "exec", *env.fifo, "--exec-id", "before", cid, "cat", "/tmp/before").stdout == "hello\n"
+
+
+def test_checkpoint_leave_running_then_exit_and_restore(cenv: Env, counter_image: Path) -> None:
+    ns = cenv.ns()
+    start_counter(cenv, ns, "c1", counter_image)
+    cenv.ctr(ns, "containers", "checkpoint", "--task", "--rw", "c1", "ckd/live:1")
+    assert "ckd/live:1" in cenv.ctr(ns, "images", "ls", "-q").stdout.split()
+    before = counts(cenv, ns, "c1")
+    counting_past(cenv, ns, "c1", before[-1] + 2)  # left running: it counts on
+    assert status(cenv, ns, "c1") == "RUNNING"
+
+    # a checkpoint that ends the task (ctr's containers restore cannot read the image this one
+    # makes: it lacks the image name annotation containerd's client looks for)
+    name = cenv.ctr(ns, "tasks", "checkpoint", "--exit", "c1").stdout.strip()
+    wait_status(cenv, ns, "c1", "STOPPED")
+    digest = next(line.split()[2] for line in cenv.ctr(ns, "images", "ls").stdout.splitlines() if line.startswith(name))
+    index = json.loads(cenv.ctr(ns, "content", "get", digest).stdout)
+    kinds = sorted(m["mediaType"] for m in index["manifests"])
+    assert "application/vnd.containerd.container.criu.checkpoint.criu.tar" in kinds
+    assert "application/vnd.containerd.container.checkpoint.config.v1+proto" in kinds
+    remove(cenv, ns, "c1")
+
+    cenv.ctr(ns, "containers", "restore", "--live", "--rw", "c1", "ckd/live:1")
+    assert_restored(cenv, ns, "c1", before)
+    work = Path(os.readlink(cenv.cd.bundle(ns, "c1") / "work"))
+    assert not [p.name for p in work.iterdir() if p.name.startswith("checkpoint-") or p.name == "restore"], \
+        "the dump and the restore image are gone from the task's work dir"
+
+
+def blobs(env: Env, ns: str) -> set[str]:
+    return {line.split()[0] for line in env.ctr(ns, "content", "ls").stdout.splitlines()[1:]}
+
+
+def blob_files(env: Env) -> set[str]:
+    d = env.cd.base / "root" / "content" / "blobs" / "sha256"
+    return {f"sha256:{p.name}" for p in d.iterdir()} if d.is_dir() else set()
+
+
+def collect(env: Env, ns: str) -> None:
+    """Delete every lease of ``ns`` (ctr's, that its checkpoint left), and collect garbage now."""
+    leases = [line.split()[0] for line in env.ctr(ns, "leases", "ls").stdout.splitlines()[1:]]
+    env.ctr(ns, "leases", "create", "--id", "collect")
+    env.ctr(ns, "leases", "rm", "--sync", *leases, "collect")
+
+
+def test_checkpoint_image_migrates_to_another_ketchd(cenv: Env, counter_image: Path, rootfs: Path, criu_dir: str,
+                                                     tmp_path: Path) -> None:
+    ns = cenv.ns()
+    start_counter(cenv, ns, "c1", counter_image)
+    cenv.ctr(ns, "containers", "checkpoint", "--task", "--rw", "c1", "ckd/mig:1")
+    before = counts(cenv, ns, "c1")
+    archive = tmp_path / "checkpoint.tar"
+    cenv.ctr(ns, "images", "export", "--skip-manifest-json", str(archive), "ckd/mig:1")  # it is no Docker image
+    remove(cenv, ns, "c1")
+
+    with running("ketchd", cenv.runtime, rootfs, env={"PATH": criu_dir}) as other:
+        ns2 = other.ns()
+        other.ctr(ns2, "images", "import", str(counter_image))
+        other.ctr(ns2, "images", "import", "--no-unpack", str(archive))  # a checkpoint: nothing to unpack
+        other.ctr(ns2, "containers", "restore", "--live", "--rw", "c1", "ckd/mig:1")
+        assert_restored(other, ns2, "c1", before)
+        remove(other, ns2, "c1")
+
+
+def failing_criu(tmp_path: Path, script: str) -> str:
+    d = tmp_path / "criu-bin"
+    d.mkdir()
+    (d / "criu").write_text(f"#!/bin/sh\n{script}\n")
+    (d / "criu").chmod(0o755)
+    return str(d)
+
+
+@pytest.mark.parametrize("runtime", [p.values[0] for p in RUNTIMES], ids=[p.id for p in RUNTIMES])
+def test_failing_criu_is_failed_precondition_and_stores_nothing(runtime: str, rootfs: Path, counter_image: Path,
+                                                                tmp_path: Path) -> None:
+    criu = failing_criu(tmp_path, 'echo "Error (criu/cr-check.c:1230): UFFD is not supported"; exit 1')
+    with running("ketchd", runtime, rootfs, env={"PATH": criu}) as env:
+        ns = env.ns()
+        start_counter(env, ns, "c1", counter_image)
+        image_blobs = blobs(env, ns)
+        r = env.ctr(ns, "containers", "checkpoint", "--task", "--rw", "c1", "ckd/none:1", check=False)
+        assert r.returncode != 0
+        assert "failed precondition" in r.stderr and f"`{criu}/criu check` failed" in r.stderr, r.stderr
+        assert "UFFD is not supported" in r.stderr
+        assert "ckd/none:1" not in env.ctr(ns, "images", "ls", "-q").stdout.split()
+        assert status(env, ns, "c1") == "RUNNING", "ctr resumed it: the task is as it was"
+        collect(env, ns)
+        assert blobs(env, ns) == image_blobs and blob_files(env) == image_blobs
+        remove(env, ns, "c1")
+
+
+@pytest.mark.parametrize("runtime", [p.values[0] for p in RUNTIMES], ids=[p.id for p in RUNTIMES])
+def test_ketchd_killed_during_a_checkpoint_leaves_nothing_after_gc(runtime: str, rootfs: Path, counter_image: Path,
+                                                                   criu_dir: str, tmp_path: Path) -> None:
+    started, done = tmp_path / "dump-started", tmp_path / "dump-done"
+    # criu check passes at once; the dump (runc speaks to `criu swrk`) takes 3s longer
+    criu = failing_criu(tmp_path, f"""if [ "$1" = swrk ]; then touch {started}; sleep 3; fi
+{CRIU} "$@"
+rc=$?
+[ "$1" = swrk ] && touch {done}
+exit $rc""")
+    with running("ketchd", runtime, rootfs, env={"PATH": criu}) as env:
+        ns = env.ns()
+        start_counter(env, ns, "c1", counter_image)
+        image_blobs = blobs(env, ns)
+        ctr = subprocess.Popen(["ctr", "--address", env.cd.address, "--namespace", ns, "containers", "checkpoint",
+                                "--task", "--rw", "c1", "ckd/killed:1"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while not started.exists():
+            assert ctr.poll() is None, f"ctr ended before the dump began: {ctr.communicate()}"
+            assert time.monotonic() < deadline, "the dump did not begin"
+            time.sleep(0.05)
+        env.cd.kill(signal.SIGKILL)
+        _, err = ctr.communicate(timeout=30)
+        assert ctr.returncode != 0, err
+        while not done.exists():  # the shim's dump ends on its own (into the directory ketchd made)
+            assert time.monotonic() < deadline + 30, "the dump did not end"
+            time.sleep(0.1)
+        work = Path(os.readlink(env.cd.bundle(ns, "c1") / "work"))
+        assert [p for p in work.iterdir() if p.name.startswith("checkpoint-")], "the dump ketchd did not store"
+        env.cd.start()
+
+        assert not [p for p in work.iterdir() if p.name.startswith("checkpoint-")], "the dump is removed on reload"
+        assert "ckd/killed:1" not in env.ctr(ns, "images", "ls", "-q").stdout.split()
+        leases = env.ctr(ns, "leases", "ls").stdout
+        assert "containerd.io/gc.expire" in leases, f"ctr's lease expires by itself: {leases}"
+        assert blobs(env, ns) > image_blobs, "what ctr stored before the dump (rw layer, options), under its lease"
+        collect(env, ns)
+        assert blobs(env, ns) == image_blobs and blob_files(env) == image_blobs
+        assert env.ctr(ns, "content", "active").stdout.splitlines()[1:] == []
+        # the task lived through it: ctr paused it for the checkpoint; resumed, it counts on
+        if status(env, ns, "c1") == "PAUSED":
+            env.ctr(ns, "tasks", "resume", "c1")
+        counting_past(env, ns, "c1", counts(env, ns, "c1")[-1] + 2)
+        remove(env, ns, "c1")
