@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ketch.testing import images
+from ketch.testing import images, leftovers
 from ketch.testing import system as support
-from ketch.testing.daemons import RUNC_RUNTIME
+from ketch.testing.daemons import KETCH_RUNTIME, RUNC_RUNTIME, Ketchd
 from tests.interop.conftest import Env, running
+from tests.interop.test_dockerd import AliasedKetchd, Docker
 
 CRIU = Path("/var/lib/criu-4/bin/criu")
 NAME = "docker.io/library/counter:ckd"
@@ -243,3 +246,75 @@ exit $rc""")
             env.ctr(ns, "tasks", "resume", "c1")
         counting_past(env, ns, "c1", counts(env, ns, "c1")[-1] + 2)
         remove(env, ns, "c1")
+
+
+# -- dockerd (20.10, experimental) on ketchd -------------------------------------------------------
+
+@pytest.fixture(params=RUNTIMES)
+def docker(request: pytest.FixtureRequest, criu_dir: str) -> Iterator[Docker]:
+    """An experimental dockerd on a ketchd with criu on its PATH; dockerd asks for runc.v2, which
+    ketchd runs with runc's shim unless aliased to another (as tests/interop/test_dockerd.py)."""
+    base = Path(tempfile.mkdtemp(prefix="kc-", dir="/tmp"))
+    ketchd = (AliasedKetchd if request.param == KETCH_RUNTIME else Ketchd)(base)
+    ketchd.env["PATH"] = criu_dir
+    d = Docker(base, ketchd.address)
+    (base / "daemon.json").write_text(json.dumps({"live-restore": True, "experimental": True}))
+    try:
+        ketchd.start()
+        d.start()
+        yield d
+    finally:
+        if d.proc is not None:
+            ids = d.run("ps", "-aq", check=False).stdout.split()
+            if ids:
+                d.run("rm", "-f", *ids, check=False)
+        d.stop()
+        ketchd.kill(signal.SIGTERM)
+        ketchd.end_template()
+        subprocess.run(["umount", str(base / "data")], capture_output=True, check=False)
+        left = leftovers.check(ketchd.scope([], shared=("moby",), cgroup_parents=(d.cgroup_parent,)))
+        slow = ketchd.slow_callbacks()
+        if not left and not slow:
+            shutil.rmtree(base, ignore_errors=True)
+        assert not left, "left behind:\n  " + "\n  ".join(left) + f"\n(logs in {base})"
+        assert not slow, "ketchd's event loop was blocked:\n" + "\n".join(slow)
+
+
+def test_docker_checkpoint_create_ls_start_rm(docker: Docker, rootfs: Path, tmp_path: Path) -> None:
+    tar = tmp_path / "rootfs.tar"
+    subprocess.run(["tar", "-C", str(rootfs), "-cf", str(tar), "."], check=True)
+    docker.run("import", "-c", "ENV PATH=/usr/bin:/bin", str(tar), "busybox:ckd")
+    script = COUNTER.split("\n", 1)[1].replace("\n", "; ").replace("do;", "do").rstrip("; ")
+    docker.run("run", "-d", "--name", "cnt", "--network", "none", "busybox:ckd", "sh", "-c", script)
+
+    def logged() -> list[int]:
+        return [int(n) for n in docker.run("exec", "cnt", "cat", "/tmp/log").stdout.split()]
+
+    deadline = time.monotonic() + 30
+    while len(logged()) < 3:
+        assert time.monotonic() < deadline, "not counting"
+        time.sleep(0.2)
+    docker.run("checkpoint", "create", "cnt", "cp1")  # the container stops (no --leave-running)
+    assert docker.inspect("cnt", "{{.State.Running}}") == "false"
+    before = [int(n) for n in subprocess.run(
+        ["cat", f"{docker.inspect('cnt', '{{.GraphDriver.Data.UpperDir}}')}/tmp/log"],
+        capture_output=True, text=True, check=True).stdout.split()]
+    assert before, "its log is in its rw layer"
+    assert docker.run("checkpoint", "ls", "cnt").stdout.splitlines()[1:] == ["cp1"]
+
+    docker.run("start", "--checkpoint", "cp1", "cnt")
+    assert docker.inspect("cnt", "{{.State.Running}}") == "true"
+    deadline = time.monotonic() + 30
+    while (after := logged())[-1] <= before[-1] + 3:
+        assert time.monotonic() < deadline, f"not counting on: {after[-3:]}"
+        time.sleep(0.2)
+    assert after == list(range(1, len(after) + 1)), f"the count restarted or skipped: {after}"
+    docker.run("checkpoint", "rm", "cnt", "cp1")
+    assert docker.run("checkpoint", "ls", "cnt").stdout.splitlines()[1:] == []
+    docker.run("rm", "-f", "cnt")
+    # what the checkpoint and the start put in ketchd's content store went with their leases
+    ctr = ["ctr", "--address", docker.containerd, "--namespace", "moby"]
+    subprocess.run([*ctr, "leases", "create", "--id", "collect"], check=True, capture_output=True)
+    subprocess.run([*ctr, "leases", "rm", "--sync", "collect"], check=True, capture_output=True)
+    assert subprocess.run([*ctr, "content", "ls", "-q"], capture_output=True, text=True,
+                          check=True).stdout.split() == []
