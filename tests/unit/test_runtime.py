@@ -378,6 +378,34 @@ def test_illegal_phase_moves_name_the_phase(tmp_path: Path, phase: Phase, op: st
     assert task.phase is phase
 
 
+def test_reload_drops_unfinished_dumps_and_keeps_a_restore_until_start(tmp_path: Path) -> None:
+    """ketchd killed during a checkpoint leaves the shim's dump in the task's work dir: the
+    reload removes it. A task created from a checkpoint but not started keeps its image."""
+    launcher = FakeLauncher()
+
+    async def restoring(directory: str) -> None:
+        Path(directory).mkdir(parents=True)
+        (Path(directory) / "pages.img").write_bytes(b"pages")
+
+    async def first(w: World) -> Path:
+        await w.create("ns", "c1", unpack=restoring)
+        work = Path(os.readlink(w.bundle("ns", "c1") / "work"))
+        (work / "checkpoint-abc").mkdir()
+        (work / "checkpoint-abc" / "pages.img").write_bytes(b"half a dump")
+        (work / "criu-work").mkdir()  # the shim's own
+        return work
+
+    work = run(tmp_path, first, launcher=launcher)
+
+    async def second(w: World) -> None:
+        await w.manager.load()
+        assert sorted(p.name for p in work.iterdir()) == ["criu-work", "restore"]
+        assert await w.manager.get("ns", "c1").start() > 0
+        assert sorted(p.name for p in work.iterdir()) == ["criu-work"]
+
+    run(tmp_path, second, launcher=launcher)
+
+
 def test_a_resent_exit_is_published_once_across_restarts(tmp_path: Path) -> None:
     from ketch.api.containerd.events import task_pb2 as events
     from ketch.events import Envelope

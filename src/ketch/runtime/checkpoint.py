@@ -81,11 +81,13 @@ def _options_field(options: tuple[str, bytes] | None, field: str) -> str:
     from ketch.api.containerd.linux.runctypes import runc_pb2
     from ketch.api.containerd.runc.options import oci_pb2
 
-    types: dict[str, type[Message]] = {"containerd.runc.v1.Options": oci_pb2.Options,
-             "containerd.runc.v1.CheckpointOptions": oci_pb2.CheckpointOptions,
-             "containerd.linux.runc.RuncOptions": runc_pb2.RuncOptions,
-             "containerd.linux.runc.CreateOptions": runc_pb2.CreateOptions,
-             "containerd.linux.runc.CheckpointOptions": runc_pb2.CheckpointOptions}
+    types: dict[str, type[Message]] = {
+        "containerd.runc.v1.Options": oci_pb2.Options,
+        "containerd.runc.v1.CheckpointOptions": oci_pb2.CheckpointOptions,
+        "containerd.linux.runc.RuncOptions": runc_pb2.RuncOptions,
+        "containerd.linux.runc.CreateOptions": runc_pb2.CreateOptions,
+        "containerd.linux.runc.CheckpointOptions": runc_pb2.CheckpointOptions,
+    }
     kind = types.get(options[0].rsplit("/", 1)[-1])
     if kind is None or field not in kind.DESCRIPTOR.fields_by_name:
         return ""

@@ -513,6 +513,8 @@ class TaskManager:
             task = self._load_task(bundle)
             if task is not None:
                 by_address.setdefault(bundle.address(), []).append(task)
+                # the dumps of checkpoints ketchd died during (their blobs were never stored)
+                await asyncio.to_thread(bundle.drop_checkpoints, restore=False)
         await asyncio.gather(*(self._reconnect(address, tasks) for address, tasks in by_address.items()))
         await self._dismiss_idle_shims(set(by_address))
 
@@ -557,7 +559,6 @@ class TaskManager:
             return None
         with contextlib.suppress(OSError):
             task.log = ShimLog(str(bundle.path / "log"), task.namespace, task.id)
-        bundle.drop_checkpoints(restore=False)  # dumps a checkpoint killed with ketchd was making
         task.restored = bundle.restore_image.exists()
         return task
 
