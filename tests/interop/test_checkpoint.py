@@ -24,7 +24,7 @@ from ketch.testing import images, leftovers
 from ketch.testing import system as support
 from ketch.testing.daemons import KETCH_RUNTIME, RUNC_RUNTIME, Ketchd
 from tests.interop.conftest import Env, running
-from tests.interop.test_dockerd import AliasedKetchd, Docker
+from tests.interop.test_dockerd import AliasedKetchd, Docker, Stack
 
 CRIU = Path("/var/lib/criu-4/bin/criu")
 NAME = "docker.io/library/counter:ckd"
@@ -251,7 +251,7 @@ exit $rc""")
 # -- dockerd (20.10, experimental) on ketchd -------------------------------------------------------
 
 @pytest.fixture(params=RUNTIMES)
-def docker(request: pytest.FixtureRequest, criu_dir: str) -> Iterator[Docker]:
+def stack(request: pytest.FixtureRequest, criu_dir: str) -> Iterator[Stack]:
     """An experimental dockerd on a ketchd with criu on its PATH; dockerd asks for runc.v2, which
     ketchd runs with runc's shim unless aliased to another (as tests/interop/test_dockerd.py)."""
     base = Path(tempfile.mkdtemp(prefix="kc-", dir="/tmp"))
@@ -262,7 +262,7 @@ def docker(request: pytest.FixtureRequest, criu_dir: str) -> Iterator[Docker]:
     try:
         ketchd.start()
         d.start()
-        yield d
+        yield Stack(ketchd, d)
     finally:
         if d.proc is not None:
             ids = d.run("ps", "-aq", check=False).stdout.split()
@@ -280,12 +280,16 @@ def docker(request: pytest.FixtureRequest, criu_dir: str) -> Iterator[Docker]:
         assert not slow, "ketchd's event loop was blocked:\n" + "\n".join(slow)
 
 
-def test_docker_checkpoint_create_ls_start_rm(docker: Docker, rootfs: Path, tmp_path: Path) -> None:
+def test_docker_checkpoint_create_ls_start_rm(stack: Stack, rootfs: Path, tmp_path: Path) -> None:
+    docker = stack.docker
     tar = tmp_path / "rootfs.tar"
     subprocess.run(["tar", "-C", str(rootfs), "-cf", str(tar), "."], check=True)
     docker.run("import", "-c", "ENV PATH=/usr/bin:/bin", str(tar), "busybox:ckd")
     script = COUNTER.split("\n", 1)[1].replace("\n", "; ").replace("do;", "do").rstrip("; ")
     docker.run("run", "-d", "--name", "cnt", "--network", "none", "busybox:ckd", "sh", "-c", script)
+    bundle = stack.ketchd.bundle("moby", docker.inspect("cnt", "{{.Id}}"))
+    shim = "containerd-shim-ketch-v2" if isinstance(stack.ketchd, AliasedKetchd) else "containerd-shim-runc-v2"
+    assert Path(json.loads((bundle / "ketch.json").read_text())["binary"]).name == shim
 
     def logged() -> list[int]:
         return [int(n) for n in docker.run("exec", "cnt", "cat", "/tmp/log").stdout.split()]
