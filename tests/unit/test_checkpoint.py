@@ -60,8 +60,10 @@ class H:
         await self.tasks.Start(api.StartRequest(container_id=id), metadata=self.md())
 
 
-def run(tmp_path: Path, criu: str, body: Callable[[H], Awaitable[None]]) -> None:
-    """``criu``: the criu_path of every container's runtime options."""
+def run(tmp_path: Path, criu: str, body: Callable[[H], Awaitable[None]],
+        loaded: asyncio.Event | None = None) -> None:
+    """``criu``: the criu_path of every container's runtime options; ``loaded``: the content
+    store is there once it is set (as in ketchd, which serves tasks before it loads it)."""
     options = TypedValue("containerd.runc.v1.Options", oci_pb2.Options(criu_path=criu).SerializeToString())
     containers = {(NS, c): Container(c, runtime=Runtime("io.containerd.ketch.v2", options), spec=SPEC)
                   for c in ("web", "db", "copy")}
@@ -78,9 +80,16 @@ def run(tmp_path: Path, criu: str, body: Callable[[H], Awaitable[None]]) -> None
                               publish=lambda ns, e: seen.append(e))
         with Store(tmp_path / "meta.db") as store:
             content = ContentStore(tmp_path / "content", store)
+
+            async def later() -> ContentStore:
+                assert loaded is not None
+                await loaded.wait()
+                return content
+
+            checkpoints = Checkpoints(content if loaded is None else later, manager.publish)
             try:
                 async with asyncio.timeout(10), channel_for(lambda server: tasks_pb2_grpc.add_TasksServicer_to_server(
-                        Tasks(manager, lookup, Checkpoints(content, manager.publish)), server)) as ch:
+                        Tasks(manager, lookup, checkpoints), server)) as ch:
                     await body(H(tasks_pb2_grpc.TasksStub(ch), manager, launcher, content, store, seen, tmp_path))
             finally:
                 await manager.close()
@@ -227,3 +236,24 @@ def test_restore_refuses_bad_checkpoints_and_leaves_no_task(tmp_path: Path) -> N
         await h.tasks.Create(api.CreateTaskRequest(container_id="db"), metadata=h.md())
 
     run(tmp_path, "/bin/true", body)
+
+
+def test_only_blobs_wait_for_the_content_store(tmp_path: Path) -> None:
+    """ketchd serves tasks before its content store is loaded: a create, even with runtime
+    options, goes on; a checkpoint waits for the store, then stores its blobs there."""
+    loaded = asyncio.Event()
+
+    async def body(h: H) -> None:
+        options = oci_pb2.Options(criu_path="/bin/true", binary_name="runc")
+        await h.tasks.Create(api.CreateTaskRequest(container_id="web", options=any_pb2.Any(
+            type_url="containerd.runc.v1.Options", value=options.SerializeToString())), metadata=h.md())
+        await h.tasks.Start(api.StartRequest(container_id="web"), metadata=h.md())
+        checkpoint = asyncio.ensure_future(h.tasks.Checkpoint(api.CheckpointTaskRequest(container_id="web"),
+                                                              metadata=h.md()))
+        await asyncio.sleep(0.3)
+        assert not checkpoint.done()
+        loaded.set()
+        image, _ = (await checkpoint).descriptors
+        assert h.content.info(NS, image.digest).size == image.size
+
+    run(tmp_path, "/bin/true", body, loaded)

@@ -41,7 +41,6 @@ from google.protobuf.message import DecodeError, Message
 
 from ketch import digests, errdefs
 from ketch.api.containerd.events import task_pb2 as events
-from ketch.diff import MEDIA_TYPE_LAYER, apply_layer, create_layer
 from ketch.runtime.bundle import DUMP_PREFIX
 from ketch.topics import Publish
 
@@ -130,11 +129,16 @@ async def check_criu(runtime_options: tuple[str, bytes] | None) -> str:
 
 
 class Checkpoints:
-    """Tasks' checkpoints to and from the content store (see the module doc)."""
+    """Tasks' checkpoints to and from the content store (see the module doc). ``content`` is
+    the store, or what waits for it: ketchd serves tasks before its content store is loaded,
+    and only a call that reads or writes a blob waits for it."""
 
-    def __init__(self, content: ContentStore, publish: Publish) -> None:
-        self.content = content
+    def __init__(self, content: ContentStore | Callable[[], Awaitable[ContentStore]], publish: Publish) -> None:
+        self._content = content
         self.publish = publish
+
+    async def content(self) -> ContentStore:
+        return self._content if not callable(self._content) else await self._content()
 
     async def checkpoint(self, namespace: str, container: Container, task: Task,
                          options: tuple[str, bytes] | None, *, lease: str | None) -> list[Descriptor]:
@@ -150,10 +154,11 @@ class Checkpoints:
         if container.spec is None:
             raise errdefs.FailedPrecondition(f"container {container.id!r} has no spec")
         spec = any_pb2.Any(type_url=container.spec.type_url, value=container.spec.value).SerializeToString()
+        content = await self.content()
         async with _scratch(task.bundle.work, DUMP_PREFIX) as dump:
             await task.checkpoint(dump, options)
-            image = await asyncio.to_thread(self._store_tree, namespace, dump, f"checkpoint-{task.id}", lease)
-        config = await asyncio.to_thread(self._store_bytes, namespace, spec, MEDIA_TYPE_CONFIG,
+            image = await asyncio.to_thread(_store_tree, content, namespace, dump, f"checkpoint-{task.id}", lease)
+        config = await asyncio.to_thread(_store_bytes, content, namespace, spec, MEDIA_TYPE_CONFIG,
                                          f"checkpoint-{task.id}-spec", lease)
         self.publish(namespace, events.TaskCheckpointed(container_id=task.id, checkpoint=image.digest))
         log.info("checkpointed task %s/%s as %s (%d bytes)", namespace, task.id, image.digest, image.size)
@@ -177,45 +182,53 @@ class Checkpoints:
             return path, None
         assert checkpoint is not None
         digests.check_digest(checkpoint.digest)
-        await asyncio.to_thread(self.content.info, namespace, checkpoint.digest)  # NotFound now, not later
+        content = await self.content()
+        await asyncio.to_thread(content.info, namespace, checkpoint.digest)  # NotFound now, not later
 
         async def unpack(directory: str) -> None:
-            await asyncio.to_thread(self._unpack, namespace, checkpoint.digest, directory)
+            await asyncio.to_thread(_unpack, content, namespace, checkpoint.digest, directory)
 
         return "", unpack
 
-    # -- blocking parts, in a thread ----------------------------------------------------------
 
-    def _unpack(self, namespace: str, digest: str, directory: str) -> None:
-        Path(directory).mkdir(mode=0o700, parents=True, exist_ok=True)
-        with self.content.reader(namespace, digest) as reader:
-            apply_layer(reader, directory, MEDIA_TYPE_LAYER)
+# -- blocking parts, in a thread ----------------------------------------------------------------
 
-    def _store_tree(self, namespace: str, directory: str, ref: str, lease: str | None) -> Descriptor:
-        """The directory as a plain tar blob; a failed write leaves no ingest behind."""
-        ref = _unique(ref)
-        with contextlib.closing(self.content.writer(namespace, ref, lease=lease)) as w:
-            try:
-                digest, size = create_layer(None, directory, w, compress=False)
-            except BaseException:
-                with contextlib.suppress(errdefs.KetchError):
-                    self.content.abort(namespace, ref, lease=lease)
-                raise
-            with contextlib.suppress(errdefs.AlreadyExists):  # the same dump again: the blob is there
-                w.commit(size, digest)
-        return Descriptor(MEDIA_TYPE_CHECKPOINT, digest, size)
+def _unpack(content: ContentStore, namespace: str, digest: str, directory: str) -> None:
+    from ketch.diff import MEDIA_TYPE_LAYER, apply_layer
 
-    def _store_bytes(self, namespace: str, data: bytes, media_type: str, ref: str, lease: str | None) -> Descriptor:
-        digest = digests.from_sha256_hex(hashlib.sha256(data).hexdigest())
+    Path(directory).mkdir(mode=0o700, parents=True, exist_ok=True)
+    with content.reader(namespace, digest) as reader:
+        apply_layer(reader, directory, MEDIA_TYPE_LAYER)
+
+
+def _store_tree(content: ContentStore, namespace: str, directory: str, ref: str, lease: str | None) -> Descriptor:
+    """The directory as a plain tar blob; a failed write leaves no ingest behind."""
+    from ketch.diff import create_layer
+
+    ref = _unique(ref)
+    with contextlib.closing(content.writer(namespace, ref, lease=lease)) as w:
         try:
-            with contextlib.closing(self.content.writer(namespace, _unique(ref), len(data), digest,
-                                                        lease=lease)) as w:
-                for off in range(0, len(data), _CHUNK):
-                    w.write(data[off:off + _CHUNK])
-                w.commit(len(data), digest)
-        except errdefs.AlreadyExists:
-            pass  # held already (the lease, if any, holds it now too)
-        return Descriptor(media_type, digest, len(data))
+            digest, size = create_layer(None, directory, w, compress=False)
+        except BaseException:
+            with contextlib.suppress(errdefs.KetchError):
+                content.abort(namespace, ref, lease=lease)
+            raise
+        with contextlib.suppress(errdefs.AlreadyExists):  # the same dump again: the blob is there
+            w.commit(size, digest)
+    return Descriptor(MEDIA_TYPE_CHECKPOINT, digest, size)
+
+
+def _store_bytes(content: ContentStore, namespace: str, data: bytes, media_type: str, ref: str,
+                 lease: str | None) -> Descriptor:
+    digest = digests.from_sha256_hex(hashlib.sha256(data).hexdigest())
+    try:
+        with contextlib.closing(content.writer(namespace, _unique(ref), len(data), digest, lease=lease)) as w:
+            for off in range(0, len(data), _CHUNK):
+                w.write(data[off:off + _CHUNK])
+            w.commit(len(data), digest)
+    except errdefs.AlreadyExists:
+        pass  # held already (the lease, if any, holds it now too)
+    return Descriptor(media_type, digest, len(data))
 
 
 def _runtime_options(container: Container) -> tuple[str, bytes] | None:
