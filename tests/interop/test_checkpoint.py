@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import stat
 import time
 from collections.abc import Iterator
@@ -21,12 +22,14 @@ import grpc
 import pytest
 
 from ketch import AsyncClient
+from ketch.client import LogURI
 from ketch.api.containerd.runc.options import oci_pb2
 from ketch.api.containerd.services.images.v1 import images_pb2, images_pb2_grpc
 from ketch.api.containerd.services.snapshots.v1 import snapshots_pb2, snapshots_pb2_grpc
 from ketch.api.containerd.services.tasks.v1 import tasks_pb2, tasks_pb2_grpc
 from ketch.api.containerd.types import descriptor_pb2
 from ketch.client._containers import pack_options
+from ketch.shim.keeper import parent_pid
 from ketch.testing import criu, images
 from ketch.testing import system as support
 from ketch.testing.daemons import KETCH_RUNTIME
@@ -34,14 +37,15 @@ from tests.interop.conftest import Env, running
 
 IMAGE = "example.com/ketch/counter:1"
 CRIU_TAR = "application/vnd.containerd.container.criu.checkpoint.criu.tar"
-#: counts in memory; a /tmp/jump made meanwhile adds 1000 once (so a restored value tells
-#: the checkpointed memory from the memory of the process that went on after the checkpoint)
+#: counts in memory, to /tmp/n and stdout; a /tmp/jump made meanwhile adds 1000 once (so a
+#: restored value tells the checkpointed memory from the process that went on after the checkpoint)
 COUNTER = """#!/bin/sh
 i=0
 while true; do
   i=$((i+1))
   if [ -e /tmp/jump ]; then i=$((i+1000)); rm /tmp/jump; fi
   echo $i > /tmp/n
+  echo "n=$i"
   sleep 0.2
 done
 """
@@ -141,15 +145,19 @@ def checkpoint_api(env: Env, ns: str, id: str, options: oci_pb2.CheckpointOption
     return list(r.descriptors)
 
 
-def restore_api(env: Env, ns: str, id: str, checkpoint: descriptor_pb2.Descriptor) -> int:
+def restore_api(env: Env, ns: str, id: str, checkpoint: descriptor_pb2.Descriptor, *, stdout: str = "",
+                terminal: bool = False) -> int:
     """A new task of the existing container ``id`` restored from ``checkpoint`` (a CRIU image
-    tar in the content store) on its own snapshot, as dockerd's start --checkpoint does; its pid."""
+    tar in the content store) on its own snapshot, as dockerd's start --checkpoint does, its
+    output to ``stdout`` (and stderr); its pid."""
     channel, md = _api(env, ns)
     with channel:
         mounts = snapshots_pb2_grpc.SnapshotsStub(channel).Mounts(
             snapshots_pb2.MountsRequest(snapshotter="overlayfs", key=id), metadata=md, timeout=30).mounts
         tasks = tasks_pb2_grpc.TasksStub(channel)
-        tasks.Create(tasks_pb2.CreateTaskRequest(container_id=id, rootfs=mounts, checkpoint=checkpoint),
+        tasks.Create(tasks_pb2.CreateTaskRequest(container_id=id, rootfs=mounts, checkpoint=checkpoint,
+                                                 stdout=stdout, stderr="" if terminal else stdout,
+                                                 terminal=terminal),
                      metadata=md, timeout=120)
         return int(tasks.Start(tasks_pb2.StartRequest(container_id=id), metadata=md, timeout=120).pid)
 
@@ -194,7 +202,8 @@ def test_ctr_checkpoint_leave_running_then_restore_live_rw(cenv: Env, counter_ar
             shutil.rmtree(d, ignore_errors=True)
 
 
-def test_checkpoint_with_exit_then_restore_into_the_same_container(cenv: Env, counter_archive: Path) -> None:
+def test_checkpoint_with_exit_then_restore_into_the_same_container(cenv: Env, counter_archive: Path,
+                                                                   tmp_path: Path) -> None:
     ns, cid = cenv.ns(), support.unique("ck")
     cenv.ctr(ns, "images", "import", str(counter_archive))
     c = Counter(cenv, ns, cid)
@@ -213,11 +222,60 @@ def test_checkpoint_with_exit_then_restore_into_the_same_container(cenv: Env, co
     assert c.value() == at_exit
     c.remove_task()
 
-    restore_api(cenv, ns, cid, image)
+    log = tmp_path / "restored.log"
+    restore_api(cenv, ns, cid, image, stdout=f"file://{log}")
     assert c.status() == "RUNNING"
     first = c.until("a new value", lambda v: v != at_exit)
     assert at_exit < first <= at_exit + 2, (at_exit, first)  # from its memory, not from 1
     c.until("counting on", lambda v: v > first)
+    # its stdout is the new task's, as for a fresh create
+    _until_logged(log, first + 1)
+
+
+def _until_logged(log: Path, n: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and f"n={n}" in log.read_text().split():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"n={n} not in {log}: {log.read_text() if log.exists() else '(none)'}")
+
+
+def test_a_restored_init_is_served_as_a_created_one(cenv: Env, counter_archive: Path, tmp_path: Path) -> None:
+    """The restored init is the serving shim's child (runc restore --detach leaves it to the
+    shim, a subreaper, as runc create does), under the group's keeper; exec, pause and resume
+    work on it, its output goes on, and its exit is reported with its status."""
+    ns, cid = cenv.ns(), support.unique("ck")
+    cenv.ctr(ns, "images", "import", str(counter_archive))
+    c = Counter(cenv, ns, cid)
+    c.run()
+    c.until(">= 5", lambda v: v >= 5)
+    [image] = [d for d in checkpoint_api(cenv, ns, cid, oci_pb2.CheckpointOptions(exit=True))
+               if d.media_type == CRIU_TAR]
+    deadline = time.monotonic() + 20
+    while c.status() != "STOPPED" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    c.remove_task()
+    log = tmp_path / "restored.log"
+    pid = restore_api(cenv, ns, cid, image, stdout=f"file://{log}")
+    shim = parent_pid(pid)
+    assert shim in support.shim_pids(ns), "the serving shim reaps the restored init"
+    assert parent_pid(shim) in support.keeper_pids(ns)
+    assert c.exec("echo", "alive") == "alive\n"
+    cenv.ctr(ns, "task", "pause", cid)
+    assert c.status() == "PAUSED"
+    cenv.ctr(ns, "task", "resume", cid)
+    v = c.value()
+    c.until("counting on", lambda n: n > v + 2)
+    _until_logged(log, v + 2)
+    cenv.ctr(ns, "task", "kill", "-s", "SIGKILL", cid)
+    deadline = time.monotonic() + 20
+    while c.status() != "STOPPED" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    channel, md = _api(cenv, ns)
+    with channel:
+        deleted = tasks_pb2_grpc.TasksStub(channel).Delete(tasks_pb2.DeleteTaskRequest(container_id=cid), metadata=md)
+    assert (deleted.pid, deleted.exit_status) == (pid, 128 + signal.SIGKILL)
 
 
 def test_ctr_task_checkpoint_leaves_it_running_and_restores(cenv: Env, counter_archive: Path) -> None:
@@ -244,6 +302,35 @@ def test_ctr_task_checkpoint_leaves_it_running_and_restores(cenv: Env, counter_a
     restored = c.until("the checkpointed count", lambda v: v < before + 1000)
     assert restored >= before
     c.until("counting on", lambda v: v > restored)
+
+
+def test_a_terminal_task_is_checkpointed_and_restored_with_a_pty(cenv: Env, counter_archive: Path,
+                                                                  tmp_path: Path) -> None:
+    """The terminal option (criu --shell-job): the restored process gets the new task's pty."""
+    ns, cid = cenv.ns(), support.unique("ck")
+    cenv.ctr(ns, "images", "import", str(counter_archive))
+    log, restored_log = tmp_path / "tty.log", tmp_path / "restored.log"
+
+    async def create() -> None:
+        async with AsyncClient(cenv.cd.address, ns) as client:
+            container = await client.create_container(cid, image=IMAGE, runtime=KETCH_RUNTIME, terminal=True)
+            await (await container.new_task(LogURI(f"file://{log}"))).start()
+
+    asyncio.run(create())
+    c = Counter(cenv, ns, cid)
+    before = c.until(">= 5", lambda v: v >= 5)
+    _until_logged(log, before)
+    [image] = [d for d in checkpoint_api(cenv, ns, cid, oci_pb2.CheckpointOptions(exit=True, terminal=True))
+               if d.media_type == CRIU_TAR]
+    deadline = time.monotonic() + 20
+    while c.status() != "STOPPED" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    at_exit = c.value()
+    c.remove_task()
+    restore_api(cenv, ns, cid, image, stdout=f"file://{restored_log}", terminal=True)
+    first = c.until("a new value", lambda v: v != at_exit)
+    assert at_exit < first <= at_exit + 2, (at_exit, first)
+    _until_logged(restored_log, first + 1)
 
 
 def _fail_criu(path: Path) -> Path:

@@ -499,3 +499,35 @@ def test_a_task_created_from_a_checkpoint_is_restored_by_its_start(tmp_path: Pat
         assert pub.names()[-1] == "TaskExit"
 
     run(scenario)
+
+
+def test_a_successor_shim_restores_a_task_whose_start_has_not_come(tmp_path: Path) -> None:
+    """Taken over between Create (from a checkpoint) and Start: the keeper's record says which
+    checkpoint, and the successor's Start restores from it, with stdio made anew."""
+    bundle, image = tmp_path / "bundle", tmp_path / "image"
+    bundle.mkdir()
+    image.mkdir()
+    out = tmp_path / "out.log"
+
+    async def scenario(monitor: Monitor) -> None:
+        runc = _CheckpointingRunc()
+        core = Core(namespace="t", monitor=monitor, publisher=_RecordingPublisher(), runc_root=str(tmp_path / "s"))
+        core._runc = lambda opts, bundle: runc  # type: ignore[assignment,method-assign,return-value]
+        from ketch.shim.options import RuntimeOptions
+
+        RuntimeOptions(criu_path=_criu(tmp_path)).save(str(bundle))
+        stdio = {"stdin": "", "stdout": f"file://{out}", "stderr": "", "terminal": False}
+        core.restore({"c/c1": ({"bundle": str(bundle), "mounted_rootfs": False, "checkpoint": str(image),
+                                "parent_checkpoint": ""}, {}),
+                      "p/c1/-": ({"state": int(State.CREATED), "pid": 0, "exit_status": 0, "exited_at": 0.0,
+                                  "stdio": stdio, "spec": "", "logger": 0}, {})}, {})
+        container = core.container("c1")
+        assert (container.checkpoint, container.init.io) == (str(image), None)
+        proc = await core.start("c1", "")
+        assert runc.calls == [("restore", "c1", str(image), str(bundle / "work"), "")]
+        assert proc.state == State.RUNNING and proc.io is not None and out.exists()
+        os.kill(proc.pid, signal.SIGKILL)
+        async with asyncio.timeout(10):
+            await core.wait("c1", "")
+
+    run(scenario)
