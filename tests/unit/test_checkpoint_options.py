@@ -151,8 +151,12 @@ def test_no_criu_on_path_is_failed_precondition(tmp_path: Path, monkeypatch: pyt
     assert run(lambda monitor: criu.require(monitor, "")) == os.path.join(tmp_path, "criu")
 
 
-def test_criu_log_tail(tmp_path: Path) -> None:
+def test_criu_log_excerpt(tmp_path: Path) -> None:
     log = tmp_path / "dump.log"
-    log.write_text("".join(f"line {i}\n" for i in range(100)))
-    assert criu.log_tail(str(log), 3) == "line 97\nline 98\nline 99"
-    assert criu.log_tail(str(tmp_path / "absent")) == ""
+    log.write_text("".join(f"(0.{i:04d}) step {i}\n" for i in range(100)))
+    assert criu.log_excerpt(str(log), 3) == "(0.0097) step 97\n(0.0098) step 98\n(0.0099) step 99"
+    errors = ["(0.0200) Error (criu/sk-inet.c:1): inet: Connected TCP socket, consider using --tcp-established option.",
+              "(0.0300) Error (criu/cr-dump.c:2): Dumping FAILED."]
+    log.write_text("(0.0100) step\n" + errors[0] + "\n(0.0250) Unfreezing tasks\n" + errors[1] + "\n(0.0301) end\n")
+    assert criu.log_excerpt(str(log)) == "\n".join(errors)
+    assert criu.log_excerpt(str(tmp_path / "absent")) == ""

@@ -434,10 +434,9 @@ def test_a_failed_dump_quotes_criu_and_keeps_its_log(tmp_path: Path) -> None:
     work = str(tmp_path / "work" / "criu-work")
     assert calls == [("checkpoint", "c1", ["--image-path", str(tmp_path / "image"), "--work-path", work,
                                            "--leave-running"])]
-    assert message.startswith("runc checkpoint failed: criu failed: type NOTIFY errno 0\n"
-                              f"criu's log ({tmp_path}/criu-dump.log) ends:\n")
-    assert message.endswith("(0.0039) dump step 39\nError (criu/sk-unix.c:1): unix: Can't dump external socket")
-    assert "dump step 24\n" not in message  # the tail, not the whole log
+    assert message == ("runc checkpoint failed: criu failed: type NOTIFY errno 0\n"
+                       f"criu's log ({tmp_path}/criu-dump.log) says:\n"
+                       "Error (criu/sk-unix.c:1): unix: Can't dump external socket")
     assert "Can't dump external socket" in (tmp_path / "criu-dump.log").read_text()
     assert not os.path.exists(work), "the default work directory is removed"
 

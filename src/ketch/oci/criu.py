@@ -53,12 +53,15 @@ async def require(monitor: ExitWatcher, path: str) -> str:
     return binary
 
 
-def log_tail(path: str, lines: int = TAIL_LINES) -> str:
-    """The last ``lines`` lines of a criu log ("" when there is none)."""
+def log_excerpt(path: str, lines: int = TAIL_LINES) -> str:
+    """What a criu log says went wrong: its ``Error`` lines (criu's advice is among them, e.g.
+    "Connected TCP socket, consider using --tcp-established option"), at most ``lines`` of
+    them; without any, its last ``lines`` lines; "" when there is no log."""
     try:
         with open(path, "rb") as f:
-            f.seek(max(0, os.fstat(f.fileno()).st_size - 64 * 1024))
-            data = f.read()
+            text = f.read(4 << 20).decode(errors="replace")
     except OSError:
         return ""
-    return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+    all_lines = text.splitlines()
+    errors = [line for line in all_lines if "Error (" in line]
+    return "\n".join((errors or all_lines)[-lines:])

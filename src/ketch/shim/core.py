@@ -144,9 +144,10 @@ def _process_key(container_id: str, exec_id: str) -> str:
 
 
 def _with_criu_log(error: RuncError, log_path: str, keep: str) -> RuncError:
-    """``error`` (a failed runc checkpoint or restore) with the end of criu's log, which is
-    copied to ``keep`` first when given (criu's work directory may be removed)."""
-    tail = criu.log_tail(log_path)
+    """``error`` (a failed runc checkpoint or restore) with what criu's log says went wrong
+    (:func:`criu.log_excerpt`); the log is copied to ``keep`` when given (criu's work directory
+    may be removed)."""
+    tail = criu.log_excerpt(log_path)
     if not tail:
         return error
     where = log_path
@@ -154,7 +155,7 @@ def _with_criu_log(error: RuncError, log_path: str, keep: str) -> RuncError:
         with contextlib.suppress(OSError):
             shutil.copyfile(log_path, keep)
             where = keep
-    return type(error)(f"{error.message}\ncriu's log ({where}) ends:\n{tail}", error.status)
+    return type(error)(f"{error.message}\ncriu's log ({where}) says:\n{tail}", error.status)
 
 
 def _read_pid(path: str) -> int:
