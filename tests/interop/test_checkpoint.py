@@ -157,10 +157,10 @@ def checkpoint_api(env: Env, ns: str, id: str, options: oci_pb2.CheckpointOption
 
 
 def restore_api(env: Env, ns: str, id: str, checkpoint: descriptor_pb2.Descriptor, *, stdout: str = "",
-                terminal: bool = False) -> int:
+                terminal: bool = False, options: oci_pb2.Options | None = None) -> int:
     """A new task of the existing container ``id`` restored from ``checkpoint`` (a CRIU image
     tar in the content store) on its own snapshot, as dockerd's start --checkpoint does, its
-    output to ``stdout`` (and stderr); its pid."""
+    output to ``stdout`` (and stderr), with runtime ``options``; its pid."""
     channel, md = _api(env, ns)
     with channel:
         mounts = snapshots_pb2_grpc.SnapshotsStub(channel).Mounts(
@@ -168,7 +168,8 @@ def restore_api(env: Env, ns: str, id: str, checkpoint: descriptor_pb2.Descripto
         tasks = tasks_pb2_grpc.TasksStub(channel)
         tasks.Create(tasks_pb2.CreateTaskRequest(container_id=id, rootfs=mounts, checkpoint=checkpoint,
                                                  stdout=stdout, stderr="" if terminal else stdout,
-                                                 terminal=terminal),
+                                                 terminal=terminal,
+                                                 options=pack_options(options) if options else None),
                      metadata=md, timeout=120)
         return int(tasks.Start(tasks_pb2.StartRequest(container_id=id), metadata=md, timeout=120).pid)
 
@@ -289,6 +290,16 @@ def test_a_restored_init_is_served_as_a_created_one(cenv: Env, counter_archive: 
     assert (deleted.pid, deleted.exit_status) == (pid, 128 + signal.SIGKILL)
 
 
+def _image_criu_tar(env: Env, ns: str, name: str) -> descriptor_pb2.Descriptor:
+    """The CRIU tar of the checkpoint image ``name`` (an OCI index in the content store)."""
+    channel, md = _api(env, ns)
+    with channel:
+        target = images_pb2_grpc.ImagesStub(channel).Get(images_pb2.GetImageRequest(name=name), metadata=md).image.target
+    index = json.loads(env.ctr(ns, "content", "get", target.digest).stdout)
+    [tar] = [m for m in index["manifests"] if m["mediaType"] == CRIU_TAR]
+    return descriptor_pb2.Descriptor(media_type=tar["mediaType"], digest=tar["digest"], size=tar["size"])
+
+
 def test_ctr_task_checkpoint_leaves_it_running_and_restores(cenv: Env, counter_archive: Path) -> None:
     ns, cid = cenv.ns(), support.unique("ck")
     cenv.ctr(ns, "images", "import", str(counter_archive))
@@ -303,13 +314,7 @@ def test_ctr_task_checkpoint_leaves_it_running_and_restores(cenv: Env, counter_a
     c.remove_task()
 
     # the image's CRIU tar restores: the process from the checkpoint, before the jump
-    channel, md = _api(cenv, ns)
-    with channel:
-        target = images_pb2_grpc.ImagesStub(channel).Get(images_pb2.GetImageRequest(name=name), metadata=md).image.target
-    index = cenv.ctr(ns, "content", "get", target.digest).stdout
-    [criu_tar] = [m for m in json.loads(index)["manifests"] if m["mediaType"] == CRIU_TAR]
-    restore_api(cenv, ns, cid, descriptor_pb2.Descriptor(
-        media_type=criu_tar["mediaType"], digest=criu_tar["digest"], size=criu_tar["size"]))
+    restore_api(cenv, ns, cid, _image_criu_tar(cenv, ns, name))
     restored = c.until("the checkpointed count", lambda v: v < before + 1000)
     assert restored >= before
     c.until("counting on", lambda v: v > restored)
@@ -375,6 +380,31 @@ def test_a_failed_dump_quotes_criu_and_open_tcp_reaches_it(cenv: Env, counter_ar
     details = str(told.value.details())
     assert "criu's log" in details and "--tcp-established" not in details, details
     assert "RUNNING" in cenv.ctr(ns, "task", "ls").stdout
+
+
+def test_criu_path_is_the_criu_runc_runs(bare: Env, counter_archive: Path, criu_bin: str) -> None:
+    """No criu on the daemon's (and shim's, and runc's) PATH: the runtime option criu_path
+    names it (runc --criu), for the checkpoint and for the restore."""
+    assert shutil.which("criu") is None, "a criu on PATH would make this test prove nothing"
+    ns, cid = bare.ns(), support.unique("ck")
+    bare.ctr(ns, "images", "import", str(counter_archive))
+    options = oci_pb2.Options(criu_path=criu_bin)
+
+    async def create() -> None:
+        async with AsyncClient(bare.cd.address, ns) as client:
+            container = await client.create_container(cid, image=IMAGE, runtime=KETCH_RUNTIME)
+            await (await container.new_task(None, options=options)).start()
+
+    asyncio.run(create())
+    c = Counter(bare, ns, cid)
+    before = c.until(">= 5", lambda v: v >= 5)
+    name = bare.ctr(ns, "task", "checkpoint", cid, timeout=180).stdout.strip()
+    c.exec("touch", "/tmp/jump")
+    c.until("the jump", lambda v: v >= before + 1000)
+    c.remove_task()
+    restore_api(bare, ns, cid, _image_criu_tar(bare, ns, name), options=options)
+    restored = c.until("the checkpointed count", lambda v: v < before + 1000)
+    c.until("counting on", lambda v: v > restored)
 
 
 def _fail_criu(path: Path) -> Path:
