@@ -56,9 +56,6 @@ __all__ = ["MEDIA_TYPE_CHECKPOINT", "MEDIA_TYPE_CONFIG", "Checkpoints", "Descrip
 MEDIA_TYPE_CHECKPOINT = "application/vnd.containerd.container.criu.checkpoint.criu.tar"
 MEDIA_TYPE_CONFIG = "application/vnd.containerd.container.checkpoint.config.v1+proto"
 
-#: how long ``criu check`` may take
-CRIU_CHECK_TIMEOUT = 30.0
-
 #: writes a checkpoint's CRIU image into the directory it is given
 Unpack = Callable[[str], Awaitable[None]]
 
@@ -98,34 +95,28 @@ def _options_field(options: tuple[str, bytes] | None, field: str) -> str:
 
 async def check_criu(runtime_options: tuple[str, bytes] | None) -> str:
     """The criu a checkpoint or restore will use (see the module doc), once ``criu check``
-    passed; FailedPrecondition naming it and what it said otherwise."""
-    path = _options_field(runtime_options, "criu_path")
-    found = shutil.which(path or "criu")
-    if found is None:
-        where = f"criu_path {path!r} of the runtime options" if path else "criu, not on ketchd's PATH"
-        raise errdefs.FailedPrecondition(
-            f"checkpoint/restore needs criu: {where} is not an executable; install criu "
-            "(or set the runtime option criu_path)")
+    passed; FailedPrecondition naming it and quoting what it said otherwise (the ketch shim
+    checks as much, in the same words; runc's shim does not, and runc's own error says less)."""
+    from ketch.oci import criu
+
+    binary = criu.find(_options_field(runtime_options, "criu_path"))
     try:
         proc = await asyncio.create_subprocess_exec(
-            found, "check", stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            binary, "check", stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT)
     except OSError as e:
-        raise errdefs.FailedPrecondition(f"checkpoint/restore needs criu: running {found}: {e}") from None
+        raise errdefs.FailedPrecondition(f"criu {binary} does not run: {e}") from None
     try:
-        async with asyncio.timeout(CRIU_CHECK_TIMEOUT):
+        async with asyncio.timeout(criu.CHECK_TIMEOUT):
             out, _ = await proc.communicate()
     except TimeoutError:
         proc.kill()
         await proc.wait()
         raise errdefs.FailedPrecondition(
-            f"checkpoint/restore needs a working criu: `{found} check` did not finish within "
-            f"{CRIU_CHECK_TIMEOUT:.0f}s") from None
+            f"criu check ({binary}) did not finish within {criu.CHECK_TIMEOUT:.0f}s") from None
     if proc.returncode != 0:
-        said = out.decode(errors="replace").strip()[-2000:] or "nothing"
-        raise errdefs.FailedPrecondition(
-            f"checkpoint/restore needs a working criu: `{found} check` failed (exit {proc.returncode}): {said}")
-    return found
+        raise criu.check_failed(binary, proc.returncode or 0, out)
+    return binary
 
 
 class Checkpoints:

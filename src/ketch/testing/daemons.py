@@ -35,8 +35,10 @@ class Daemon:
             created.write_text(repr(time.time()))
         self.log = base / f"{self.name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
-        #: added to the daemon's environment (a PATH here goes before the usual one)
+        #: added to the daemon's environment
         self.env: dict[str, str] = {}
+        #: directories put first on the daemon's PATH (after ketch's bin directory)
+        self.path: list[str] = []
 
     def argv(self) -> list[str]:
         raise NotImplementedError
@@ -62,10 +64,8 @@ class Daemon:
         template), by PID."""
 
     def start(self) -> None:
-        path = f"{system.VENV_BIN}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
-        if self.env.get("PATH"):
-            path = f"{self.env['PATH']}:{path}"
-        env = {**os.environ, **self.env, "PATH": path}
+        path = ":".join([str(system.VENV_BIN), *self.path, os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")])
+        env = dict(os.environ, PATH=path, **self.env)
         logf = open(self.log, "ab")
         self.proc = subprocess.Popen(self.argv(), stdout=logf, stderr=logf, env=env, start_new_session=True)
         logf.close()
