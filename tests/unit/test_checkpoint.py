@@ -257,3 +257,20 @@ def test_only_blobs_wait_for_the_content_store(tmp_path: Path) -> None:
         assert h.content.info(NS, image.digest).size == image.size
 
     run(tmp_path, "/bin/true", body, loaded)
+
+
+def test_a_failed_dump_leaves_no_directory_and_stores_nothing(tmp_path: Path) -> None:
+    async def body(h: H) -> None:
+        await h.running("web")
+        shim = next(iter(h.launcher.shims.values()))
+        shim.fail["Checkpoint"] = errdefs.FailedPrecondition("criu dump failed: Connected TCP socket")
+        h.store.leases.create(NS, "l")
+        err = await failure(h.tasks.Checkpoint(api.CheckpointTaskRequest(container_id="web"), metadata=h.md("l")))
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "Connected TCP socket" in (err.details() or "")
+        work = h.root / "r" / "runtime" / "v2" / NS / "web"
+        assert list(work.iterdir()) == []
+        assert h.content.list(NS) == [] and h.content.list_statuses(NS) == []
+        assert h.store.leases.list_resources(NS, "l") == []
+        assert not [e for e in h.events if isinstance(e, events.TaskCheckpointed)]
+
+    run(tmp_path, "/bin/true", body)
