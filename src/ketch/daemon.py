@@ -105,6 +105,8 @@ def _open_disk(cfg: config.Config) -> tuple[Store, dict[str, Snapshotter]]:
     from ketch.services.system import server_uuid
     from ketch.snapshots import NativeSnapshotter, OverlaySnapshotter, supported
 
+    if cfg.metrics.address:  # only then: prometheus_client takes a while to import
+        import ketch.metrics  # noqa: F401
     for d in (cfg.root, cfg.state):
         os.makedirs(d, mode=0o711, exist_ok=True)
     server_uuid(cfg.root)  # made (and fsynced) on the first start: here rather than on the loop
@@ -180,7 +182,13 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
     log.info("reloaded tasks in %.3fs", time.monotonic() - started)
     burial = asyncio.ensure_future(manager.bury_dead())
 
-    server = grpc.aio.server(options=[
+    telemetry = None
+    if cfg.metrics.address:
+        from ketch.metrics import Metrics
+
+        telemetry = Metrics(manager=manager, exchange=exchange, collector=collector, content=content)
+        await telemetry.serve(cfg.metrics.address)
+    server = grpc.aio.server(interceptors=telemetry.interceptors if telemetry else None, options=[
         ("grpc.max_receive_message_length", cfg.grpc.max_recv_message_size),
         ("grpc.max_send_message_length", cfg.grpc.max_send_message_size),
     ])
@@ -221,6 +229,8 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
         reclaiming.cancel()
         await launcher.settle(params.start_timeout)
         await server.stop(grace=1.0)
+        if telemetry is not None:
+            await telemetry.close()
         if streams is not None:
             await streams.close()
         await events_server.shutdown(grace=0.5)
