@@ -3,15 +3,20 @@ containers on our shim and on containerd's runc shim, parsed by prometheus_clien
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
+import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from ketch.shim.keeper import parent_pid
 from ketch.testing import system as support
 from ketch.testing.daemons import KETCH_RUNTIME, RUNC_RUNTIME
 from tests.interop.conftest import running
@@ -100,6 +105,67 @@ def test_the_metrics_move_as_containers_run_and_exit(rootfs: Path, runtime: str)
             env.ctr(ns, "tasks", "rm", cid)
             env.ctr(ns, "containers", "rm", cid)
         assert not [k for k in scrape(url + "/v1/metrics") if k[0] == "ketchd_tasks" and dict(k[1])["namespace"] == ns]
+
+
+def _until(url: str, ready: Callable[[Any], bool], timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = scrape(url)
+        if ready(samples) or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.2)
+
+
+def test_oom_kills_and_a_shim_takeover_are_counted(rootfs: Path) -> None:
+    """A process of a running container is OOM-killed (the container goes on); then its group's
+    serving shim is killed and its keeper's successor takes the group over."""
+    port = _free_port()
+    with running("ketchd", KETCH_RUNTIME, rootfs, config=f'[metrics]\naddress = "127.0.0.1:{port}"\n') as env:
+        url = f"http://127.0.0.1:{port}/v1/metrics"
+        ns = env.ns()
+        hog = {"namespace": ns, "id": "hog"}
+        env.ctr(ns, "run", "-d", *env.fifo, "--runtime", KETCH_RUNTIME, *PATH, "--memory-limit", str(16 << 20),
+                "--rootfs", env.rootfs, "hog", "sh", "-c", "tail /dev/zero; sleep 300")
+        samples = _until(url, lambda s: value(s, "container_oom_events_total", **hog) >= 1)
+        assert value(samples, "container_oom_events_total", **hog) >= 1
+        assert value(samples, "container_spec_memory_limit_bytes", **hog) == 16 << 20
+        assert value(samples, "ketchd_tasks", namespace=ns, state="running") == 1  # its sh goes on
+        assert (value(samples, "ketchd_shims_lost_total"), value(samples, "ketchd_shim_takeovers_total")) == (0, 0)
+
+        init = int(env.ctr(ns, "tasks", "ls").stdout.splitlines()[1].split()[1])
+        os.kill(parent_pid(init), signal.SIGKILL)  # the serving shim: its keeper starts a successor
+        samples = _until(url, lambda s: value(s, "ketchd_shim_takeovers_total") >= 1)
+        assert (value(samples, "ketchd_shims_lost_total"), value(samples, "ketchd_shim_takeovers_total"),
+                value(samples, "ketchd_tasks_buried_total")) == (1, 1, 0)
+        assert value(samples, "ketchd_tasks", namespace=ns, state="running") == 1
+        assert value(samples, "container_memory_usage_bytes", **hog) > 0, "the successor answers Stats"
+        env.ctr(ns, "tasks", "kill", "-s", "SIGKILL", "hog")
+        _wait_status(env, ns, "hog", "STOPPED")
+
+
+def test_content_and_garbage_collection_are_counted(rootfs: Path) -> None:
+    import hashlib
+
+    port = _free_port()
+    with running("ketchd", KETCH_RUNTIME, rootfs, config=f'[metrics]\naddress = "127.0.0.1:{port}"\n') as env:
+        url = f"http://127.0.0.1:{port}/v1/metrics"
+        before = scrape(url)
+        assert value(before, "ketchd_gc_duration_seconds_count", kind="reclaim") == 1  # at start
+        ns = env.ns()
+        data = os.urandom(1500).hex().encode()  # ctr() passes text
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        env.ctr(ns, "content", "ingest", "blob1", input=data)
+        after = scrape(url)
+        assert value(after, "ketchd_content_stored_bytes", namespace=ns) == 3000
+        assert value(after, "ketchd_content_blobs", namespace=ns) == 1
+        assert value(after, "ketchd_content_ingested_bytes_total") - \
+            value(before, "ketchd_content_ingested_bytes_total") == 3000
+        collected = value(after, "ketchd_gc_duration_seconds_count", kind="collect")
+        env.ctr(ns, "content", "rm", digest)
+        final = _until(url, lambda s: value(s, "ketchd_gc_removed_total", resource="blobs") >= 1)
+        assert value(final, "ketchd_gc_duration_seconds_count", kind="collect") > collected
+        assert value(final, "ketchd_gc_removed_total", resource="blobs") == 1
+        assert value(final, "ketchd_content_blobs", namespace=ns) == 0
 
 
 def test_a_metrics_address_without_a_port_stops_ketchd_at_start(tmp_path: Path) -> None:
