@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import logging
 import socket
 import threading
@@ -101,7 +102,7 @@ class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def _done(self, service: str, method: str, started: float, context: Any, exc: BaseException | None) -> None:
         if exc is None or isinstance(exc, grpc.aio.AbortError):
             code = _code_of(context)
-        elif isinstance(exc, asyncio.CancelledError):
+        elif isinstance(exc, asyncio.CancelledError):  # the client went away
             code = grpc.StatusCode.CANCELLED
         else:
             code = grpc.StatusCode.UNKNOWN
@@ -137,8 +138,6 @@ class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 
 def _is_async_gen(fn: Any) -> bool:
-    import inspect
-
     return inspect.isasyncgenfunction(fn) or inspect.isasyncgenfunction(getattr(fn, "__wrapped__", None))
 
 
@@ -227,7 +226,7 @@ _CADVISOR: tuple[tuple[str, str, str, str, float], ...] = (
     ("container_cpu_system_seconds_total", "counter", "Cumulative system cpu time consumed", "cpu_system_ns", 1e-9),
     ("container_memory_usage_bytes", "gauge",
      "Current memory usage, including all memory regardless of when it was accessed", "memory", 1),
-    ("container_memory_max_usage_bytes", "gauge", "Maximum memory usage recorded (cgroup v1)", "memory_max", 1),
+    ("container_memory_max_usage_bytes", "gauge", "Maximum memory usage recorded (cgroup v1 only)", "memory_max", 1),
     ("container_memory_working_set_bytes", "gauge", "Current working set", "working_set", 1),
     ("container_memory_rss", "gauge", "Size of RSS", "rss", 1),
     ("container_memory_cache", "gauge", "Number of bytes of page cache memory", "cache", 1),
@@ -303,7 +302,9 @@ def _containers(stats: list[tuple[str, str, str, bytes]]) -> Iterator[Metric]:
         except (ValueError, DecodeError):
             continue
         for name, _, _, attr, scale in _CADVISOR:
-            made[name].add_metric([ns, id], getattr(used, attr) * scale)
+            got = getattr(used, attr)
+            if got is not None:  # what this cgroup version does not record
+                made[name].add_metric([ns, id], got * scale)
     yield from made.values()
 
 

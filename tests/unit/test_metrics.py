@@ -47,6 +47,12 @@ class Things:
             raise errdefs.InvalidArgument("bad filter")
         yield b"two"
 
+    @stream
+    async def Watch(self, request: bytes, context: Any) -> AsyncIterator[bytes]:
+        yield b"first"
+        await asyncio.sleep(3600)
+        yield b"never"
+
 
 def _parse(text: str) -> dict[str, Any]:
     return {f.name: f for f in text_string_to_metric_families(text)}
@@ -77,6 +83,7 @@ def test_the_interceptor_counts_calls_by_method_and_code_and_times_them(tmp_path
         server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, {
             "Get": grpc.unary_unary_rpc_method_handler(things.Get),
             "List": grpc.unary_stream_rpc_method_handler(things.List),
+            "Watch": grpc.unary_stream_rpc_method_handler(things.Watch),
         })])
         server.add_insecure_port(address)
         await server.start()
@@ -96,6 +103,12 @@ def test_the_interceptor_counts_calls_by_method_and_code_and_times_them(tmp_path
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     await channel.unary_unary(f"/{SERVICE}/Nope")(b"")
                 assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+                watch = channel.unary_stream(f"/{SERVICE}/Watch")(b"")
+                assert await watch.read() == b"first"
+                watch.cancel()  # the client goes away mid-stream
+                async with asyncio.timeout(10):
+                    while handled.labels(SERVICE, "Watch", "Cancelled")._value.get() == 0:
+                        await asyncio.sleep(0.01)
         finally:
             await server.stop(None)
 
@@ -107,6 +120,7 @@ def test_the_interceptor_counts_calls_by_method_and_code_and_times_them(tmp_path
 
     assert (count("Get", "OK"), count("Get", "NotFound"), count("Get", "Unknown")) == (2, 1, 1)
     assert (count("List", "OK"), count("List", "InvalidArgument")) == (1, 1)
+    assert (count("Watch", "Cancelled"), count("Watch", "OK"), count("Watch", "Unknown")) == (1, None, None)
     assert _sample(got, "s_count", grpc_service=SERVICE, grpc_method="Get") == 4
     assert _sample(got, "s_count", grpc_service=SERVICE, grpc_method="List") == 2
     assert not [s for f in got.values() for s in f.samples if s.labels.get("grpc_method") == "Nope"], \
@@ -155,6 +169,7 @@ def test_families_of_a_snapshot_parse_as_prometheus_reads_them() -> None:
     assert _sample(got, "container_spec_memory_limit_bytes", **web) == 64 << 20
     assert _sample(got, "container_threads", **web) == 2
     assert _sample(got, "container_oom_events_total", **web) == 1
+    assert _sample(got, "container_memory_max_usage_bytes", **web) is None  # v2 has no such record
     assert got["container_cpu_usage_seconds"].type == "counter" and got["container_threads"].type == "gauge"
     assert not [s for f in got.values() for s in f.samples if s.labels.get("id") == "db"]
 

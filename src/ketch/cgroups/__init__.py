@@ -221,7 +221,8 @@ class Usage:
     cpu_system_ns: int = 0
     #: memory in use, page cache included
     memory: int = 0
-    memory_max: int = 0
+    #: the highest use recorded (v1 only: None on v2)
+    memory_max: int | None = None
     #: what cannot be reclaimed: memory less inactive file pages (kubelet's eviction signal)
     working_set: int = 0
     rss: int = 0
