@@ -84,12 +84,21 @@ class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, handled: Counter, seconds: Histogram) -> None:
         self._handled = handled
         self._seconds = seconds
+        self._series: dict[tuple[str, str, grpc.StatusCode], tuple[Any, Any]] = {}
+        #: method path → (the server's handler, the one that counts)
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
         handler = await continuation(details)
         if handler is None:  # no such method: grpc answers Unimplemented itself
             return None
-        service, _, method = str(details.method).lstrip("/").rpartition("/")
+        wrapped = self._wrapped.get(details.method)
+        if wrapped is None or wrapped[0] is not handler:  # once per method (the servers' handlers are fixed)
+            wrapped = self._wrapped[details.method] = (handler, self._wrap_handler(handler, str(details.method)))
+        return wrapped[1]
+
+    def _wrap_handler(self, handler: Any, path: str) -> Any:
+        service, _, method = path.lstrip("/").rpartition("/")
         for kind in ("unary_unary", "stream_unary", "unary_stream", "stream_stream"):
             behaviour = getattr(handler, kind)
             if behaviour is None:
@@ -106,8 +115,13 @@ class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             code = grpc.StatusCode.CANCELLED
         else:
             code = grpc.StatusCode.UNKNOWN
-        self._handled.labels(service, method, code_name(code)).inc()
-        self._seconds.labels(service, method).observe(time.monotonic() - started)
+        key = (service, method, code)
+        series = self._series.get(key)
+        if series is None:  # labels() validates and locks: once per method and code
+            series = self._series[key] = (self._handled.labels(service, method, code_name(code)),
+                                          self._seconds.labels(service, method))
+        series[0].inc()
+        series[1].observe(time.monotonic() - started)
 
     def _wrap(self, behaviour: Callable[..., Awaitable[Any]], service: str, method: str) -> Callable[..., Any]:
         async def call(request: Any, context: Any) -> Any:
