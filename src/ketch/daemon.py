@@ -91,6 +91,8 @@ def _open_store(cfg: config.Config) -> Store:
     from ketch.metadata import Store
     from ketch.services.system import server_uuid
 
+    if cfg.metrics.address:  # only then: prometheus_client takes a while to import
+        import ketch.metrics  # noqa: F401
     for d in (cfg.root, cfg.state):
         os.makedirs(d, mode=0o711, exist_ok=True)
     server_uuid(cfg.root)  # made (and fsynced) on the first start: here rather than on the loop
@@ -176,7 +178,13 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
     log.info("reloaded tasks in %.3fs", time.monotonic() - started)
     burial = asyncio.ensure_future(manager.bury_dead())
 
-    server = grpc.aio.server(options=[
+    telemetry = None
+    if cfg.metrics.address:
+        from ketch.metrics import Metrics
+
+        telemetry = Metrics(manager=manager, exchange=exchange)
+        await telemetry.serve(cfg.metrics.address)
+    server = grpc.aio.server(interceptors=telemetry.interceptors if telemetry else None, options=[
         ("grpc.max_receive_message_length", cfg.grpc.max_recv_message_size),
         ("grpc.max_send_message_length", cfg.grpc.max_send_message_size),
     ])
@@ -222,6 +230,8 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
         except BaseException as e:
             stored.fail(str(e) or type(e).__name__)
             raise
+        if telemetry is not None:
+            telemetry.attach(collector=collector, content=content)
         # what a crash left on disk (a prepare's directory, a blob without its row) goes now;
         # no record is judged: clients may already be making some that nothing references yet
         reclaiming = asyncio.ensure_future(collector.reclaim())
@@ -246,6 +256,8 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
             reclaiming.cancel()
         await launcher.settle(params.start_timeout)
         await server.stop(grace=1.0)
+        if telemetry is not None:
+            await telemetry.close()
         if streams is not None:
             await streams.close()
         await events_server.shutdown(grace=0.5)

@@ -156,10 +156,16 @@ class Ketchd(Daemon):
     #: asyncio's debug mode in tests: every callback that holds ketchd's event loop longer
     #: than this is logged, and :meth:`slow_callbacks` finds it (0: off, as for benchmarks)
     slow_callback = 0.1
+    #: the text of a configuration file to start with ("": none)
+    config_text = ""
 
     def argv(self) -> list[str]:
         argv = [f"{system.VENV_BIN}/ketchd", "--root", str(self.base / "root"), "--state", str(self.base / "state"),
                 "--address", self.address, "--log-level", "debug"]
+        if self.config_text:
+            path = self.base / "config.toml"
+            path.write_text(self.config_text)
+            argv += ["--config", str(path)]
         if self.slow_callback > 0:
             argv += ["--slow-callback", str(self.slow_callback)]
         return argv
