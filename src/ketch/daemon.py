@@ -2,6 +2,7 @@
 
     ketchd [--config FILE] [--root DIR] [--state DIR] [--address SOCK] [--log-level LEVEL]
     ketchd config default
+    ketchd install-units [--prefix DIR]
 
 Start-up: load the configuration, open the metadata store, reload every task from its bundle
 (reconnecting to live shims, burying dead ones), then listen: the ttrpc socket for shims'
@@ -24,9 +25,11 @@ from pathlib import Path
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
-from ketch import __version__, config, errdefs, topics, ttrpc
+from ketch import __version__, config, errdefs, systemd, topics, ttrpc
 
 if TYPE_CHECKING:
+    import socket
+
     from ketch.metadata import Store
     from ketch.snapshots import Snapshotter
 
@@ -88,6 +91,43 @@ def _template_socket(cfg: config.Config) -> str:
     return path
 
 
+def _inherited_listener(cfg: config.Config, sd: systemd.Systemd) -> socket.socket | None:
+    """The gRPC socket systemd handed over (socket activation), if any; ``grpc.address`` becomes
+    its path, the one clients and shims are told."""
+    listener = sd.grpc_listener()
+    if listener is None:
+        return None
+    path = systemd.socket_path(listener)
+    if path and path != cfg.grpc.address:
+        log.info("serving gRPC on the inherited socket %s, not %s", path, cfg.grpc.address)
+        cfg.grpc.address = path
+    return listener
+
+
+async def _listen(server: Any, cfg: config.Config, listener: socket.socket | None) -> systemd.Relay | None:
+    """Start ``server`` on ``grpc.address``; or, given the inherited socket, on a private socket
+    (in a 0700 directory of the state) that a relay joins it to (see ketch.systemd)."""
+    if listener is None:
+        _prepare_socket_dir(cfg.grpc.address)
+        server.add_insecure_port(f"unix://{cfg.grpc.address}")
+        await server.start()
+        os.chmod(cfg.grpc.address, 0o660)
+        os.chown(cfg.grpc.address, cfg.grpc.uid, cfg.grpc.gid)
+        return None
+    upstream = _relayed_socket(cfg)
+    _prepare_socket_dir(upstream)
+    os.chmod(os.path.dirname(upstream), 0o700)
+    server.add_insecure_port(f"unix://{upstream}")
+    await server.start()
+    relay = systemd.Relay(listener, upstream)
+    relay.start()
+    return relay
+
+
+def _relayed_socket(cfg: config.Config) -> str:
+    return os.path.join(cfg.state, "grpc", "ketchd.sock")
+
+
 def _open_disk(cfg: config.Config) -> tuple[Store, dict[str, Snapshotter]]:
     """What starting blocks on: importing the daemon's modules, opening the metadata store and
     the snapshotters (SQLite files; overlayfs is probed with a mount). Run in a thread, so that
@@ -131,6 +171,10 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
         from ketch import slowloop
 
         slowloop.install(asyncio.get_running_loop(), cfg.log.slow_callback)
+    sd = systemd.take()
+    watchdog = asyncio.ensure_future(sd.ping_watchdog())
+    listener = _inherited_listener(cfg, sd)
+    sd.notify("STATUS=opening the store")
     store, snapshotters = await asyncio.to_thread(_open_disk, cfg)
 
     import grpc
@@ -175,6 +219,7 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
     await ttrpc_started
 
     exchange.accept = manager.first_publication
+    sd.notify("STATUS=reloading tasks")
     started = time.monotonic()
     await manager.load()
     log.info("reloaded tasks in %.3fs", time.monotonic() - started)
@@ -193,14 +238,12 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
         cri_recovery, streams = _register_cri(server, cfg, store, content, images, snapshotters, collector, publish,
                                               manager)
         await streams.start()
-    _prepare_socket_dir(cfg.grpc.address)
-    server.add_insecure_port(f"unix://{cfg.grpc.address}")
-    await server.start()
-    os.chmod(cfg.grpc.address, 0o660)
-    os.chown(cfg.grpc.address, cfg.grpc.uid, cfg.grpc.gid)
-    log.info("ketchd %s serving on %s (ttrpc %s)", __version__, cfg.grpc.address, cfg.ttrpc_address)
+    relay = await _listen(server, cfg, listener)
+    log.info("ketchd %s serving on %s%s (ttrpc %s)", __version__, cfg.grpc.address,
+             " (inherited)" if relay is not None else "", cfg.ttrpc_address)
     if ready is not None and not ready.done():
         ready.set_result(None)
+    sd.notify("READY=1", f"STATUS=serving on {cfg.grpc.address}", f"MAINPID={os.getpid()}")
     asyncio.get_running_loop().call_later(RESUBSCRIBE_GRACE, exchange.release)
     # what a crash left on disk (a prepare's directory, a blob without its row) goes now; no
     # record is judged: clients may already be making some that nothing references yet
@@ -211,8 +254,13 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def stopping() -> None:
+        sd.notify("STOPPING=1", "STATUS=shutting down; shims and containers keep running")
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stopping)
     try:
         await stop.wait()
     finally:
@@ -220,7 +268,11 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
         burial.cancel()
         reclaiming.cancel()
         await launcher.settle(params.start_timeout)
+        if relay is not None:
+            relay.stop_accepting()
         await server.stop(grace=1.0)
+        if relay is not None:
+            relay.close()
         if streams is not None:
             await streams.close()
         await events_server.shutdown(grace=0.5)
@@ -228,11 +280,13 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
         await manager.close()
         await collector.close()
         await asyncio.to_thread(_close_disk, store, snapshotters)
-        for path in (cfg.grpc.address,):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        watchdog.cancel()
+        sd.close()
+        # an inherited socket is systemd's: it stays, listening, for the next ketchd
+        try:
+            os.unlink(_relayed_socket(cfg) if relay is not None else cfg.grpc.address)
+        except OSError:
+            pass
 
 
 def _register_cri(server: Any, cfg: config.Config, store: Any, content: Any, images: Any,
@@ -316,16 +370,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", "-l", help="debug, info, warn, error")
     parser.add_argument("--slow-callback", type=float, metavar="SECONDS",
                         help="asyncio debug mode: log every callback holding the event loop longer")
+    parser.add_argument("--prefix", default=systemd.UNIT_DIR, metavar="DIR",
+                        help=f"install-units: the directory to write the unit files to (default {systemd.UNIT_DIR})")
     parser.add_argument("--version", "-v", action="version", version=f"ketchd {__version__}")
     parser.add_argument("command", nargs="*", help="'config default' prints the default configuration; "
                         "'upgrade-shims' has every ketch shim group of this state directory switch to the "
-                        "ketch installed now, without restarting a container")
+                        "ketch installed now, without restarting a container; 'install-units' writes "
+                        "ketchd.service and ketchd.socket for systemd, to run this ketchd")
     args = parser.parse_args(argv)
     if args.command == ["config", "default"]:
         sys.stdout.write(config.DEFAULT_TOML)
         return 0
+    if args.command == ["install-units"]:
+        for path in systemd.install_units(args.prefix):
+            print(f"wrote {path}")
+        print("then: systemctl daemon-reload && systemctl enable --now ketchd.socket ketchd.service")
+        return 0
     if args.command and args.command != ["upgrade-shims"]:
-        parser.error(f"unknown command {' '.join(args.command)!r} (want: config default, upgrade-shims)")
+        parser.error(f"unknown command {' '.join(args.command)!r} (want: config default, upgrade-shims, install-units)")
     try:
         cfg = config.load(args.config)
     except errdefs.KetchError as e:
