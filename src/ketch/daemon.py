@@ -104,28 +104,22 @@ def _inherited_listener(cfg: config.Config, sd: systemd.Systemd) -> socket.socke
     return listener
 
 
-async def _listen(server: Any, cfg: config.Config, listener: socket.socket | None) -> systemd.Relay | None:
-    """Start ``server`` on ``grpc.address``; or, given the inherited socket, on a private socket
-    (in a 0700 directory of the state) that a relay joins it to (see ketch.systemd)."""
-    if listener is None:
+async def _listen(server: Any, cfg: config.Config, adoption: systemd.Adoption | None) -> None:
+    """Start ``server`` on ``grpc.address``, or on the inherited socket (socket activation)."""
+    if adoption is None:
         _prepare_socket_dir(cfg.grpc.address)
         server.add_insecure_port(f"unix://{cfg.grpc.address}")
         await server.start()
         os.chmod(cfg.grpc.address, 0o660)
         os.chown(cfg.grpc.address, cfg.grpc.uid, cfg.grpc.gid)
-        return None
-    upstream = _relayed_socket(cfg)
-    _prepare_socket_dir(upstream)
-    os.chmod(os.path.dirname(upstream), 0o700)
-    server.add_insecure_port(f"unix://{upstream}")
+        return
+    server.add_insecure_port(adoption.address)
     await server.start()
-    relay = systemd.Relay(listener, upstream)
-    relay.start()
-    return relay
-
-
-def _relayed_socket(cfg: config.Config) -> str:
-    return os.path.join(cfg.state, "grpc", "ketchd.sock")
+    try:
+        adoption.start()
+    except OSError as e:
+        await server.stop(None)
+        raise errdefs.FailedPrecondition(f"socket activation: {e}; run ketchd without ketchd.socket") from None
 
 
 def _open_disk(cfg: config.Config) -> tuple[Store, dict[str, Snapshotter]]:
@@ -225,9 +219,11 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
     log.info("reloaded tasks in %.3fs", time.monotonic() - started)
     burial = asyncio.ensure_future(manager.bury_dead())
 
+    adoption = systemd.Adoption(listener) if listener is not None else None
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", cfg.grpc.max_recv_message_size),
         ("grpc.max_send_message_length", cfg.grpc.max_send_message_size),
+        *([adoption.channel_option()] if adoption is not None else []),
     ])
     register_all(server, cfg=cfg, store=store, exchange=exchange, manager=manager, publish=publish,
                  content=content, images=images, snapshotters=snapshotters, collector=collector)
@@ -238,9 +234,9 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
         cri_recovery, streams = _register_cri(server, cfg, store, content, images, snapshotters, collector, publish,
                                               manager)
         await streams.start()
-    relay = await _listen(server, cfg, listener)
+    await _listen(server, cfg, adoption)
     log.info("ketchd %s serving on %s%s (ttrpc %s)", __version__, cfg.grpc.address,
-             " (inherited)" if relay is not None else "", cfg.ttrpc_address)
+             " (inherited)" if adoption is not None else "", cfg.ttrpc_address)
     if ready is not None and not ready.done():
         ready.set_result(None)
     sd.notify("READY=1", f"STATUS=serving on {cfg.grpc.address}", f"MAINPID={os.getpid()}")
@@ -268,11 +264,9 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
         burial.cancel()
         reclaiming.cancel()
         await launcher.settle(params.start_timeout)
-        if relay is not None:
-            relay.stop_accepting()
+        if adoption is not None:
+            adoption.stop()
         await server.stop(grace=1.0)
-        if relay is not None:
-            relay.close()
         if streams is not None:
             await streams.close()
         await events_server.shutdown(grace=0.5)
@@ -282,11 +276,11 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
         await asyncio.to_thread(_close_disk, store, snapshotters)
         watchdog.cancel()
         sd.close()
-        # an inherited socket is systemd's: it stays, listening, for the next ketchd
-        try:
-            os.unlink(_relayed_socket(cfg) if relay is not None else cfg.grpc.address)
-        except OSError:
-            pass
+        if adoption is None:  # an inherited socket is systemd's: it stays, listening, for the next ketchd
+            try:
+                os.unlink(cfg.grpc.address)
+            except OSError:
+                pass
 
 
 def _register_cri(server: Any, cfg: config.Config, store: Any, content: Any, images: Any,

@@ -5,14 +5,9 @@ sockets inherited from fd 3 on, for the process ``$LISTEN_PID`` names).
 :func:`take` reads what systemd handed this process and removes it from the environment, so
 that nothing ketchd starts (shims, runc, CNI plugins) believes it was handed the same.
 
-Serving an inherited socket: grpcio binds only the addresses it is given (``unix:PATH`` is
-unlinked and bound afresh), and its Python API cannot adopt a listening fd nor an accepted
-connection (its core can, when built with libsystemd or through C++-only APIs; the wheel is
-neither). So ketchd's gRPC server listens on a private socket in a 0700 directory and a
-:class:`Relay` accepts on the inherited socket and splices each connection to it, byte for byte,
-in the kernel (splice(2) through a pipe), in threads of its own: the event loop does no work per
-byte, and the inherited socket is never unlinked, rebound or shut down, so clients that connect
-while ketchd restarts wait in its backlog and are served by the next ketchd.
+Serving an inherited socket: see :class:`Adoption`. The inherited socket is never unlinked,
+rebound or shut down, so clients that connect while ketchd restarts wait in its backlog and are
+served by the next ketchd.
 """
 
 from __future__ import annotations
@@ -20,11 +15,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import select
 import socket
-import threading
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
+from typing import Any
 
 log = logging.getLogger("ketchd.systemd")
 
@@ -158,114 +152,107 @@ def socket_path(sock: socket.socket) -> str:
     return name if isinstance(name, str) and name.startswith("/") else ""
 
 
-class Relay:
-    """Serves ``listener`` (an inherited listening socket) by connecting each client it accepts
-    to ``upstream`` (the gRPC server's private socket) and splicing bytes both ways. A thread
-    accepts; two threads per connection splice. When either direction ends, the connection
-    ends both ways (gRPC's HTTP/2 does not half-close)."""
+class _Pointer:
+    """A pointer-valued channel argument: grpcio passes ``int(obj)`` to the core as the address."""
 
-    CHUNK = 1 << 16
+    def __init__(self, address: int) -> None:
+        self.address = address
 
-    def __init__(self, listener: socket.socket, upstream: str) -> None:
+    def __int__(self) -> int:
+        return self.address
+
+
+#: the C++ types grpc's core hands back for an external listener: its dynamic type and the base
+#: whose virtual ``Handle(int listener_fd, int fd, grpc_byte_buffer* pending)`` is called
+_HANDLER_TYPE = b"ExternalConnectionHandlerE"
+_HANDLER_BASE = b"N9grpc_core18TcpServerFdHandlerE"
+
+
+class Adoption:
+    """Has a grpc server serve the connections of an inherited listening socket.
+
+    grpcio's Python API binds only addresses it makes (``unix:PATH`` is unlinked and bound
+    afresh) and cannot take a listening fd. Its core can take *accepted* connections: a server
+    port ``external:NAME`` with a pointer channel argument of the same name makes the core
+    store there a ``grpc_core::TcpServerFdHandler*`` (what C++'s ExternalConnectionAcceptor
+    uses), whose ``Handle(listener_fd, fd, nullptr)`` serves ``fd`` as if the server had
+    accepted it. ketchd accepts on the inherited socket and hands each connection over: gRPC
+    then runs on the client's own connection, in grpc's threads, with nothing between.
+
+    The handler is a C++ object reached through ctypes; before its first call, its run-time
+    type (the C++ ABI's type_info, which the vtable points to) must be grpc's
+    ExternalConnectionHandler derived from TcpServerFdHandler, or ketchd refuses to start rather
+    than call into something else (see :meth:`start`). ``Handle`` is that base's first virtual
+    method after the two destructor entries.
+    """
+
+    NAME = "external:ketchd-inherited"
+
+    def __init__(self, listener: socket.socket) -> None:
+        import ctypes
+
         self.listener = listener
-        self.upstream = upstream
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
-        self._lock = threading.Lock()
-        self._live: set[socket.socket] = set()
-        self._closed = False
-        self._thread = threading.Thread(target=self._accept_loop, name="ketchd-relay", daemon=True)
+        self._slot = ctypes.c_void_p(0)  # where the core stores the handler
+        self._handle: Any = None
+        self._accepting: asyncio.Task[None] | None = None
+
+    def channel_option(self) -> tuple[str, Any]:
+        """For ``grpc.aio.server(options=...)``."""
+        import ctypes
+
+        return (self.NAME, _Pointer(ctypes.addressof(self._slot)))
+
+    #: for ``server.add_insecure_port`` (it answers -1: no port)
+    address = NAME
 
     def start(self) -> None:
-        self.listener.setblocking(False)  # poll says readable; another accepter may be faster
-        self._thread.start()
+        """Once the server has started: check the handler and accept on the inherited socket."""
+        import ctypes
 
-    def stop_accepting(self) -> None:
-        """Accept no more: the inherited socket stays bound and listening, and its backlog keeps
-        whoever connects now for the next ketchd."""
-        with self._lock:
-            self._closed = True
-        os.write(self._wake_w, b"x")
-        if self._thread.is_alive():
-            self._thread.join()
+        word = ctypes.sizeof(ctypes.c_void_p)
 
-    def close(self) -> None:
-        """Stop accepting and end every relayed connection (the gRPC server has stopped: they
-        are ending anyway)."""
-        self.stop_accepting()
-        with self._lock:
-            live = list(self._live)
-        for sock in live:
-            _shutdown(sock)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-        self.listener.close()
+        def at(address: int) -> int:
+            """The (non-null) pointer stored at ``address``."""
+            value = ctypes.c_void_p.from_address(address).value if address > 0 else None
+            if not value:
+                raise OSError("grpcio made no handler for external connections: it cannot serve an inherited socket")
+            return value
 
-    def _accept_loop(self) -> None:
-        poller = select.poll()
-        poller.register(self.listener.fileno(), select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
+        handler = at(ctypes.addressof(self._slot))
+        vtable = at(handler)
+        type_info = at(vtable - word)
+        name = ctypes.string_at(at(type_info + word))
+        base = b""
+        if name.endswith(_HANDLER_TYPE):  # a single-inheritance type_info: name, then its base's
+            base = ctypes.string_at(at(at(type_info + 2 * word) + word))
+        if base != _HANDLER_BASE:
+            raise OSError(f"grpcio's external connection handler is a {name!r} (base {base!r}), not the "
+                          f"{_HANDLER_TYPE!r} of {_HANDLER_BASE!r} ketchd knows how to call")
+        function = at(vtable + 2 * word)
+        prototype = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
+        self._handle = (prototype(function), handler)
+        self.listener.setblocking(False)
+        self._accepting = asyncio.ensure_future(self._accept())
+
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        call, handler = self._handle
         while True:
-            ready = {fd for fd, _ in poller.poll()}
-            if self._wake_r in ready:
-                return
             try:
-                client, _ = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
+                conn, _ = await loop.sock_accept(self.listener)
+            except OSError as e:  # a client that gave up before we accepted; out of fds
+                log.warning("accept on the inherited socket: %s", e)
+                await asyncio.sleep(0.1)
                 continue
-            except OSError as e:
-                log.warning("relay: accept on the inherited socket failed: %s", e)
-                continue
-            client.setblocking(True)
-            server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            try:
-                server.connect(self.upstream)
-            except OSError as e:
-                log.warning("relay: cannot reach the gRPC server at %s: %s", self.upstream, e)
-                client.close()
-                server.close()
-                continue
-            with self._lock:
-                if self._closed:
-                    client.close()
-                    server.close()
-                    return
-                self._live.update((client, server))
-            done = threading.Event()
-            for src, dst in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(src, dst, done), name="ketchd-relay-conn",
-                                 daemon=True).start()
+            call(handler, self.listener.fileno(), conn.detach(), None)  # grpc owns the fd now
 
-    def _pump(self, src: socket.socket, dst: socket.socket, done: threading.Event) -> None:
-        r, w = os.pipe2(os.O_CLOEXEC)
-        try:
-            while True:
-                n = os.splice(src.fileno(), w, self.CHUNK)
-                if n == 0:
-                    break
-                while n > 0:
-                    n -= os.splice(r, dst.fileno(), n)
-        except OSError:
-            pass  # the peer went away, or close() ended the connection
-        finally:
-            os.close(r)
-            os.close(w)
-            _shutdown(src)
-            _shutdown(dst)
-            with self._lock:  # the last direction out closes
-                last = done.is_set()
-                done.set()
-                if last:
-                    self._live.difference_update((src, dst))
-            if last:
-                src.close()
-                dst.close()
-
-
-def _shutdown(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
+    def stop(self) -> None:
+        """Accept no more (before the server stops: the handler goes with it). The inherited
+        socket stays bound and listening: whoever connects now waits for the next ketchd."""
+        if self._accepting is not None:
+            self._accepting.cancel()
+            self._accepting = None
+        self.listener.close()
 
 
 #: where ``ketchd install-units`` writes by default

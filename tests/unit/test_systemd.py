@@ -1,16 +1,18 @@
 """ketch.systemd: what systemd hands a service (NOTIFY_SOCKET, WATCHDOG_*, LISTEN_*), the notify
-datagrams on a real socket, and the relay that serves an inherited listening socket."""
+datagrams on a real socket, and a grpc server serving an inherited listening socket."""
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
 import logging
 import os
 import socket
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from ketch import systemd
@@ -110,68 +112,77 @@ def test_grpc_listener_is_the_listening_unix_stream_socket(tmp_path: Path) -> No
         listener.close()
 
 
-class _Echo:
-    """An upstream that answers every chunk with the chunk upper-cased."""
-
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(path)
-        self.sock.listen()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                while data := conn.recv(1 << 16):
-                    conn.sendall(data.upper())
-
-    def close(self) -> None:
-        self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        self.thread.join(5)
+def _pong(request: bytes, context: object) -> bytes:
+    return b"pong:" + request
 
 
-def test_relay_joins_the_inherited_socket_to_the_server_and_leaves_it_listening(tmp_path: Path) -> None:
-    echo = _Echo(str(tmp_path / "upstream"))
+def _server(adoption: systemd.Adoption) -> grpc.aio.Server:
+    server = grpc.aio.server(options=[adoption.channel_option()])
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "ketch.Test", {"Ping": grpc.unary_unary_rpc_method_handler(_pong)}),))
+    assert server.add_insecure_port(adoption.address) == -1  # no port: connections come from us
+    return server
+
+
+async def _ping(path: str, payload: bytes) -> bytes:
+    async with grpc.aio.insecure_channel(f"unix:{path}") as channel:
+        result: bytes = await channel.unary_unary("/ketch.Test/Ping")(payload, timeout=10)
+        return result
+
+
+def test_adoption_serves_grpc_on_the_inherited_socket_and_leaves_it_listening(tmp_path: Path) -> None:
+    path = str(tmp_path / "public")
     inherited = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    inherited.bind(str(tmp_path / "public"))
+    inherited.bind(path)
     inherited.listen()
-    relay = systemd.Relay(socket.socket(fileno=os.dup(inherited.fileno())), str(tmp_path / "upstream"))
-    relay.start()
-    clients: list[socket.socket] = []
-    try:
-        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        clients.append(client)
-        client.settimeout(10)
-        client.connect(str(tmp_path / "public"))
-        payload = b"ketch" * 300_000  # more than a socket buffer and a pipe hold
-        sender = threading.Thread(target=client.sendall, args=(payload,))
-        sender.start()
-        got = bytearray()
-        while len(got) < len(payload):
-            got += client.recv(1 << 16)
-        sender.join()
-        assert bytes(got) == payload.upper()
+    inode = os.stat(path).st_ino
 
-        relay.close()  # ketchd stops: its connections end, the inherited socket listens on
-        assert client.recv(10) == b""
-        late = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        clients.append(late)
-        late.settimeout(10)
-        late.connect(str(tmp_path / "public"))  # waits in the backlog for the next ketchd
-        late.sendall(b"hello")
-        again = systemd.Relay(socket.socket(fileno=os.dup(inherited.fileno())), str(tmp_path / "upstream"))
+    async def run() -> None:
+        adoption = systemd.Adoption(socket.socket(fileno=os.dup(inherited.fileno())))
+        server = _server(adoption)
+        await server.start()
+        adoption.start()
+        assert await _ping(path, b"one") == b"pong:one"
+        results = await asyncio.gather(*(_ping(path, str(i).encode() * 100_000) for i in range(5)))
+        assert results == [b"pong:" + str(i).encode() * 100_000 for i in range(5)]
+        adoption.stop()
+        await server.stop(None)
+        # ketchd is gone; the socket is not: a client calling now waits in its backlog
+        waiting = asyncio.ensure_future(_ping(path, b"waited"))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        again = systemd.Adoption(socket.socket(fileno=os.dup(inherited.fileno())))
+        server = _server(again)
+        await server.start()
         again.start()
-        assert late.recv(10) == b"HELLO"
-        again.close()
-        assert os.path.exists(tmp_path / "public")
+        assert await waiting == b"pong:waited"
+        assert await _ping(path, b"two") == b"pong:two"
+        again.stop()
+        await server.stop(None)
+
+    try:
+        asyncio.run(run())
+        assert os.stat(path).st_ino == inode
     finally:
-        for c in clients:
-            c.close()
         inherited.close()
-        echo.close()
+
+
+def test_adoption_refuses_a_handler_it_does_not_know(tmp_path: Path) -> None:
+    """Before calling into grpc's core, the handler's C++ run-time type is checked: nothing
+    there, or an object of another type, is refused."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    adoption = systemd.Adoption(listener)
+    try:
+        with pytest.raises(OSError, match="made no handler"):
+            adoption.start()
+        # a C++ object as the ABI lays it out: its vtable pointer, the vtable's type_info before it
+        name = ctypes.create_string_buffer(b"N4some5OtherE")
+        type_info = (ctypes.c_void_p * 2)(0, ctypes.addressof(name))
+        vtable = (ctypes.c_void_p * 4)(ctypes.addressof(type_info), 0, 0, 0)
+        obj = ctypes.c_void_p(ctypes.addressof(vtable) + ctypes.sizeof(ctypes.c_void_p))
+        option = adoption.channel_option()[1]
+        ctypes.c_void_p.from_address(int(option)).value = ctypes.addressof(obj)
+        with pytest.raises(OSError, match="N4some5OtherE"):
+            adoption.start()
+    finally:
+        listener.close()
