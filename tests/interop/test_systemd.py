@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from ketch import systemd
 from ketch.testing import system as support
 from ketch.testing.daemons import KETCH_RUNTIME, Daemon, Ketchd
 from tests.interop.conftest import Env, running
@@ -243,6 +244,17 @@ def test_install_units_writes_units_systemd_analyze_accepts(tmp_path: Path) -> N
         assert f"\n{line}\n" in socket_unit, line
     units = [str(tmp_path / "units" / u) for u in ("ketchd.service", "ketchd.socket")]
     checked = subprocess.run(["systemd-analyze", "verify", *units], capture_output=True, text=True)
+    assert checked.returncode == 0 and not (checked.stdout + checked.stderr).strip(), checked.stdout + checked.stderr
+    # a ketchd whose path needs quoting
+    spaced = tmp_path / "my ketch" / "ketchd"
+    spaced.parent.mkdir()
+    spaced.symlink_to(ketchd)
+    r = subprocess.run([str(spaced), "install-units", "--prefix", str(tmp_path / "spaced")], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    assert f'\nExecStart="{spaced}"\n' in (tmp_path / "spaced" / "ketchd.service").read_text()
+    checked = subprocess.run(["systemd-analyze", "verify", *(str(tmp_path / "spaced" / u) for u in systemd.UNITS)],
+                             capture_output=True, text=True)
     assert checked.returncode == 0 and not (checked.stdout + checked.stderr).strip(), checked.stdout + checked.stderr
     # the check is not vacuous: a unit whose ExecStart is not there fails it
     Path(units[0]).write_text(service.replace(f"ExecStart={ketchd}", "ExecStart=/nonexistent/ketchd"))
