@@ -265,7 +265,7 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
         reclaiming.cancel()
         await launcher.settle(params.start_timeout)
         if adoption is not None:
-            adoption.stop()
+            await adoption.stop()
         await server.stop(grace=1.0)
         if streams is not None:
             await streams.close()

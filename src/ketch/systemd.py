@@ -246,11 +246,15 @@ class Adoption:
                 continue
             call(handler, self.listener.fileno(), conn.detach(), None)  # grpc owns the fd now
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
         """Accept no more (before the server stops: the handler goes with it). The inherited
         socket stays bound and listening: whoever connects now waits for the next ketchd."""
         if self._accepting is not None:
             self._accepting.cancel()
+            try:
+                await self._accepting
+            except asyncio.CancelledError:
+                pass
             self._accepting = None
         self.listener.close()
 

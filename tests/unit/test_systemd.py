@@ -145,7 +145,7 @@ def test_adoption_serves_grpc_on_the_inherited_socket_and_leaves_it_listening(tm
         assert await _ping(path, b"one") == b"pong:one"
         results = await asyncio.gather(*(_ping(path, str(i).encode() * 100_000) for i in range(5)))
         assert results == [b"pong:" + str(i).encode() * 100_000 for i in range(5)]
-        adoption.stop()
+        await adoption.stop()
         await server.stop(None)
         # ketchd is gone; the socket is not: a client calling now waits in its backlog
         waiting = asyncio.ensure_future(_ping(path, b"waited"))
@@ -157,7 +157,7 @@ def test_adoption_serves_grpc_on_the_inherited_socket_and_leaves_it_listening(tm
         again.start()
         assert await waiting == b"pong:waited"
         assert await _ping(path, b"two") == b"pong:two"
-        again.stop()
+        await again.stop()
         await server.stop(None)
 
     try:
