@@ -2,6 +2,7 @@
 
     ketchd [--config FILE] [--root DIR] [--state DIR] [--address SOCK] [--log-level LEVEL]
     ketchd config default
+    ketchd install-units [--prefix DIR]
 
 Start-up: load the configuration, open the metadata store, reload every task from its bundle
 (reconnecting to live shims, burying dead ones), then listen: the ttrpc socket for shims'
@@ -23,9 +24,11 @@ from pathlib import Path
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
-from ketch import __version__, config, errdefs, topics, ttrpc
+from ketch import __version__, config, errdefs, systemd, topics, ttrpc
 
 if TYPE_CHECKING:
+    import socket
+
     from ketch.metadata import Store
     from ketch.services.deferred import Deferred
     from ketch.snapshots import Snapshotter
@@ -74,6 +77,37 @@ def _template_socket(cfg: config.Config) -> str:
         log.warning("no shim template: %s is too long for a unix socket", path)
         return ""
     return path
+
+
+def _inherited_listener(cfg: config.Config, sd: systemd.Systemd) -> socket.socket | None:
+    """The gRPC socket systemd handed over (socket activation), if any; ``grpc.address`` becomes
+    its path, the one clients and shims are told."""
+    listener = sd.grpc_listener()
+    if listener is None:
+        return None
+    path = systemd.socket_path(listener)
+    if path and path != cfg.grpc.address:
+        log.info("serving gRPC on the inherited socket %s, not %s", path, cfg.grpc.address)
+        cfg.grpc.address = path
+    return listener
+
+
+async def _listen(server: Any, cfg: config.Config, adoption: systemd.Adoption | None) -> None:
+    """Start ``server`` on ``grpc.address``, or on the inherited socket (socket activation)."""
+    if adoption is None:
+        _prepare_socket_dir(cfg.grpc.address)
+        server.add_insecure_port(f"unix://{cfg.grpc.address}")
+        await server.start()
+        os.chmod(cfg.grpc.address, 0o660)
+        os.chown(cfg.grpc.address, cfg.grpc.uid, cfg.grpc.gid)
+        return
+    server.add_insecure_port(adoption.address)
+    await server.start()
+    try:
+        adoption.start()
+    except OSError as e:
+        await server.stop(None)
+        raise errdefs.FailedPrecondition(f"socket activation: {e}; run ketchd without ketchd.socket") from None
 
 
 def _open_store(cfg: config.Config) -> Store:
@@ -135,6 +169,10 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
         from ketch import slowloop
 
         slowloop.install(asyncio.get_running_loop(), cfg.log.slow_callback)
+    sd = systemd.take()
+    watchdog = asyncio.ensure_future(sd.ping_watchdog())
+    listener = _inherited_listener(cfg, sd)
+    sd.notify("STATUS=opening the store")
     store = await asyncio.to_thread(_open_store, cfg)
 
     import grpc
@@ -173,6 +211,7 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
     await ttrpc_started
 
     exchange.accept = manager.first_publication
+    sd.notify("STATUS=reloading tasks")
     started = time.monotonic()
     await manager.load()
     log.info("reloaded tasks in %.3fs", time.monotonic() - started)
@@ -184,9 +223,11 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
 
         telemetry = Metrics(manager=manager, exchange=exchange)
         await telemetry.serve(cfg.metrics.address)
+    adoption = systemd.Adoption(listener) if listener is not None else None
     server = grpc.aio.server(interceptors=telemetry.interceptors if telemetry else None, options=[
         ("grpc.max_receive_message_length", cfg.grpc.max_recv_message_size),
         ("grpc.max_send_message_length", cfg.grpc.max_send_message_size),
+        *([adoption.channel_option()] if adoption is not None else []),
     ])
     register_core(server, cfg=cfg, store=store, exchange=exchange, manager=manager, publish=publish)
     stored = Deferred(STORE_SERVICES, "the content store")
@@ -197,14 +238,12 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
     if cfg.cri.enabled:
         cri = Deferred(("/runtime.v1.",), "the CRI")
         server.add_generic_rpc_handlers((cri,))
-    _prepare_socket_dir(cfg.grpc.address)
-    server.add_insecure_port(f"unix://{cfg.grpc.address}")
-    await server.start()
-    os.chmod(cfg.grpc.address, 0o660)
-    os.chown(cfg.grpc.address, cfg.grpc.uid, cfg.grpc.gid)
-    log.info("ketchd %s serving on %s (ttrpc %s)", __version__, cfg.grpc.address, cfg.ttrpc_address)
+    await _listen(server, cfg, adoption)
+    log.info("ketchd %s serving on %s%s (ttrpc %s)", __version__, cfg.grpc.address,
+             " (inherited)" if adoption is not None else "", cfg.ttrpc_address)
     if ready is not None and not ready.done():
         ready.set_result(None)
+    sd.notify("READY=1", f"STATUS=serving on {cfg.grpc.address}", f"MAINPID={os.getpid()}")
     asyncio.get_running_loop().call_later(RESUBSCRIBE_GRACE, exchange.release)
     launcher.launch_template()
     snapshotters: dict[str, Snapshotter] = {}
@@ -213,8 +252,13 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
     streams = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def stopping() -> None:
+        sd.notify("STOPPING=1", "STATUS=shutting down; shims and containers keep running")
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stopping)
     try:
         try:
             snapshotters = await asyncio.to_thread(_open_snapshotters, cfg)
@@ -255,6 +299,8 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
         if reclaiming is not None:
             reclaiming.cancel()
         await launcher.settle(params.start_timeout)
+        if adoption is not None:
+            await adoption.stop()
         await server.stop(grace=1.0)
         if telemetry is not None:
             await telemetry.close()
@@ -266,9 +312,11 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
         if collector is not None:
             await collector.close()
         await asyncio.to_thread(_close_disk, store, snapshotters)
-        for path in (cfg.grpc.address,):
+        watchdog.cancel()
+        sd.close()
+        if adoption is None:  # an inherited socket is systemd's: it stays, listening, for the next ketchd
             try:
-                os.unlink(path)
+                os.unlink(cfg.grpc.address)
             except OSError:
                 pass
 
@@ -362,16 +410,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", "-l", help="debug, info, warn, error")
     parser.add_argument("--slow-callback", type=float, metavar="SECONDS",
                         help="asyncio debug mode: log every callback holding the event loop longer")
+    parser.add_argument("--prefix", default=systemd.UNIT_DIR, metavar="DIR",
+                        help=f"install-units: the directory to write the unit files to (default {systemd.UNIT_DIR})")
     parser.add_argument("--version", "-v", action="version", version=f"ketchd {__version__}")
     parser.add_argument("command", nargs="*", help="'config default' prints the default configuration; "
                         "'upgrade-shims' has every ketch shim group of this state directory switch to the "
-                        "ketch installed now, without restarting a container")
+                        "ketch installed now, without restarting a container; 'install-units' writes "
+                        "ketchd.service and ketchd.socket for systemd, to run this ketchd")
     args = parser.parse_args(argv)
     if args.command == ["config", "default"]:
         sys.stdout.write(config.DEFAULT_TOML)
         return 0
+    if args.command == ["install-units"]:
+        for path in systemd.install_units(args.prefix):
+            print(f"wrote {path}")
+        print("then: systemctl daemon-reload && systemctl enable --now ketchd.socket ketchd.service")
+        return 0
     if args.command and args.command != ["upgrade-shims"]:
-        parser.error(f"unknown command {' '.join(args.command)!r} (want: config default, upgrade-shims)")
+        parser.error(f"unknown command {' '.join(args.command)!r} (want: config default, upgrade-shims, install-units)")
     try:
         cfg = config.load(args.config)
     except errdefs.KetchError as e:

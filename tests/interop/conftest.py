@@ -8,7 +8,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -68,9 +68,11 @@ KETCH_SHIM = [p for p in COMBINATIONS if p.values[0][1] == KETCH_RUNTIME]
 
 
 @contextlib.contextmanager
-def running(daemon: str, runtime: str, rootfs: Path, *, path: tuple[str, ...] = (), config: str = "") -> Iterator[Env]:
+def running(daemon: str, runtime: str, rootfs: Path, prepare: Callable[[Daemon], None] | None = None, *,
+            path: tuple[str, ...] = (), config: str = "") -> Iterator[Env]:
     """``daemon`` started for a test of ``runtime``, with ``path`` first on its PATH; ``config``:
-    ketchd's configuration file's text."""
+    ketchd's configuration file's text; ``prepare`` is called with the daemon before it starts
+    (its environment, its fds)."""
     # short base path: the shim's socket lives under it and unix socket paths are short
     base = Path(tempfile.mkdtemp(prefix="kt-", dir="/tmp"))
     base.chmod(0o711)  # as /run/ketch: traversable by a user-namespaced container's root
@@ -81,6 +83,8 @@ def running(daemon: str, runtime: str, rootfs: Path, *, path: tuple[str, ...] = 
         cd.config_text = config
     e = Env(cd, runtime, rootfs)
     try:
+        if prepare is not None:
+            prepare(cd)
         cd.start()
         yield e
     finally:

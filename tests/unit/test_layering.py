@@ -48,6 +48,8 @@ RULES = [
     ("timestamps.py", ("ketch",), ()),
     ("files.py", ("ketch",), ("ketch.errdefs",)),
     ("slowloop.py", ("ketch",), ()),
+    # the notify protocol and socket activation, without libsystemd
+    ("systemd.py", ("ketch",), ()),
     ("filters.py", ("ketch",), ("ketch.errdefs",)),
     # the shim template's framing: spoken by the shim's start path and by the daemon's runtime
     ("templatewire.py", ("ketch",), ()),
