@@ -275,6 +275,8 @@ def test_a_dead_shim_buries_its_tasks_once_with_the_status_its_cleanup_reports(t
         await until(lambda: b.phase is Phase.STOPPED)
         exits = [(e.container_id, e.exit_status) for _, t, e in w.events if t == "/tasks/exit"]
         assert sorted(exits) == [("a", 137), ("b", 137)]
+        assert (w.manager.shims_lost, w.manager.takeovers, w.manager.buried) == (1, 0, 2)  # ketchd's metrics
+        assert w.manager.shims() == [] and w.manager.all_tasks() == [a, b]
         state = await a.state()
         assert (state.status, state.exit_status) == (3, 137)  # STOPPED
         with pytest.raises(errdefs.NotFound, match="its shim is gone"):
@@ -450,6 +452,8 @@ def test_a_shim_replaced_by_its_keeper_is_reconnected_without_losing_a_task(tmp_
         await until(lambda: a.phase is Phase.LIVE and b.phase is Phase.LIVE)
         assert (a.pid, b.pid) == pids and a.group is b.group and w.shim_of(a) is successor
         assert not waiter.done(), "the Wait goes on with the successor"
+        assert (w.manager.shims_lost, w.manager.takeovers, w.manager.buried) == (1, 1, 0)  # ketchd's metrics
+        assert w.manager.shims() == [a.group]
         await a.kill(signal.SIGTERM)
         assert (await waiter).status == 143
         assert w.topics() == [] and w.launcher.deleted == [], "nothing buried, no 255"

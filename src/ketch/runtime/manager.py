@@ -167,6 +167,11 @@ class TaskManager:
         self._background: set[asyncio.Task[None]] = set()
         #: tasks whose shim was found dead by load(), until bury_dead() runs
         self._unburied: list[Task] = []
+        #: shims whose connection closed while they served tasks; successors reconnected to
+        #: (a keeper's takeover, or a live upgrade); tasks buried (their shim gone for good)
+        self.shims_lost = 0
+        self.takeovers = 0
+        self.buried = 0
 
     # -- lookup ---------------------------------------------------------------------------
 
@@ -178,6 +183,16 @@ class TaskManager:
 
     def list(self, namespace: str) -> builtins.list[Task]:
         return [t for (ns, _), t in sorted(self._tasks.items()) if ns == namespace and t.phase is not Phase.NEW]
+
+    def all_tasks(self) -> builtins.list[Task]:
+        """Every task of every namespace, by namespace and id."""
+        return [t for _, t in sorted(self._tasks.items()) if t.phase is not Phase.NEW]
+
+    def shims(self) -> builtins.list[ShimGroup]:
+        """Every shim connected to: the shared ones (idle ones too) and those serving tasks."""
+        groups = {id(g): g for g in self._groups.values()}
+        groups.update((id(t.group), t.group) for t in self._tasks.values() if t.group is not None)
+        return [g for g in groups.values() if g.client is not None and not g.client.closed]
 
     def exists(self, namespace: str, id: str) -> bool:
         """True while a task of that id exists or is being created."""
@@ -438,6 +453,7 @@ class TaskManager:
             task.move("lose")
             lost.append(task)
         if lost:
+            self.shims_lost += 1
             log.warning("the shim at %s went away (tasks %s): looking for its successor", group.address,
                         ", ".join(f"{t.namespace}/{t.id}" for t in lost))
             t = asyncio.ensure_future(self._recover(group, lost))
@@ -470,6 +486,8 @@ class TaskManager:
                 self._attach(task, successor)
                 task.move("attach")
                 alive.append(task)
+            if alive:
+                self.takeovers += 1
             if successor.key is not None and alive:
                 self._groups[successor.key] = successor
             elif not alive:
@@ -499,6 +517,7 @@ class TaskManager:
         with contextlib.suppress(OSError):
             task.bundle.write_exit(ended.pid, ended.status, ended.exited_at)
         task.move("bury")
+        self.buried += 1
         self.publish(task.namespace, events.TaskExit(container_id=task.id, id=task.id, pid=ended.pid,
                                                      exit_status=ended.status,
                                                      exited_at=timestamps.timestamp(ended.exited_at)))
