@@ -6,9 +6,11 @@
 
 Start-up: load the configuration, open the metadata store, reload every task from its bundle
 (reconnecting to live shims, burying dead ones), then listen: the ttrpc socket for shims'
-events first, the gRPC socket last, so a client that can connect finds the daemon whole;
-then remove what a crash left on disk (``gc.reclaim``: files and directories no record wants).
-SIGTERM or SIGINT stops serving and disconnects from the shims; containers keep running.
+events first, the gRPC socket last, so a client that can connect finds every task as it is.
+What only some clients need loads right after, off the loop (the content store, images,
+snapshots, diff and leases; then the CRI): a call to those waits for them. Then remove what a
+crash left on disk (``gc.reclaim``: files and directories no record wants). SIGTERM or SIGINT
+stops serving and disconnects from the shims; containers keep running.
 """
 
 from __future__ import annotations
