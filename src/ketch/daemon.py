@@ -42,6 +42,8 @@ log = logging.getLogger("ketchd")
 #: kept during the outage, burials of shims that died meanwhile) wait for reconnecting
 #: clients to resubscribe before they are broadcast
 RESUBSCRIBE_GRACE = 0.5
+#: how long after the first services serve the rest starts loading
+FIRST_CALLS = 0.05
 
 
 def setup_logging(level: str, fmt: str) -> None:
@@ -268,6 +270,9 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
         loop.add_signal_handler(sig, stopping)
     try:
         try:
+            # the clients a restart kept waiting call at once: their first calls are answered
+            # before the rest loads (its imports would compete with them for the interpreter)
+            await asyncio.sleep(FIRST_CALLS)
             snapshotters = await asyncio.to_thread(_open_snapshotters, cfg)
             from ketch.content import ContentStore
             from ketch.gc import Collector
