@@ -56,40 +56,33 @@ def _timestamp(record: logging.LogRecord) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
 
 
-class TextFormatter(logging.Formatter):
+class _Formatter(logging.Formatter):
+    def __init__(self, static: dict[str, str] | None = None) -> None:
+        super().__init__()
+        self._static = static or {}
+
+    def entry(self, record: logging.LogRecord) -> dict[str, str]:
+        """The line's keys and values, in order, its error (a traceback) last."""
+        entry = {"time": _timestamp(record), "level": record.levelname.lower(), "logger": record.name,
+                 "msg": record.getMessage(), **self._static, **_fields_of(record)}
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return entry
+
+
+class TextFormatter(_Formatter):
     """``time=… level=… logger=… msg=… namespace=… container=… exec=…`` (logfmt), plus
     ``static`` fields every line of this process carries."""
 
-    def __init__(self, static: dict[str, str] | None = None) -> None:
-        super().__init__()
-        self._static = static or {}
-
     def format(self, record: logging.LogRecord) -> str:
-        parts: dict[str, str] = {"time": _timestamp(record), "level": record.levelname.lower(),
-                                 "logger": record.name, "msg": record.getMessage()}
-        parts.update(self._static)
-        parts.update(_fields_of(record))
-        line = " ".join(f"{k}={_quote(v)}" for k, v in parts.items())
-        if record.exc_info:
-            line += f" error={_quote(self.formatException(record.exc_info))}"
-        return line
+        return " ".join(f"{k}={_quote(v)}" for k, v in self.entry(record).items())
 
 
-class JSONFormatter(logging.Formatter):
+class JSONFormatter(_Formatter):
     """One JSON object per line, the fields as keys."""
 
-    def __init__(self, static: dict[str, str] | None = None) -> None:
-        super().__init__()
-        self._static = static or {}
-
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {"time": _timestamp(record), "level": record.levelname.lower(),
-                                 "logger": record.name, "msg": record.getMessage()}
-        entry.update(self._static)
-        entry.update(_fields_of(record))
-        if record.exc_info:
-            entry["error"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
+        return json.dumps(self.entry(record))
 
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "warn": logging.WARNING,

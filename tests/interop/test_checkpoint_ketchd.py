@@ -24,12 +24,12 @@ from pathlib import Path
 import pytest
 
 from ketch.api.containerd.runc.options import oci_pb2
-from ketch.testing import criu, images, leftovers
+from ketch.testing import criu, images
 from ketch.testing import system as support
 from ketch.testing.daemons import KETCH_RUNTIME, RUNC_RUNTIME, Ketchd
 from tests.interop.conftest import Env, running
 from tests.interop.test_checkpoint import CRIU_TAR, _fifo_dirs, checkpoint_api
-from tests.interop.test_dockerd import AliasedKetchd, Docker, Stack
+from tests.interop.test_dockerd import AliasedKetchd, Stack, docker_on
 
 NAME = "docker.io/library/counter:ckd"
 #: counts in a shell variable, logging each count: a restart from scratch would log 1 again
@@ -278,27 +278,8 @@ def stack(request: pytest.FixtureRequest, criu_dir: str) -> Iterator[Stack]:
     base = Path(tempfile.mkdtemp(prefix="kc-", dir="/tmp"))
     ketchd = (AliasedKetchd if request.param == KETCH_RUNTIME else Ketchd)(base)
     ketchd.path.append(criu_dir)
-    d = Docker(base, ketchd.address)
-    (base / "daemon.json").write_text(json.dumps({"live-restore": True, "experimental": True}))
-    try:
-        ketchd.start()
-        d.start()
+    with docker_on(ketchd, base, experimental=True) as d:
         yield Stack(ketchd, d)
-    finally:
-        if d.proc is not None:
-            ids = d.run("ps", "-aq", check=False).stdout.split()
-            if ids:
-                d.run("rm", "-f", *ids, check=False)
-        d.stop()
-        ketchd.kill(signal.SIGTERM)
-        ketchd.end_template()
-        subprocess.run(["umount", str(base / "data")], capture_output=True, check=False)
-        left = leftovers.check(ketchd.scope([], shared=("moby",), cgroup_parents=(d.cgroup_parent,)))
-        slow = ketchd.slow_callbacks()
-        if not left and not slow:
-            shutil.rmtree(base, ignore_errors=True)
-        assert not left, "left behind:\n  " + "\n  ".join(left) + f"\n(logs in {base})"
-        assert not slow, "ketchd's event loop was blocked:\n" + "\n".join(slow)
 
 
 def test_docker_checkpoint_create_ls_start_rm(stack: Stack, rootfs: Path, tmp_path: Path) -> None:

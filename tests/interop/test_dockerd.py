@@ -8,6 +8,7 @@ alias io.containerd.runc.v2 → io.containerd.ketch.v2 (dockerd 20.10 cannot nam
 from __future__ import annotations
 
 import fcntl
+import contextlib
 import json
 import os
 import pty
@@ -105,19 +106,17 @@ class Stack:
         return self.docker.run(*args, **kw)  # type: ignore[arg-type]
 
 
-@pytest.fixture(scope="module", params=["runcshim", "ketchshim"])
-def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    base = Path(tempfile.mkdtemp(prefix="kd-", dir="/tmp"))
-    ketchd = (AliasedKetchd if request.param == "ketchshim" else Ketchd)(base)
+@contextlib.contextmanager
+def docker_on(ketchd: Ketchd, base: Path, **config: object) -> Iterator[Docker]:
+    """ketchd and a dockerd on it (``config``: more of its daemon.json), started; at the end
+    both stopped, and nothing of theirs may be left."""
     docker = Docker(base, ketchd.address)
+    if config:
+        (base / "daemon.json").write_text(json.dumps({"live-restore": True, **config}))
     try:
         ketchd.start()
         docker.start()
-        rootfs = support.make_busybox_rootfs(tmp_path_factory.mktemp("dockerimg") / "rootfs")
-        tar = rootfs.parent / "rootfs.tar"
-        subprocess.run(["tar", "-C", str(rootfs), "-cf", str(tar), "."], check=True)
-        docker.run("import", "-c", "ENV PATH=/usr/bin:/bin", str(tar), IMAGE)
-        yield Stack(ketchd, docker)
+        yield docker
     finally:
         if docker.proc is not None:
             ids = docker.run("ps", "-aq", check=False).stdout.split()
@@ -135,6 +134,18 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             shutil.rmtree(base, ignore_errors=True)
         assert not left, "left behind:\n  " + "\n  ".join(left) + f"\n(logs in {base})"
         assert not slow, "ketchd's event loop was blocked:\n" + "\n".join(slow)
+
+
+@pytest.fixture(scope="module", params=["runcshim", "ketchshim"])
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    base = Path(tempfile.mkdtemp(prefix="kd-", dir="/tmp"))
+    ketchd = (AliasedKetchd if request.param == "ketchshim" else Ketchd)(base)
+    with docker_on(ketchd, base) as docker:
+        rootfs = support.make_busybox_rootfs(tmp_path_factory.mktemp("dockerimg") / "rootfs")
+        tar = rootfs.parent / "rootfs.tar"
+        subprocess.run(["tar", "-C", str(rootfs), "-cf", str(tar), "."], check=True)
+        docker.run("import", "-c", "ENV PATH=/usr/bin:/bin", str(tar), IMAGE)
+        yield Stack(ketchd, docker)
 
 
 _UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
