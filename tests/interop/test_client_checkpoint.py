@@ -201,6 +201,35 @@ def test_checkpoint_with_exit_then_restore_with_the_blocking_client(denv: Env, a
     run(denv, ns, check)
 
 
+def test_a_checkpoint_exported_restores_in_another_daemon(denv: Env, rootfs: Path, archive: Path, criu: str,
+                                                        tmp_path: Path) -> None:
+    ns = denv.ns()
+    moved = tmp_path / "checkpoint.tar"
+    before = 0
+
+    async def there(c: AsyncClient) -> None:
+        nonlocal before
+        before = await count(await counting(c, denv, archive, criu))
+        await (await c.container("counter")).checkpoint("ck:moved", rw=True, exit=True)
+        await c.export_images(str(moved), "ck:moved")
+        await remove(c, "counter")
+
+    run(denv, ns, there)
+    daemon, runtime = DAEMONS[0].values[0]  # type: ignore[misc]
+    with running(daemon, runtime, rootfs) as other:
+        ns2 = other.ns()
+
+        async def here(c: AsyncClient) -> None:
+            [image] = await c.import_image(str(moved))
+            assert image.name == "ck:moved" and await c.image_size(image) > 0
+            assert [i.name for i in await c.images()] == ["ck:moved"]  # the image comes with, as blobs
+            await goes_on_from(await c.restore("counter", "ck:moved"), before)
+            assert sorted(i.name for i in await c.images()) == ["ck:moved", IMAGE]
+            await remove(c, "counter")
+
+        run(other, ns2, here)
+
+
 def test_the_cli_checkpoints_and_restores(denv: Env, archive: Path, criu: str) -> None:
     ns = denv.ns()
     environ = dict(os.environ, KETCH_ADDRESS=denv.cd.address, KETCH_NAMESPACE=ns,
@@ -222,6 +251,7 @@ def test_the_cli_checkpoints_and_restores(denv: Env, archive: Path, criu: str) -
     # checkpoints are images, labelled as such
     assert ketch("images", "ls", "-q").stdout.split() == ["ck:cli", IMAGE]
     assert ketch("images", "ls", "-q", 'labels."containerd.io/checkpoint"==true').stdout == "ck:cli\n"
+    assert "ck:cli" in ketch("images", "ls").stdout  # sized as a checkpoint
     assert "exists" in ketch("checkpoint", "counter", "ck:cli", rc=1).stderr
     ketch("rm", "counter")
     assert ketch("restore", "--live", "--rw", "counter", "ck:cli").stdout == "counter\n"

@@ -33,7 +33,7 @@ from ketch.api.containerd.services.tasks.v1 import tasks_pb2, tasks_pb2_grpc
 from ketch.api.containerd.types import descriptor_pb2
 from ketch.api.containerd.types.task import task_pb2 as task_types
 from ketch.client._images import Image, Store, _image_of
-from ketch.distribution.manifests import OCI_INDEX, host_platform
+from ketch.distribution.manifests import INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX, host_platform
 
 if TYPE_CHECKING:
     from ketch.client._client import AsyncClient
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from ketch.client._io import IOSpec
     from ketch.client._process import Task
 
-__all__ = ["checkpoint", "checkpoint_descriptor", "restore"]
+__all__ = ["checkpoint", "checkpoint_descriptor", "is_checkpoint", "restore"]
 
 #: the media types of containerd's checkpoint blobs (containerd's images/mediatypes.go)
 CRIU_TAR = "application/vnd.containerd.container.criu.checkpoint.criu.tar"
@@ -186,12 +186,17 @@ async def checkpoint(conn: Connection, container_id: str, ref: str, *, task: boo
     return _image_of(created.image)
 
 
-async def _index(store: Store, ref: str) -> tuple[Image, dict[str, Any]]:
+def is_checkpoint(index: Mapping[str, Any]) -> bool:
+    """Whether an OCI index (as a dict) is a checkpoint's: it holds a container spec."""
+    return any(m.get("mediaType") == CONFIG for m in index.get("manifests") or [])
+
+
+async def _index(store: Store, ref: str) -> dict[str, Any]:
     record = _image_of((await store.call(store.images.Get, images_pb2.GetImageRequest(name=ref))).image)
-    index = await store.read_json(record.digest)
-    if record.media_type != OCI_INDEX or not any(m.get("mediaType") == CONFIG for m in index.get("manifests") or []):
+    index: dict[str, Any] = await store.read_json(record.digest) if record.media_type == OCI_INDEX else {}
+    if not is_checkpoint(index):
         raise errdefs.InvalidArgument(f"image {ref!r} is not a checkpoint (no container spec in an OCI index)")
-    return record, index
+    return index
 
 
 def _find(index: Mapping[str, Any], media_type: str) -> dict[str, Any] | None:
@@ -203,7 +208,7 @@ def _find(index: Mapping[str, Any], media_type: str) -> dict[str, Any] | None:
 
 async def checkpoint_descriptor(conn: Connection, ref: str) -> descriptor_pb2.Descriptor:
     """The descriptor of the CRIU images in the checkpoint ``ref``, for Tasks.Create."""
-    _, index = await _index(Store(conn), ref)
+    index = await _index(Store(conn), ref)
     d = _find(index, CRIU_TAR)
     if d is None:
         raise errdefs.InvalidArgument(f"checkpoint {ref!r} has no task in it (it was made without the task)")
@@ -218,7 +223,7 @@ async def restore(client: AsyncClient, id: str, ref: str, *, live: bool = True, 
 
     identifiers.validate(id)
     probe = Store(client.conn)
-    _, index = await _index(probe, ref)
+    index = await _index(probe, ref)
     notes = index.get("annotations") or {}
     image_name, runtime_name = notes.get(IMAGE_NAME), notes.get(RUNTIME_NAME)
     snapshotter = notes.get(SNAPSHOTTER_NAME) or "overlayfs"
@@ -240,7 +245,14 @@ async def restore(client: AsyncClient, id: str, ref: str, *, live: bool = True, 
     options = _find(index, RUNTIME_OPTIONS)
     if options is not None:
         c.runtime.options.ParseFromString(await store.read(options["digest"]))
-    record = await client.image(image_name)
+    try:
+        record = await client.image(image_name)
+    except errdefs.NotFound:
+        # a checkpoint imported into another daemon brings its image's blobs, not its record
+        source = next((m for m in index["manifests"] if m["mediaType"] in (*INDEX_TYPES, *MANIFEST_TYPES)), None)
+        if source is None:
+            raise errdefs.NotFound(f"image {image_name!r} (checkpoint {ref!r} was made without it)") from None
+        record = await store.put_image(image_name, source)
     async with store.leased():
         manifest = await store.manifest_of({"mediaType": record.media_type, "digest": record.digest})
         top = await store.unpack(manifest, manifest["config"]["digest"])
