@@ -215,8 +215,7 @@ def test_a_checkpoint_exported_restores_in_another_daemon(denv: Env, rootfs: Pat
         await remove(c, "counter")
 
     run(denv, ns, there)
-    daemon, runtime = DAEMONS[0].values[0]  # type: ignore[misc]
-    with running(daemon, runtime, rootfs) as other:
+    with running(denv.cd.name, denv.runtime, rootfs) as other:
         ns2 = other.ns()
 
         async def here(c: AsyncClient) -> None:
