@@ -16,7 +16,7 @@ import pytest
 
 from ketch import AsyncClient
 from ketch.api.containerd.runc.options import oci_pb2
-from ketch.client import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Task
+from ketch.client import AlreadyExists, FailedPrecondition, InvalidArgument, KetchError, NotFound, Task
 from ketch.client._checkpoint import CHECKPOINT_LABEL, CONFIG, CRIU_TAR, OPTIONS, RUNTIME_OPTIONS, RW_LAYER
 from ketch.client._images import Store
 from ketch.testing import images
@@ -170,6 +170,37 @@ def test_checkpoint_removed_restored_goes_on_counting(denv: Env, archive: Path, 
         for name in ("ck:1", "ck:2", "ck:files"):
             await c.remove_image(name)
         assert await c.images() == [await c.image(IMAGE)]
+
+    run(denv, ns, body)
+
+
+async def blobs(c: AsyncClient) -> set[str]:
+    """The digests in the daemon's content store once its GC has run (a lease removed with
+    ``sync`` runs it)."""
+    from ketch.api.containerd.services.content.v1 import content_pb2, content_pb2_grpc
+    from ketch.api.containerd.services.leases.v1 import leases_pb2, leases_pb2_grpc
+
+    leases = c.conn.stub(leases_pb2_grpc.LeasesStub)
+    await c.conn.call(leases.Create, leases_pb2.CreateRequest(id="gc-now"))
+    await c.conn.call(leases.Delete, leases_pb2.DeleteRequest(id="gc-now", sync=True))
+    content = c.conn.stub(content_pb2_grpc.ContentStub)
+    return {i.digest async for r in c.conn.stream(content.List, content_pb2.ListContentRequest()) for i in r.info}
+
+
+def test_a_failed_checkpoint_leaves_the_task_running_and_nothing_stored(denv: Env, archive: Path) -> None:
+    ns = denv.ns()
+
+    async def body(c: AsyncClient) -> None:
+        task = await counting(c, denv, archive, "/nonexistent/criu")
+        stored = await blobs(c)
+        with pytest.raises(KetchError, match="criu"):  # containerd: Unknown; ketchd: FailedPrecondition
+            await (await c.container("counter")).checkpoint("ck:fail", rw=True)
+        assert (await task.status()).status == "running"  # resumed
+        n = await count(task)
+        await until(task, lambda m: m > n)
+        assert [i.name for i in await c.images()] == [IMAGE]
+        assert await blobs(c) == stored  # the rw layer and runtime options written went with the lease
+        await remove(c, "counter")
 
     run(denv, ns, body)
 
