@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -38,23 +37,11 @@ log = logging.getLogger("ketchd")
 RESUBSCRIBE_GRACE = 0.5
 
 
-class _JSONFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)),
-                 "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
-        if record.exc_info:
-            entry["error"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
 def setup_logging(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(_JSONFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("time=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s"))
+    from ketch import logfields
+
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [logfields.handler(sys.stderr, fmt)]
     root.setLevel({"trace": "DEBUG", "warn": "WARNING"}.get(level, level.upper()))
 
 

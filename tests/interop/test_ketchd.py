@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from ketch import logfields
 from ketch.api.containerd.services.containers.v1 import containers_pb2, containers_pb2_grpc
 from ketch.api.containerd.services.namespaces.v1 import namespace_pb2, namespace_pb2_grpc
 from ketch.api.containerd.services.tasks.v1 import tasks_pb2, tasks_pb2_grpc
@@ -370,10 +371,28 @@ def test_shared_shim_keeps_logging_after_its_first_task_is_gone(kenv: Env) -> No
         _wait_status(kenv, ns, cid, "STOPPED")
         if cid == "first":
             kenv.ctr(ns, "tasks", "rm", "first")  # the bundle the shim started in is gone
+    def said() -> bool:  # the shim's line, relayed by ketchd with its fields
+        return any(f.get("msg", "").startswith("process exited") and f.get("container") == "second"
+                   and f.get("namespace") == ns for f in map(logfields.parse, kenv.cd.log.read_text().splitlines()))
+
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and "process exited container=second" not in kenv.cd.log.read_text():
+    while time.monotonic() < deadline and not said():
         time.sleep(0.05)
-    assert "process exited container=second" in kenv.cd.log.read_text()
+    assert said()
+
+
+def test_log_lines_carry_the_call_s_namespace_container_and_exec(kenv: Env) -> None:
+    ns = kenv.ns()
+    _run_detached(kenv, ns, ["web"])
+    kenv.ctr(ns, "tasks", "exec", "--exec-id", "probe", "web", "true")
+    kenv.ctr(ns, "tasks", "kill", "-s", "SIGKILL", "web")
+    _wait_status(kenv, ns, "web", "STOPPED")
+    fields = [logfields.parse(line) for line in kenv.cd.log.read_text().splitlines()]
+    created = [f for f in fields if f.get("msg", "").startswith("task created")]
+    assert [(f.get("namespace"), f.get("container")) for f in created] == [(ns, "web")], created
+    exited = {(f.get("container"), f.get("exec", "")) for f in fields
+              if f.get("msg", "").startswith("process exited") and f.get("namespace") == ns}
+    assert exited == {("web", "probe"), ("web", "")}, exited
 
 
 def test_calls_on_an_unstarted_exec_are_refused_and_touch_nothing_else(kenv: Env, channel: grpc.Channel) -> None:

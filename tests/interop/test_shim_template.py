@@ -9,6 +9,7 @@ import re
 import signal
 import time
 
+from ketch import logfields
 from ketch.testing import leftovers
 from ketch.testing import system as support
 from tests.interop.conftest import Env
@@ -32,7 +33,7 @@ def _serving_line(env: Env, ns: str) -> str:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         for line in env.cd.log.read_text().splitlines():
-            if f"namespace={ns} " in line and "shim serving on" in line:
+            if logfields.parse(line).get("namespace") == ns and "shim serving on" in line:
                 return line
         time.sleep(0.05)
     raise AssertionError(f"no 'shim serving' line for {ns}")

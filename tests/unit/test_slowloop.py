@@ -47,15 +47,15 @@ def test_the_interop_fixture_counts_what_ketchd_held_not_what_the_machine_did(tm
     from ketch.testing.daemons import Ketchd
 
     daemon = Ketchd(tmp_path)
-    prefix = "time=2026-01-01 level=WARNING logger=asyncio msg=Executing <Task pending coro=<serve() running at"
+    prefix = "time=2026-01-01T00:00:00.000Z level=warning logger=asyncio msg=\"Executing <Task pending coro=<serve() running at"
     lines = {
         "held": f"{prefix} /x/src/ketch/daemon.py:1> took 0.300 seconds (held the loop 0.290s: 0.000s on a CPU, "
-                "0.290s blocked; 0.010s waiting for a CPU; now awaiting at /x/src/ketch/daemon.py:1 (serve))",
+                "0.290s blocked; 0.010s waiting for a CPU; now awaiting at /x/src/ketch/daemon.py:1 (serve))\"",
         "machine": f"{prefix} /x/src/ketch/daemon.py:1> took 0.300 seconds (held the loop 0.010s: 0.010s on a CPU, "
-                   "0.000s blocked; 0.290s waiting for a CPU)",
-        "unmeasured": f"{prefix} /x/src/ketch/daemon.py:1> took 0.300 seconds",
+                   "0.000s blocked; 0.290s waiting for a CPU)\"",
+        "unmeasured": f"{prefix} /x/src/ketch/daemon.py:1> took 0.300 seconds\"",
         "not ketch": f"{prefix} grpc/_server.pyx:1> took 0.300 seconds (held the loop 0.290s: 0.290s on a CPU, "
-                     "0.000s blocked; 0.000s waiting for a CPU)",
+                     "0.000s blocked; 0.000s waiting for a CPU)\"",
     }
     daemon.log.write_text("\n".join(["time=... level=INFO logger=ketchd msg=serving", *lines.values()]) + "\n")
     assert daemon.slow_callbacks() == [lines["held"], lines["unmeasured"]]

@@ -246,7 +246,7 @@ class TaskManager:
         return task
 
     async def _start_shim(self, task: Task, opts: CreateOptions, options: tuple[str, bytes] | None) -> None:
-        task.log = ShimLog(str(task.bundle.path / "log"), task.namespace, task.id)
+        task.log = ShimLog(str(task.bundle.path / "log"), task.namespace)
         req = shim_pb2.CreateTaskRequest(
             id=task.id, bundle=str(task.bundle.path), rootfs=list(opts.rootfs), terminal=opts.stdio.terminal,
             stdin=opts.stdio.stdin, stdout=opts.stdio.stdout, stderr=opts.stdio.stderr, checkpoint=opts.checkpoint)
@@ -549,7 +549,7 @@ class TaskManager:
             task.move("bury")
             return None
         with contextlib.suppress(OSError):
-            task.log = ShimLog(str(bundle.path / "log"), task.namespace, task.id)
+            task.log = ShimLog(str(bundle.path / "log"), task.namespace)
         return task
 
     async def _reconnect(self, address: str, tasks: builtins.list[Task]) -> None:

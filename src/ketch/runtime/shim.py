@@ -22,7 +22,7 @@ from typing import Protocol, TypeVar
 from google.protobuf import any_pb2, empty_pb2
 from google.protobuf import message as _message
 
-from ketch import errdefs, identifiers, templatewire, ttrpc
+from ketch import errdefs, identifiers, logfields, templatewire, ttrpc
 from ketch.api.containerd.task.v2 import shim_pb2
 from ketch.api.containerd.types.task import task_pb2 as task_types
 
@@ -188,11 +188,11 @@ class ShimLog:
     between shims' writes, and a shim writing while ketchd is down blocks instead of dying of
     SIGPIPE (a Go shim does die of it on its stderr)."""
 
-    def __init__(self, path: str, namespace: str, id: str) -> None:
+    def __init__(self, path: str, namespace: str) -> None:
         self._fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         self._partial = b""
         self._log = logging.getLogger("ketch.shim")
-        self._where = f"namespace={namespace} id={id}"
+        self._namespace = namespace
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._fd, self._read)
 
@@ -205,7 +205,7 @@ class ShimLog:
         self._partial = lines.pop()[-65536:]
         for line in lines:
             if line.strip():
-                self._log.info("%s %s", self._where, line.decode(errors="replace"))
+                logfields.relay(self._log, line.decode(errors="replace"), namespace=self._namespace)
 
     def close(self) -> None:
         if self._fd >= 0:

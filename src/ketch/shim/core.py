@@ -476,7 +476,8 @@ class Core:
                 container_id=container.id, id=proc.id, pid=proc.pid, exit_status=proc.exit_status,
                 exited_at=timestamps.timestamp(proc.exited_at)))
             proc.mark_exited()
-        log.info("process exited container=%s id=%s pid=%d status=%d", container.id, proc.id, proc.pid, status)
+        log.info("process exited pid=%d status=%d", proc.pid, status,
+                 extra={"container": container.id, "exec": "" if proc.id == container.id else proc.id})
 
     def _acknowledge(self, pid: int) -> None:
         if pid in self._unacked and self.keeper is not None:

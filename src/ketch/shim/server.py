@@ -16,7 +16,7 @@ import signal
 import socket
 from collections.abc import Callable
 
-from ketch import ttrpc
+from ketch import logfields, ttrpc
 from ketch.shim.common import LISTEN_FD, runc_root
 from ketch.shim.core import Core
 from ketch.shim.keeper import Takeover
@@ -72,8 +72,8 @@ def _setup_logging(bundle: str, debug: bool, flags: dict[str, str], bundles: Cal
     handler = _FifoHandler(bundle, bundles)
     if handler.fd < 0:
         handler.fd = 2
-    handler.setFormatter(logging.Formatter(
-        f"time=%(asctime)s level=%(levelname)s namespace={flags.get('namespace', '')} msg=%(message)s"))
+    handler.setFormatter(logfields.TextFormatter(static={"namespace": flags.get("namespace", "")}))
+    handler.addFilter(logfields.FieldsFilter())
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)

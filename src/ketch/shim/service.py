@@ -11,7 +11,7 @@ from typing import Any, cast
 
 from google.protobuf import empty_pb2
 
-from ketch import __version__, errdefs, timestamps, ttrpc
+from ketch import __version__, errdefs, logfields, timestamps, ttrpc
 from ketch.api.containerd.task.v2 import shim_pb2 as api
 from ketch.shim.core import Core
 from ketch.shim.process import Process
@@ -28,12 +28,21 @@ def _stamp_exit(out: api.StateResponse | api.WaitResponse | api.DeleteResponse, 
         timestamps.stamp(out.exited_at, proc.exited_at)
 
 
+def _with_log_fields(handler: Any) -> Any:
+    """The call's container and exec ids on every line it logs (ketch.logfields)."""
+    async def call(req: Any, ctx: ttrpc.Context) -> Any:
+        logfields.bind(container=getattr(req, "id", ""), exec=getattr(req, "exec_id", ""))
+        return await handler(req, ctx)
+    return call
+
+
 class TaskService:
     def __init__(self, core: Core) -> None:
         self.core = core
 
     def register(self, server: ttrpc.Server) -> None:
-        M = ttrpc.Method
+        def M(request_type: Any, handler: Any) -> ttrpc.Method:
+            return ttrpc.Method(request_type, _with_log_fields(handler))
         server.register(SERVICE, {
             "State": M(api.StateRequest, self.state),
             "Create": M(api.CreateTaskRequest, self.create),

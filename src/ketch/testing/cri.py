@@ -79,9 +79,10 @@ def validation() -> Validation:
 class CriKetchd(Ketchd):
     """ketchd with its CRI on: the local registry's environment, a private CNI configuration
     (the kit's bridge network with its own IPAM directory and a default route), and
-    ``restrict_oom_score_adj`` (root here lacks CAP_SYS_RESOURCE)."""
+    ``restrict_oom_score_adj`` (root here lacks CAP_SYS_RESOURCE); ``sandbox_image`` if not the
+    default (the kit's pause)."""
 
-    def __init__(self, base: Path, kit: Validation) -> None:
+    def __init__(self, base: Path, kit: Validation, sandbox_image: str = "") -> None:
         super().__init__(base)
         self.env.update(kit.env)
         self.cni_conf = base / "cni" / "net.d"
@@ -98,7 +99,7 @@ class CriKetchd(Ketchd):
         self.config.write_text(f"""[cri]
 cni_conf_dir = "{self.cni_conf}"
 restrict_oom_score_adj = true
-""")
+""" + (f'sandbox_image = "{sandbox_image}"\n' if sandbox_image else ""))
 
     def argv(self) -> list[str]:
         return [*super().argv(), "--config", str(self.config)]

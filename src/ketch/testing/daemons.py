@@ -18,7 +18,7 @@ from ketch.testing.leftovers import Scope
 KETCH_RUNTIME = "io.containerd.ketch.v2"
 RUNC_RUNTIME = "io.containerd.runc.v2"
 #: asyncio's report of a slow callback in debug mode
-SLOW_CALLBACK = re.compile(r"logger=asyncio msg=Executing .* took \d+\.\d+ seconds")
+SLOW_CALLBACK = re.compile(r"logger=asyncio msg=\"?Executing .* took \d+\.\d+ seconds")
 
 
 class Daemon:
