@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from google.protobuf import any_pb2
 
-from ketch import errdefs
+from ketch import errdefs, identifiers
 from ketch.api.containerd.runc.options import oci_pb2
 from ketch.api.containerd.services.containers.v1 import containers_pb2, containers_pb2_grpc
 from ketch.api.containerd.services.diff.v1 import diff_pb2, diff_pb2_grpc
@@ -219,8 +219,6 @@ async def checkpoint_descriptor(conn: Connection, ref: str) -> descriptor_pb2.De
 async def restore(client: AsyncClient, id: str, ref: str, *, live: bool = True, rw: bool = True, io: IOSpec = None,
                   labels: Mapping[str, str] | None = None) -> Task:
     """A new container ``id`` from the checkpoint ``ref`` (see :meth:`AsyncClient.restore`)."""
-    from ketch import identifiers
-
     identifiers.validate(id)
     probe = Store(client.conn)
     index = await _index(probe, ref)

@@ -170,8 +170,8 @@ class AsyncClient:
         :meth:`Container.checkpoint` or ``ctr containers checkpoint``): the checkpoint's spec,
         runtime and image (a snapshot of its own on top), with ``rw`` the checkpointed rw
         layer applied; its task created with ``io``, with ``live`` from the checkpoint's CRIU
-        images (the process goes on where it was), and started. The started task; its
-        container is ``await client.container(id)``."""
+        images (the process goes on where it was), and started; the container gets
+        ``labels``. The started task; its container is ``await client.container(id)``."""
         from ketch.client._checkpoint import restore
 
         return await restore(self, id, ref, live=live, rw=rw, io=io, labels=labels)
