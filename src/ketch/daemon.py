@@ -27,6 +27,7 @@ from ketch import __version__, config, errdefs, topics, ttrpc
 
 if TYPE_CHECKING:
     from ketch.metadata import Store
+    from ketch.services.deferred import Deferred
     from ketch.snapshots import Snapshotter
 
 log = logging.getLogger("ketchd")
@@ -75,27 +76,36 @@ def _template_socket(cfg: config.Config) -> str:
     return path
 
 
-def _open_disk(cfg: config.Config) -> tuple[Store, dict[str, Snapshotter]]:
-    """What starting blocks on: importing the daemon's modules, opening the metadata store and
-    the snapshotters (SQLite files; overlayfs is probed with a mount). Run in a thread, so that
-    ketchd's event loop is never held, not even while it starts."""
+def _open_store(cfg: config.Config) -> Store:
+    """What serving containerd's first calls needs: the modules of tasks, containers, namespaces
+    and events, and the metadata store (SQLite). Run in a thread, so that ketchd's event loop
+    is never held, not even while it starts."""
     import grpc  # noqa: F401  (imported here, off the loop, for serve)
 
-    import ketch.content
     import ketch.events
-    import ketch.gc
-    import ketch.images
     import ketch.runtime
-    import ketch.services
-    import ketch.services.events  # noqa: F401
+    import ketch.services.events
+    import ketch.services.metadata
+    import ketch.services.system
+    import ketch.services.tasks  # noqa: F401
     from ketch.metadata import Store
     from ketch.services.system import server_uuid
-    from ketch.snapshots import NativeSnapshotter, OverlaySnapshotter, supported
 
     for d in (cfg.root, cfg.state):
         os.makedirs(d, mode=0o711, exist_ok=True)
     server_uuid(cfg.root)  # made (and fsynced) on the first start: here rather than on the loop
-    store = Store(os.path.join(cfg.root, "meta.db"))
+    return Store(os.path.join(cfg.root, "meta.db"))
+
+
+def _open_snapshotters(cfg: config.Config) -> dict[str, Snapshotter]:
+    """The rest of the core's modules (content, images, snapshots, diff, GC) and the
+    snapshotters (SQLite files; overlayfs is probed with a mount); in a thread too."""
+    import ketch.content
+    import ketch.gc
+    import ketch.images
+    import ketch.services  # noqa: F401
+    from ketch.snapshots import NativeSnapshotter, OverlaySnapshotter, supported
+
     snapshotters: dict[str, Snapshotter] = {"native": NativeSnapshotter(os.path.join(cfg.root, "snapshots", "native"))}
     overlay_root = os.path.join(cfg.root, "snapshots", "overlayfs")
     os.makedirs(overlay_root, mode=0o700, exist_ok=True)
@@ -103,31 +113,34 @@ def _open_disk(cfg: config.Config) -> tuple[Store, dict[str, Snapshotter]]:
         snapshotters["overlayfs"] = OverlaySnapshotter(overlay_root)
     else:
         log.warning("overlayfs is not supported under %s; only the native snapshotter is loaded", overlay_root)
-    return store, snapshotters
+    return snapshotters
 
 
 def _close_disk(store: Store, snapshotters: dict[str, Snapshotter]) -> None:
-    """Close what :func:`_open_disk` opened (SQLite checkpoints its log: blocking)."""
+    """Close what :func:`_open_store` and :func:`_open_snapshotters` opened (SQLite checkpoints
+    its log: blocking)."""
     for snapshotter in snapshotters.values():
         snapshotter.close()
     store.close()
 
 
 async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None) -> None:
+    """Serve in three steps, each under way as soon as the one before serves: containerd's
+    task-facing services (a restarted daemon's clients are waiting), then the content store,
+    images, snapshots, diff and leases, then the CRI. A call to a service not loaded yet waits
+    for it (:class:`~ketch.services.deferred.Deferred`)."""
     if cfg.log.slow_callback > 0:
         from ketch import slowloop
 
         slowloop.install(asyncio.get_running_loop(), cfg.log.slow_callback)
-    store, snapshotters = await asyncio.to_thread(_open_disk, cfg)
+    store = await asyncio.to_thread(_open_store, cfg)
 
     import grpc
 
-    from ketch.content import ContentStore
     from ketch.events import Exchange, decode_protobuf
-    from ketch.gc import Collector
-    from ketch.images import ImageService
     from ketch.runtime import Launcher, ShimParams, TaskManager
-    from ketch.services import register_all
+    from ketch.services import STORE_SERVICES, register_core, register_store
+    from ketch.services.deferred import Deferred
     from ketch.services.events import forward_service
 
     exchange = Exchange(decoder=decode_protobuf)  # event.<field> filters see the payload
@@ -137,10 +150,6 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
 
     def publish(namespace: str, event: Any) -> None:
         exchange.publish(namespace, topics.of(event), event.DESCRIPTOR.full_name, event.SerializeToString())
-
-    content = ContentStore(os.path.join(cfg.root, "content"), store, publish=publish)
-    collector = Collector(store, content, snapshotters)
-    images = ImageService(store, publish=publish)
 
     params = ShimParams(
         grpc_address=cfg.grpc.address, ttrpc_address=cfg.ttrpc_address,
@@ -171,15 +180,15 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
         ("grpc.max_receive_message_length", cfg.grpc.max_recv_message_size),
         ("grpc.max_send_message_length", cfg.grpc.max_send_message_size),
     ])
-    register_all(server, cfg=cfg, store=store, exchange=exchange, manager=manager, publish=publish,
-                 content=content, images=images, snapshotters=snapshotters, collector=collector)
-    cri_recovery = None
-    streams = None
+    register_core(server, cfg=cfg, store=store, exchange=exchange, manager=manager, publish=publish)
+    stored = Deferred(STORE_SERVICES, "the content store")
+    server.add_generic_rpc_handlers((stored,))
+    # the CRI (its protos, CNI, streaming server) loads once containerd's API serves; a CRI
+    # call that comes first waits for it
+    cri: Deferred | None = None
     if cfg.cri.enabled:
-        await asyncio.sleep(0)  # the CRI's imports and set-up are a step of the loop's own
-        cri_recovery, streams = _register_cri(server, cfg, store, content, images, snapshotters, collector, publish,
-                                              manager)
-        await streams.start()
+        cri = Deferred(("/runtime.v1.",), "the CRI")
+        server.add_generic_rpc_handlers((cri,))
     _prepare_socket_dir(cfg.grpc.address)
     server.add_insecure_port(f"unix://{cfg.grpc.address}")
     await server.start()
@@ -189,23 +198,52 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
     if ready is not None and not ready.done():
         ready.set_result(None)
     asyncio.get_running_loop().call_later(RESUBSCRIBE_GRACE, exchange.release)
-    # what a crash left on disk (a prepare's directory, a blob without its row) goes now; no
-    # record is judged: clients may already be making some that nothing references yet
-    reclaiming = asyncio.ensure_future(collector.reclaim())
     launcher.launch_template()
-    if cri_recovery is not None:
-        await cri_recovery
-
+    snapshotters: dict[str, Snapshotter] = {}
+    collector = None
+    reclaiming = None
+    streams = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
+        try:
+            snapshotters = await asyncio.to_thread(_open_snapshotters, cfg)
+            from ketch.content import ContentStore
+            from ketch.gc import Collector
+            from ketch.images import ImageService
+
+            content = ContentStore(os.path.join(cfg.root, "content"), store, publish=publish)
+            collector = Collector(store, content, snapshotters)
+            images = ImageService(store, publish=publish)
+            stored.load(lambda into: register_store(into, store=store, publish=publish, content=content, images=images,
+                                                    snapshotters=snapshotters, collector=collector))
+        except BaseException as e:
+            stored.fail(str(e) or type(e).__name__)
+            raise
+        # what a crash left on disk (a prepare's directory, a blob without its row) goes now;
+        # no record is judged: clients may already be making some that nothing references yet
+        reclaiming = asyncio.ensure_future(collector.reclaim())
+        if cri is not None:
+            try:
+                if cfg.cri.snapshotter not in snapshotters:
+                    raise errdefs.InvalidArgument(f"[cri] snapshotter {cfg.cri.snapshotter!r} is not loaded "
+                                                  f"(loaded: {', '.join(sorted(snapshotters))})")
+                await asyncio.to_thread(_import_cri)  # off the loop: the imports are most of it
+                cri_recovery, streams = _start_cri(cri, cfg, store, content, images, snapshotters, collector,
+                                                   publish, manager)
+                await streams.start()
+            except BaseException as e:
+                cri.fail(str(e) or type(e).__name__)
+                raise
+            await cri_recovery
         await stop.wait()
     finally:
         log.info("shutting down; shims and containers keep running")
         burial.cancel()
-        reclaiming.cancel()
+        if reclaiming is not None:
+            reclaiming.cancel()
         await launcher.settle(params.start_timeout)
         await server.stop(grace=1.0)
         if streams is not None:
@@ -213,7 +251,8 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
         await events_server.shutdown(grace=0.5)
         ttrpc_task.cancel()
         await manager.close()
-        await collector.close()
+        if collector is not None:
+            await collector.close()
         await asyncio.to_thread(_close_disk, store, snapshotters)
         for path in (cfg.grpc.address,):
             try:
@@ -222,12 +261,21 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
                 pass
 
 
-def _register_cri(server: Any, cfg: config.Config, store: Any, content: Any, images: Any,
-                  snapshotters: dict[str, Any], collector: Any, publish: Any,
-                  manager: Any) -> tuple[Awaitable[None], Any]:
-    """The Kubernetes CRI on the same socket, over the same core; what it must do once ketchd
-    serves (reattach to running containers' output), and its streaming server (exec, attach,
-    port-forward; to be started)."""
+def _import_cri() -> None:
+    """What the CRI needs, imported (in a thread: nothing blocks the loop)."""
+    import ketch.cri.containers
+    import ketch.cri.sandbox
+    import ketch.cri.server
+    import ketch.cri.streaming
+    import ketch.images.pull  # noqa: F401
+
+
+def _start_cri(gate: Deferred, cfg: config.Config, store: Any, content: Any, images: Any,
+               snapshotters: dict[str, Any], collector: Any, publish: Any,
+               manager: Any) -> tuple[Awaitable[None], Any]:
+    """The Kubernetes CRI on the same socket, over the same core, served through ``gate``; what
+    it must do now that ketchd serves (reattach to running containers' output), and its
+    streaming server (exec, attach, port-forward; to be started)."""
     from ketch.cri import cni
     from ketch.cri import images as cri_images
     from ketch.cri import server as cri_server
@@ -241,7 +289,6 @@ def _register_cri(server: Any, cfg: config.Config, store: Any, content: Any, ima
 
     snapshots = SnapshotService(snapshotters, store.leases, publish, collector.schedule)
     puller = Puller(content, images, snapshots, DiffService(content), store.leases)
-    snapshots.get(cfg.cri.snapshotter)  # InvalidArgument now for a snapshotter not loaded
     image_manager = cri_images.CriImages(images, content, puller, snapshotter=cfg.cri.snapshotter,
                                          fs_root=os.path.join(cfg.root, "snapshots", cfg.cri.snapshotter),
                                          collect=collector.schedule)
@@ -255,7 +302,7 @@ def _register_cri(server: Any, cfg: config.Config, store: Any, content: Any, ima
                             runtime=cfg.cri.runtime, state_dir=cfg.state)
     streams = StreamServer(cri_server.StreamingRuntime(pods, containers), cfg.cri.stream_server_address,
                            cfg.cri.stream_server_port)
-    cri_server.register(server, cfg.cri, image_manager, pods, containers, streams)
+    gate.load(lambda server: cri_server.register(server, cfg.cri, image_manager, pods, containers, streams))
     return containers.recover(), streams
 
 

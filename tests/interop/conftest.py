@@ -68,11 +68,13 @@ KETCH_SHIM = [p for p in COMBINATIONS if p.values[0][1] == KETCH_RUNTIME]
 
 
 @contextlib.contextmanager
-def running(daemon: str, runtime: str, rootfs: Path) -> Iterator[Env]:
+def running(daemon: str, runtime: str, rootfs: Path, *, path: tuple[str, ...] = ()) -> Iterator[Env]:
+    """``daemon`` started for a test of ``runtime``, with ``path`` first on its PATH."""
     # short base path: the shim's socket lives under it and unix socket paths are short
     base = Path(tempfile.mkdtemp(prefix="kt-", dir="/tmp"))
     base.chmod(0o711)  # as /run/ketch: traversable by a user-namespaced container's root
     cd = DAEMONS[daemon](base)
+    cd.path.extend(path)
     e = Env(cd, runtime, rootfs)
     try:
         cd.start()

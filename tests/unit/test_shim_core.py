@@ -366,3 +366,167 @@ def test_an_exit_is_reported_once_the_client_read_the_output(tmp_path: Path) -> 
         assert run(scenario) == b"left in the fifo"
     finally:
         os.close(client)
+
+
+# -- checkpoint / restore ----------------------------------------------------------------------
+
+class _CheckpointingRunc(_ScriptedRunc):
+    """checkpoint writes criu's dump.log into its work directory (and fails if told to);
+    restore starts a real process and writes its pid where runc would."""
+
+    async def checkpoint(self, id: str, args: list[str]) -> None:
+        work = args[args.index("--work-path") + 1]
+        os.makedirs(work, exist_ok=True)
+        with open(os.path.join(work, "dump.log"), "w") as f:
+            f.write("".join(f"(0.{i:04d}) dump step {i}\n" for i in range(40)))
+            f.write("Error (criu/sk-unix.c:1): unix: Can't dump external socket\n")
+        await self._run("checkpoint", id, args)
+
+    async def restore(self, id: str, bundle: str, *, image: str, work: str, parent: str, pid_file: str,
+                      console_socket: str | None, stdio: tuple[int | None, ...], no_pivot: bool) -> None:
+        await self._run("restore", id, image, work, parent)
+        with open(pid_file, "w") as f:
+            f.write(str(child("import time; time.sleep(60)")))
+
+
+def _criu(tmp_path: Path, ok: bool = True) -> str:
+    path = tmp_path / "criu"
+    path.write_text("#!/bin/sh\n" + ("exit 0\n" if ok else "echo 'vdso: Failed to fill self vdso symtable' >&2; exit 1\n"))
+    path.chmod(0o700)
+    return str(path)
+
+
+@pytest.mark.parametrize("state", [State.CREATED, State.STOPPED])
+def test_only_a_live_task_is_checkpointed(tmp_path: Path, state: State) -> None:
+    async def scenario(monitor: Monitor) -> list[tuple[object, ...]]:
+        runc = _CheckpointingRunc()
+        core, container, _ = _core(monitor, tmp_path, runc, Process("c1", "", Stdio(), state=state, pid=12345))
+        container.options.criu_path = _criu(tmp_path)
+        with pytest.raises(errdefs.FailedPrecondition, match=f"cannot checkpoint task c1 in {state.name.lower()} state"):
+            await core.checkpoint("c1", str(tmp_path / "image"), ("", b""))
+        return runc.calls
+
+    assert run(scenario) == []
+
+
+def test_checkpoint_without_a_working_criu_does_not_ask_runc(tmp_path: Path) -> None:
+    async def scenario(monitor: Monitor) -> list[tuple[object, ...]]:
+        runc = _CheckpointingRunc()
+        core, container, _ = _core(monitor, tmp_path, runc, Process("c1", "", Stdio(), state=State.RUNNING, pid=1))
+        container.options.criu_path = _criu(tmp_path, ok=False)
+        with pytest.raises(errdefs.FailedPrecondition, match="criu check failed .*: vdso: Failed"):
+            await core.checkpoint("c1", str(tmp_path / "image"), ("", b""))
+        return runc.calls
+
+    assert run(scenario) == []
+
+
+def test_a_failed_dump_quotes_criu_and_keeps_its_log(tmp_path: Path) -> None:
+    async def scenario(monitor: Monitor) -> tuple[str, list[tuple[object, ...]]]:
+        runc = _CheckpointingRunc(checkpoint="criu failed: type NOTIFY errno 0")
+        core, container, _ = _core(monitor, tmp_path, runc, Process("c1", "", Stdio(), state=State.PAUSED, pid=1))
+        container.options.criu_path = _criu(tmp_path)
+        with pytest.raises(errdefs.Unknown) as e:
+            await core.checkpoint("c1", str(tmp_path / "image"), ("", b""))
+        return str(e.value), runc.calls
+
+    message, calls = run(scenario)
+    work = str(tmp_path / "work" / "criu-work")
+    assert calls == [("checkpoint", "c1", ["--image-path", str(tmp_path / "image"), "--work-path", work,
+                                           "--leave-running"])]
+    assert message == ("runc checkpoint failed: criu failed: type NOTIFY errno 0\n"
+                       f"criu's log ({tmp_path}/criu-dump.log) says:\n"
+                       "Error (criu/sk-unix.c:1): unix: Can't dump external socket")
+    assert "Can't dump external socket" in (tmp_path / "criu-dump.log").read_text()
+    assert not os.path.exists(work), "the default work directory is removed"
+
+
+class _Keeper:
+    def __init__(self) -> None:
+        self.records: dict[str, dict[str, object]] = {}
+
+    def put(self, key: str, data: dict[str, object], fds: dict[str, int] | None = None) -> None:
+        self.records[key] = data
+
+    def drop(self, key: str) -> None:
+        self.records = {k: v for k, v in self.records.items() if not k.startswith(key)}
+
+    def ack(self, pid: int) -> None:
+        pass
+
+
+def test_a_task_created_from_a_checkpoint_is_restored_by_its_start(tmp_path: Path) -> None:
+    """As containerd's runc shim: Create records the checkpoint (pid 0, nothing runs), Start runs
+    runc restore; the restored init is then a task like a created one (watched, recorded)."""
+    bundle, image = tmp_path / "bundle", tmp_path / "image"
+    bundle.mkdir()
+    image.mkdir()
+    (bundle / "config.json").write_text('{"process": {"args": ["sh"]}}')
+
+    async def scenario(monitor: Monitor) -> None:
+        runc = _CheckpointingRunc()
+        pub = _RecordingPublisher()
+        core = Core(namespace="t", monitor=monitor, publisher=pub, runc_root=str(tmp_path / "state"))
+        core._runc = lambda opts, bundle: runc  # type: ignore[assignment,method-assign,return-value]
+        keeper = core.keeper = _Keeper()
+        with pytest.raises(errdefs.InvalidArgument, match="is not a directory"):
+            await core.create("c1", bundle=str(bundle), rootfs=[], stdio=Stdio(), options=("", b""),
+                              checkpoint=str(tmp_path / "absent"))
+        from ketch.api.containerd.runc.options import oci_pb2
+
+        options = ("containerd.runc.v1.Options", oci_pb2.Options(criu_path=_criu(tmp_path)).SerializeToString())
+        container = await core.create("c1", bundle=str(bundle), rootfs=[], stdio=Stdio(), options=options,
+                                      checkpoint=str(image), parent_checkpoint="/parent")
+        assert (container.init.pid, container.init.state) == (0, State.CREATED)
+        assert runc.calls == []
+        assert keeper.records["c/c1"]["checkpoint"] == str(image)
+        [created] = pub.events
+        assert (type(created).__name__, created.checkpoint, created.pid) == ("TaskCreate", str(image), 0)  # type: ignore[attr-defined]
+
+        proc = await core.start("c1", "")
+        assert runc.calls == [("restore", "c1", str(image), str(bundle / "work"), "/parent")]
+        assert proc.state == State.RUNNING and proc.pid > 0
+        assert keeper.records["p/c1/-"]["pid"] == proc.pid
+        assert keeper.records["c/c1"]["checkpoint"] == ""
+        assert [type(e).__name__ for e in pub.events] == ["TaskCreate", "TaskStart"]
+        assert pub.events[1].pid == proc.pid  # type: ignore[attr-defined]
+
+        os.kill(proc.pid, signal.SIGKILL)  # its exit is reported as a created init's
+        async with asyncio.timeout(10):
+            await core.wait("c1", "")
+        assert proc.exit_status == 128 + signal.SIGKILL
+        assert pub.names()[-1] == "TaskExit"
+
+    run(scenario)
+
+
+def test_a_successor_shim_restores_a_task_whose_start_has_not_come(tmp_path: Path) -> None:
+    """Taken over between Create (from a checkpoint) and Start: the keeper's record says which
+    checkpoint, and the successor's Start restores from it, with stdio made anew."""
+    bundle, image = tmp_path / "bundle", tmp_path / "image"
+    bundle.mkdir()
+    image.mkdir()
+    out = tmp_path / "out.log"
+
+    async def scenario(monitor: Monitor) -> None:
+        runc = _CheckpointingRunc()
+        core = Core(namespace="t", monitor=monitor, publisher=_RecordingPublisher(), runc_root=str(tmp_path / "s"))
+        core._runc = lambda opts, bundle: runc  # type: ignore[assignment,method-assign,return-value]
+        from ketch.shim.options import RuntimeOptions
+
+        RuntimeOptions(criu_path=_criu(tmp_path)).save(str(bundle))
+        stdio = {"stdin": "", "stdout": f"file://{out}", "stderr": "", "terminal": False}
+        core.restore({"c/c1": ({"bundle": str(bundle), "mounted_rootfs": False, "checkpoint": str(image),
+                                "parent_checkpoint": ""}, {}),
+                      "p/c1/-": ({"state": int(State.CREATED), "pid": 0, "exit_status": 0, "exited_at": 0.0,
+                                  "stdio": stdio, "spec": "", "logger": 0}, {})}, {})
+        container = core.container("c1")
+        assert (container.checkpoint, container.init.io) == (str(image), None)
+        proc = await core.start("c1", "")
+        assert runc.calls == [("restore", "c1", str(image), str(bundle / "work"), "")]
+        assert proc.state == State.RUNNING and proc.io is not None and out.exists()
+        os.kill(proc.pid, signal.SIGKILL)
+        async with asyncio.timeout(10):
+            await core.wait("c1", "")
+
+    run(scenario)

@@ -108,6 +108,43 @@ class Result:
     stderr: bytes
 
 
+async def run_command(
+    monitor: ExitWatcher,
+    argv: Sequence[str],
+    *,
+    stdio: tuple[int | None, ...] | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Result:
+    """Run ``argv`` to its end (killed after ``timeout``: TimeoutError); its status, and its
+    stdout and stderr unless ``stdio`` gives it fds of its own."""
+    out_r = err_r = None
+    try:
+        if stdio is None:
+            out_r, out_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            try:
+                pid = spawn(argv, stdout=out_w, stderr=err_w)
+            finally:
+                os.close(out_w)
+                os.close(err_w)
+        else:
+            pid = spawn(argv, stdin=stdio[0], stdout=stdio[1], stderr=stdio[2])
+        exited = monitor.watch(pid)
+        readers = [asyncio.ensure_future(_read_all(fd)) for fd in (out_r, err_r) if fd is not None]
+        try:
+            status = await wait_or_kill(pid, exited, timeout)
+        except BaseException:
+            for r in readers:
+                r.cancel()
+            raise
+        out, err = (await asyncio.gather(*readers)) if readers else (b"", b"")
+    finally:
+        for fd in (out_r, err_r):
+            if fd is not None:
+                os.close(fd)
+    return Result(status, out, err)
+
+
 class RuncError(errdefs.KetchError):
     """runc exited non-zero; the message is runc's own error text. Raised as one of the
     subclasses below, which :func:`classify` picks: each is also the errdefs class it means."""
@@ -166,9 +203,12 @@ class Runc:
         root: str,
         log_path: str | None = None,
         systemd_cgroup: bool = False,
+        criu: str = "",
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         self.monitor = monitor
+        #: runc --criu: the criu binary checkpoint and restore run ("": runc's default)
+        self.criu = criu
         self.binary = binary
         self.root = root
         self.log_path = log_path
@@ -184,6 +224,8 @@ class Runc:
             argv += ["--log", self.log_path, "--log-format", "json"]
         if self.systemd_cgroup:
             argv.append("--systemd-cgroup")
+        if self.criu:
+            argv += ["--criu", self.criu]
         argv.extend(args)
         return argv
 
@@ -199,45 +241,19 @@ class Runc:
         With ``stdio`` the command gets those fds (create/exec pass them on to the container);
         otherwise its stdout and stderr are captured.
         """
-        argv = self._argv(*args)
         log_offset = _size(self.log_path)
-        out_r = err_r = None
         try:
-            if stdio is None:
-                out_r, out_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-                err_r, err_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-                try:
-                    pid = spawn(argv, stdout=out_w, stderr=err_w)
-                finally:
-                    os.close(out_w)
-                    os.close(err_w)
-            else:
-                pid = spawn(argv, stdin=stdio[0], stdout=stdio[1], stderr=stdio[2])
-            exited = self.monitor.watch(pid)
-            readers = [asyncio.ensure_future(_read_all(fd)) for fd in (out_r, err_r) if fd is not None]
-            try:
-                status = await wait_or_kill(pid, exited, timeout or self.timeout)
-            except TimeoutError:
-                for r in readers:
-                    r.cancel()
-                raise errdefs.DeadlineExceeded(
-                    f"runc {args[0]} did not finish within {timeout or self.timeout:.0f}s"
-                ) from None
-            except BaseException:
-                for r in readers:
-                    r.cancel()
-                raise
-            out, err = (await asyncio.gather(*readers)) if readers else (b"", b"")
-        finally:
-            for fd in (out_r, err_r):
-                if fd is not None:
-                    os.close(fd)
-        if status != 0:
-            message = _last_error(self.log_path, log_offset) or err.decode(errors="replace").strip()
-            message = message or f"exit status {status}"
+            res = await run_command(self.monitor, self._argv(*args), stdio=stdio, timeout=timeout or self.timeout)
+        except TimeoutError:
+            raise errdefs.DeadlineExceeded(
+                f"runc {args[0]} did not finish within {timeout or self.timeout:.0f}s"
+            ) from None
+        if res.status != 0:
+            message = _last_error(self.log_path, log_offset) or res.stderr.decode(errors="replace").strip()
+            message = message or f"exit status {res.status}"
             prefix = f"runc {args[0]} failed"
-            raise classify(message if message.startswith(prefix) else f"{prefix}: {message}", status)
-        return Result(status, out, err)
+            raise classify(message if message.startswith(prefix) else f"{prefix}: {message}", res.status)
+        return res
 
     # -- the commands the shim uses -------------------------------------------------------
 
@@ -263,6 +279,36 @@ class Runc:
 
     async def start(self, id: str) -> None:
         await self.run("start", id)
+
+    async def checkpoint(self, id: str, args: Sequence[str]) -> None:
+        """runc checkpoint with ``args`` (see shim.options.CheckpointOptions.runc_args)."""
+        await self.run("checkpoint", *args, id, timeout=SETUP_TIMEOUT)
+
+    async def restore(
+        self,
+        id: str,
+        bundle: str,
+        *,
+        image: str,
+        work: str,
+        parent: str = "",
+        pid_file: str,
+        console_socket: str | None = None,
+        no_pivot: bool = False,
+        stdio: tuple[int | None, ...] = (None, None, None),
+    ) -> None:
+        """runc restore of the container ``id`` from the criu image in ``image``, detached, as
+        containerd's runc shim runs it: the restored init is reparented to the caller (a
+        subreaper), and its stdio are ``stdio`` (runc maps the checkpointed pipes onto them)."""
+        args = ["restore", "--image-path", image, "--work-path", work]
+        if parent:
+            args += ["--parent-path", parent]
+        args += ["--detach", "--pid-file", pid_file, "--no-subreaper"]
+        if console_socket:
+            args += ["--console-socket", console_socket]
+        if no_pivot:
+            args.append("--no-pivot")
+        await self.run(*args, "--bundle", bundle, id, stdio=stdio, timeout=SETUP_TIMEOUT)
 
     async def exec(
         self,

@@ -7,6 +7,7 @@ which applies containerd's rules and publishes its events; the store for leases)
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf import any_pb2, empty_pb2
@@ -18,9 +19,11 @@ from ketch.api.containerd.services.leases.v1 import leases_pb2 as lapi
 from ketch.api.containerd.services.leases.v1 import leases_pb2_grpc
 from ketch.api.containerd.services.namespaces.v1 import namespace_pb2 as napi
 from ketch.api.containerd.services.namespaces.v1 import namespace_pb2_grpc
-from ketch.gc import Collector
 from ketch.metadata.local import ContainerService, NamespaceService
 from ketch.services._common import namespace, stream, unary
+
+if TYPE_CHECKING:
+    from ketch.gc import Collector
 
 
 

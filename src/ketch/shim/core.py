@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import tempfile
 from collections.abc import Awaitable, Callable, Sequence
@@ -36,9 +37,10 @@ from ketch.files import write_atomic
 from ketch.api.containerd.events import task_pb2 as events
 from ketch.api.containerd.types import mount_pb2
 from ketch.cgroups import Cgroup, OOMWatch
-from ketch.oci.runc import Runc
+from ketch.oci import criu
+from ketch.oci.runc import Runc, RuncError
 from ketch.shim.lifetime import Lifetime
-from ketch.shim.options import RuntimeOptions
+from ketch.shim.options import CheckpointOptions, RuntimeOptions
 from ketch.shim.process import Process, State
 from ketch.shim.reaper import Monitor
 from ketch.shim.stdio import Logger, ProcessIO, Stdio, logger_spawner
@@ -86,6 +88,10 @@ class Container:
     mounted_rootfs: bool = False
     cgroup: Cgroup | None = None
     oom: OOMWatch | None = None
+    #: the CRIU image (a directory) a Create asked to restore from, and its parent: the init is
+    #: restored by its Start (``runc restore``), as containerd's runc shim does; "" after that
+    checkpoint: str = ""
+    parent_checkpoint: str = ""
 
     def process(self, exec_id: str) -> Process:
         if not exec_id:
@@ -137,6 +143,21 @@ def _process_key(container_id: str, exec_id: str) -> str:
     return f"p/{container_id}/{exec_id or '-'}"
 
 
+def _with_criu_log(error: RuncError, log_path: str, keep: str) -> RuncError:
+    """``error`` (a failed runc checkpoint or restore) with what criu's log says went wrong
+    (:func:`criu.log_excerpt`); the log is copied to ``keep`` when given (criu's work directory
+    may be removed)."""
+    tail = criu.log_excerpt(log_path)
+    if not tail:
+        return error
+    where = log_path
+    if keep:
+        with contextlib.suppress(OSError):
+            shutil.copyfile(log_path, keep)
+            where = keep
+    return type(error)(f"{error.message}\ncriu's log ({where}) says:\n{tail}", error.status)
+
+
 def _read_pid(path: str) -> int:
     with open(path) as f:
         return int(f.read().strip())
@@ -183,7 +204,8 @@ class Core:
     def _runc(self, opts: RuntimeOptions, bundle: str) -> Runc:
         """The OCI runtime of a container in ``bundle``, as its options name it."""
         return Runc(self.monitor, binary=opts.binary_name, root=opts.root,
-                    log_path=os.path.join(bundle, "log.json"), systemd_cgroup=opts.systemd_cgroup)
+                    log_path=os.path.join(bundle, "log.json"), systemd_cgroup=opts.systemd_cgroup,
+                    criu=opts.criu_path)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         t = asyncio.ensure_future(coro)
@@ -199,7 +221,9 @@ class Core:
             return
         if proc is None:
             self.keeper.put(f"c/{container.id}", {"bundle": container.bundle,
-                                                  "mounted_rootfs": container.mounted_rootfs})
+                                                  "mounted_rootfs": container.mounted_rootfs,
+                                                  "checkpoint": container.checkpoint,
+                                                  "parent_checkpoint": container.parent_checkpoint})
             return
         io = proc.io
         data = {"state": int(proc.state), "pid": proc.pid, "exit_status": proc.exit_status,
@@ -238,7 +262,9 @@ class Core:
             opts = RuntimeOptions.load(data["bundle"], self.runc_root)
             runc = self._runc(opts, data["bundle"])
             container = Container(id, data["bundle"], runc, Process(id, "", Stdio()), opts,
-                                  mounted_rootfs=bool(data.get("mounted_rootfs")))
+                                  mounted_rootfs=bool(data.get("mounted_rootfs")),
+                                  checkpoint=data.get("checkpoint", ""),
+                                  parent_checkpoint=data.get("parent_checkpoint", ""))
             self.containers[id] = container
         for key, (data, fds) in sorted(records.items()):
             if not key.startswith("p/"):
@@ -267,6 +293,7 @@ class Core:
         else:
             container.init = proc
         if proc.state == State.STOPPED or proc.pid <= 0:
+            # (an init still to be restored from a checkpoint gets new stdio at its Start)
             for fd in fds.values():
                 os.close(fd)
             if proc.state == State.STOPPED:
@@ -289,15 +316,18 @@ class Core:
         rootfs: Sequence[RootfsMount],
         stdio: Stdio,
         options: tuple[str, bytes],
-        checkpoint: bool = False,
+        checkpoint: str = "",
+        parent_checkpoint: str = "",
     ) -> Container:
-        """runc create, with ``options`` the runtime options Any (type URL, value)."""
+        """runc create, with ``options`` the runtime options Any (type URL, value). With a
+        ``checkpoint`` (a directory holding a CRIU image), nothing runs yet: Start restores
+        the init from it (see :meth:`_restore_init`), as containerd's runc shim does."""
         if not id:
             raise errdefs.InvalidArgument("task id must not be empty")
         if id in self.containers or id in self._creating:
             raise errdefs.AlreadyExists(f"task {id}")
-        if checkpoint:
-            raise errdefs.Unimplemented("restoring a task from a checkpoint is not supported yet")
+        if checkpoint and not os.path.isdir(checkpoint):
+            raise errdefs.InvalidArgument(f"task {id}: checkpoint {checkpoint!r} is not a directory")
         bundle = bundle or os.getcwd()
         if not os.path.isfile(os.path.join(bundle, "config.json")):
             raise errdefs.InvalidArgument(f"bundle {bundle!r} has no config.json")
@@ -306,7 +336,7 @@ class Core:
             self.lifetime.busy()
         self._creating.add(id)
         try:
-            container = await self._create(id, bundle, rootfs, stdio, opts)
+            container = await self._create(id, bundle, rootfs, stdio, opts, checkpoint, parent_checkpoint)
         finally:
             self._creating.discard(id)
         self.containers[id] = container
@@ -317,18 +347,21 @@ class Core:
             rootfs=[mount_pb2.Mount(type=m.type, source=m.source, target=m.target, options=m.options)
                     for m in rootfs],
             io=events.TaskIO(stdin=stdio.stdin, stdout=stdio.stdout, stderr=stdio.stderr, terminal=stdio.terminal),
+            checkpoint=checkpoint,
         ))
         return container
 
     async def _create(
-        self, id: str, bundle: str, rootfs: Sequence[RootfsMount], stdio: Stdio, opts: RuntimeOptions
+        self, id: str, bundle: str, rootfs: Sequence[RootfsMount], stdio: Stdio, opts: RuntimeOptions,
+        checkpoint: str = "", parent_checkpoint: str = "",
     ) -> Container:
         os.makedirs(opts.root, mode=0o711, exist_ok=True)
         opts.save(bundle)
         _match_terminal(os.path.join(bundle, "config.json"), stdio.terminal)
         runc = self._runc(opts, bundle)
         init = Process(id, "", stdio)
-        container = Container(id, bundle, runc, init, opts)
+        container = Container(id, bundle, runc, init, opts, checkpoint=checkpoint,
+                              parent_checkpoint=parent_checkpoint if checkpoint else "")
         rootfs_dir = os.path.join(bundle, "rootfs")
         io: ProcessIO | None = None
         try:
@@ -338,6 +371,8 @@ class Core:
                 container.mounted_rootfs = True
             io = init.io = self._make_io(container, stdio)
             await io.ready()
+            if checkpoint:
+                return container
             pid_file = os.path.join(bundle, "init.pid")
             init.pid, exited = await self._run_process(io, pid_file, lambda console, stdio: runc.create(
                 id, bundle, pid_file=pid_file, console_socket=console, stdio=stdio,
@@ -424,12 +459,41 @@ class Core:
                 self._follow(container, proc)
                 self.publisher.publish(events.TaskExecStarted(
                     container_id=container.id, exec_id=proc.exec_id, pid=proc.pid))
+            elif container.checkpoint:
+                await self._restore_init(container)
+                proc.transition("start")
+                self._record(container)
+                self._record(container, proc)
+                self.publisher.publish(events.TaskStart(container_id=container.id, pid=proc.pid))
             else:
                 await container.runc.start(container.id)
                 proc.transition("start")
                 self._record(container, proc)
                 self.publisher.publish(events.TaskStart(container_id=container.id, pid=proc.pid))
         return proc
+
+    async def _restore_init(self, container: Container) -> None:
+        """Start of a task created from a checkpoint: ``runc restore --detach`` of its CRIU
+        image, the process's stdio made as for a fresh create (runc hands the checkpointed
+        pipes' places to them); then it runs, watched as a created init is."""
+        init, opts = container.init, container.options
+        await criu.require(self.monitor, opts.criu_path)
+        io = init.io
+        if io is None:  # a successor shim's: the stdio made at Create died with its shim
+            io = init.io = self._make_io(container, init.stdio)
+            await io.ready()
+        work = opts.criu_work_path or os.path.join(container.bundle, "work")
+        pid_file = os.path.join(container.bundle, "init.pid")
+        try:
+            init.pid, exited = await self._run_process(io, pid_file, lambda console, stdio: container.runc.restore(
+                container.id, container.bundle, image=container.checkpoint, work=work,
+                parent=container.parent_checkpoint, pid_file=pid_file, console_socket=console, stdio=stdio,
+                no_pivot=opts.no_pivot_root))
+        except RuncError as e:
+            raise _with_criu_log(e, os.path.join(work, "restore.log"), "") from None
+        container.checkpoint = container.parent_checkpoint = ""
+        self._spawn(self._on_exit(container, init, exited))
+        self._watch_oom(container)
 
     async def _start_exec(self, container: Container, proc: Process) -> None:
         io = proc.io = self._make_io(container, proc.stdio)
@@ -559,6 +623,31 @@ class Core:
             await run(container.id)
             container.init.transition(op)
             self._record(container, container.init)
+
+    async def checkpoint(self, id: str, path: str, options: tuple[str, bytes]) -> None:
+        """runc checkpoint of the task's container into ``path`` (the CRIU image directory),
+        with ``options`` a checkpoint options Any (type URL, value). It goes on running unless
+        the options say exit: then its exit is reported as any other. criu missing or failing
+        its check is FailedPrecondition; a failed dump quotes criu's dump.log, which is kept as
+        the bundle's criu-dump.log (as containerd's runc shim does)."""
+        container = self.container(id)
+        opts = CheckpointOptions.from_any(*options)
+        image = path or opts.image_path
+        if not image:
+            raise errdefs.InvalidArgument(f"checkpoint of task {id}: no image path")
+        init = container.init
+        async with init.lock:
+            init.check("checkpoint")
+            await criu.require(self.monitor, container.options.criu_path)
+            work = opts.work_path or os.path.join(container.bundle, "work", "criu-work")
+            try:
+                await container.runc.checkpoint(container.id, opts.runc_args(image, work))
+            except RuncError as e:
+                raise _with_criu_log(e, os.path.join(work, "dump.log"),
+                                     os.path.join(container.bundle, "criu-dump.log")) from None
+            finally:
+                if not opts.work_path:
+                    shutil.rmtree(work, ignore_errors=True)
 
     def exec(self, id: str, exec_id: str, *, stdio: Stdio, spec: bytes) -> None:
         """Add an exec process (started by :meth:`start`); ``spec`` is its OCI process JSON."""

@@ -15,15 +15,17 @@ as :func:`diagram` renders it (tests/unit/test_process.py keeps this copy in ste
     paused  ──exit────▶ stopped
     stopped ──delete──▶ deleted
 
-    kill      allowed in created, running, paused
-    resize    allowed in created, running, paused
-    close_io  allowed in created, running, stopped, paused
-    update    allowed in created, running, paused
-    exec      allowed in created, running, paused
-    stats     allowed in created, running, paused
+    kill        allowed in created, running, paused
+    resize      allowed in created, running, paused
+    close_io    allowed in created, running, stopped, paused
+    update      allowed in created, running, paused
+    exec        allowed in created, running, paused
+    stats       allowed in created, running, paused
+    checkpoint  allowed in running, paused
 
-Operations that do not move the state (kill, resize, close_io, update, exec, stats) are
-allowed only in the states listed in ``ALLOWED``; kill, resize and close_io also need a pid.
+Operations that do not move the state (kill, resize, close_io, update, exec, stats,
+checkpoint) are allowed only in the states listed in ``ALLOWED``; kill, resize and close_io
+also need a pid.
 
 Two moves carry a meaning besides the state:
 * ``delete`` of a created process that has a pid (the init, whose ``runc init`` waits for
@@ -74,6 +76,7 @@ ALLOWED: dict[str, frozenset[State]] = {
     "update": frozenset({State.CREATED, State.RUNNING, State.PAUSED}),
     "exec": frozenset({State.CREATED, State.RUNNING, State.PAUSED}),
     "stats": frozenset({State.CREATED, State.RUNNING, State.PAUSED}),
+    "checkpoint": frozenset({State.RUNNING, State.PAUSED}),
 }
 
 

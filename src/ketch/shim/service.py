@@ -11,7 +11,7 @@ from typing import Any, cast
 
 from google.protobuf import empty_pb2
 
-from ketch import __version__, errdefs, logfields, timestamps, ttrpc
+from ketch import __version__, logfields, timestamps, ttrpc
 from ketch.api.containerd.task.v2 import shim_pb2 as api
 from ketch.shim.core import Core
 from ketch.shim.process import Process
@@ -68,7 +68,7 @@ class TaskService:
             req.id, bundle=req.bundle, rootfs=req.rootfs,
             stdio=Stdio(req.stdin, req.stdout, req.stderr, req.terminal),
             options=(req.options.type_url, req.options.value),
-            checkpoint=bool(req.checkpoint or req.parent_checkpoint),
+            checkpoint=req.checkpoint, parent_checkpoint=req.parent_checkpoint,
         )
         return api.CreateTaskResponse(pid=container.init.pid)
 
@@ -144,7 +144,8 @@ class TaskService:
         return _EMPTY()
 
     async def checkpoint(self, req: api.CheckpointTaskRequest, ctx: ttrpc.Context) -> empty_pb2.Empty:
-        raise errdefs.Unimplemented(f"checkpoint of task {req.id}: not supported by the ketch shim yet")
+        await self.core.checkpoint(req.id, req.path, (req.options.type_url, req.options.value))
+        return _EMPTY()
 
     async def delete(self, req: api.DeleteRequest, ctx: ttrpc.Context) -> api.DeleteResponse:
         proc = await self.core.delete(req.id, req.exec_id)

@@ -37,6 +37,8 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
         #: added to the daemon's environment
         self.env: dict[str, str] = {}
+        #: directories put first on the daemon's PATH (after ketch's bin directory)
+        self.path: list[str] = []
 
     def argv(self) -> list[str]:
         raise NotImplementedError
@@ -62,8 +64,8 @@ class Daemon:
         template), by PID."""
 
     def start(self) -> None:
-        env = dict(os.environ, PATH=f"{system.VENV_BIN}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}",
-                   **self.env)
+        path = ":".join([str(system.VENV_BIN), *self.path, os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")])
+        env = dict(os.environ, PATH=path, **self.env)
         logf = open(self.log, "ab")
         self.proc = subprocess.Popen(self.argv(), stdout=logf, stderr=logf, env=env, start_new_session=True)
         logf.close()
