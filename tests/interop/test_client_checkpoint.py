@@ -1,7 +1,8 @@
 """Checkpoint and restore through ketch.client and the ``ketch`` CLI, against a private
-containerd 1.6 (its runc shim, criu 4.1 from ../shared/criu/setup.sh): a container counting in
-memory is checkpointed, removed, restored, and goes on counting from where it was; the
-checkpoint is containerd's format both ways (``ctr containers checkpoint|restore``)."""
+containerd 1.6 with its runc shim and with the ketch shim (criu 4.1 from ../shared/criu): a
+container counting in memory is checkpointed, removed, restored, and goes on counting from
+where it was; the checkpoint is containerd's format both ways (``ctr containers
+checkpoint|restore``)."""
 
 from __future__ import annotations
 
@@ -19,17 +20,17 @@ from ketch.api.containerd.runc.options import oci_pb2
 from ketch.client import AlreadyExists, FailedPrecondition, InvalidArgument, KetchError, NotFound, Task
 from ketch.client._checkpoint import CHECKPOINT_LABEL, CONFIG, CRIU_TAR, OPTIONS, RUNTIME_OPTIONS, RW_LAYER
 from ketch.client._images import Store
+from ketch.testing import criu as criu_kit
 from ketch.testing import images
 from ketch.testing import system as support
-from ketch.testing.daemons import RUNC_RUNTIME
+from ketch.testing.daemons import KETCH_RUNTIME, RUNC_RUNTIME
 
 from .conftest import Env, running
 
 DAEMONS = [
     pytest.param(("containerd", RUNC_RUNTIME), id="containerd"),
+    pytest.param(("containerd", KETCH_RUNTIME), id="containerd-ketchshim"),
 ]
-#: the criu that works on this kernel (Debian 12's 3.17 does not): ../shared/criu/setup.sh
-CRIU = "/var/lib/criu-4/bin/criu"
 IMAGE = "docker.io/library/busybox:ck"
 #: counts in memory; the count goes to a file for the test to read (renamed into place: never
 #: read half-written), and a file written once before shows the rw layer came along
@@ -40,9 +41,9 @@ KETCH = os.path.join(support.VENV_BIN, "ketch")
 
 @pytest.fixture(scope="module")
 def criu() -> str:
-    if not os.access(CRIU, os.X_OK):
-        pytest.fail(f"checkpoint tests need criu 4.1 at {CRIU}: run /work/shared/criu/setup.sh (scripts/setup does)")
-    return CRIU
+    """The criu that works on this kernel (Debian 12's 3.17 does not), handed to the runtime
+    as its option criu_path; fails, never skips, when it cannot be set up."""
+    return criu_kit.setup()
 
 
 @pytest.fixture(scope="module")
