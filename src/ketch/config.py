@@ -82,6 +82,11 @@ stream_server_address = "127.0.0.1"
 stream_server_port = 0
 # never ask for an oom_score_adj below ketchd's own (needed where root lacks CAP_SYS_RESOURCE)
 restrict_oom_score_adj = false
+
+[metrics]
+# where Prometheus scrapes ketchd over HTTP (/v1/metrics, as containerd, and /metrics), as
+# host:port, e.g. "127.0.0.1:1338"; empty: off, as containerd's
+address = ""
 """
 
 
@@ -131,6 +136,11 @@ class CRI:
 
 
 @dataclass
+class Metrics:
+    address: str = ""
+
+
+@dataclass
 class Config:
     version: int = 1
     root: str = ""
@@ -140,6 +150,7 @@ class Config:
     log: Log = field(default_factory=Log)
     runtime: Runtime = field(default_factory=Runtime)
     cri: CRI = field(default_factory=CRI)
+    metrics: Metrics = field(default_factory=Metrics)
 
     @property
     def ttrpc_address(self) -> str:
@@ -187,4 +198,20 @@ def load(path: str | None = None) -> Config:
         raise errdefs.InvalidArgument(f"config: log.level {cfg.log.level!r} is not one of debug, info, warn, error")
     if cfg.log.slow_callback < 0:
         raise errdefs.InvalidArgument(f"config: log.slow_callback {cfg.log.slow_callback} is negative")
+    if cfg.metrics.address:
+        host_port(cfg.metrics.address, "metrics.address")
     return cfg
+
+
+def host_port(address: str, key: str) -> tuple[str, int]:
+    """``host:port`` (``[v6 address]:port``; an empty host is every interface) as (host, port);
+    InvalidArgument naming ``key`` otherwise."""
+    host, sep, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        sep = ""  # a bare IPv6 address: where would its port be?
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise errdefs.InvalidArgument(
+            f"config: {key} {address!r} must be host:port, the port 1 to 65535 (e.g. \"127.0.0.1:1338\")")
+    return host, int(port)

@@ -2,12 +2,15 @@
 
     ketchd [--config FILE] [--root DIR] [--state DIR] [--address SOCK] [--log-level LEVEL]
     ketchd config default
+    ketchd install-units [--prefix DIR]
 
 Start-up: load the configuration, open the metadata store, reload every task from its bundle
 (reconnecting to live shims, burying dead ones), then listen: the ttrpc socket for shims'
-events first, the gRPC socket last, so a client that can connect finds the daemon whole;
-then remove what a crash left on disk (``gc.reclaim``: files and directories no record wants).
-SIGTERM or SIGINT stops serving and disconnects from the shims; containers keep running.
+events first, the gRPC socket last, so a client that can connect finds every task as it is.
+What only some clients need loads right after, off the loop (the content store, images,
+snapshots, diff and leases; then the CRI): a call to those waits for them. Then remove what a
+crash left on disk (``gc.reclaim``: files and directories no record wants). SIGTERM or SIGINT
+stops serving and disconnects from the shims; containers keep running.
 """
 
 from __future__ import annotations
@@ -23,9 +26,12 @@ from pathlib import Path
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
-from ketch import __version__, config, errdefs, topics, ttrpc
+from ketch import __version__, config, errdefs, systemd, topics, ttrpc
 
 if TYPE_CHECKING:
+    import socket
+
+    from ketch.content import ContentStore
     from ketch.metadata import Store
     from ketch.services.deferred import Deferred
     from ketch.snapshots import Snapshotter
@@ -76,6 +82,37 @@ def _template_socket(cfg: config.Config) -> str:
     return path
 
 
+def _inherited_listener(cfg: config.Config, sd: systemd.Systemd) -> socket.socket | None:
+    """The gRPC socket systemd handed over (socket activation), if any; ``grpc.address`` becomes
+    its path, the one clients and shims are told."""
+    listener = sd.grpc_listener()
+    if listener is None:
+        return None
+    path = systemd.socket_path(listener)
+    if path and path != cfg.grpc.address:
+        log.info("serving gRPC on the inherited socket %s, not %s", path, cfg.grpc.address)
+        cfg.grpc.address = path
+    return listener
+
+
+async def _listen(server: Any, cfg: config.Config, adoption: systemd.Adoption | None) -> None:
+    """Start ``server`` on ``grpc.address``, or on the inherited socket (socket activation)."""
+    if adoption is None:
+        _prepare_socket_dir(cfg.grpc.address)
+        server.add_insecure_port(f"unix://{cfg.grpc.address}")
+        await server.start()
+        os.chmod(cfg.grpc.address, 0o660)
+        os.chown(cfg.grpc.address, cfg.grpc.uid, cfg.grpc.gid)
+        return
+    server.add_insecure_port(adoption.address)
+    await server.start()
+    try:
+        adoption.start()
+    except OSError as e:
+        await server.stop(None)
+        raise errdefs.FailedPrecondition(f"socket activation: {e}; run ketchd without ketchd.socket") from None
+
+
 def _open_store(cfg: config.Config) -> Store:
     """What serving containerd's first calls needs: the modules of tasks, containers, namespaces
     and events, and the metadata store (SQLite). Run in a thread, so that ketchd's event loop
@@ -91,6 +128,8 @@ def _open_store(cfg: config.Config) -> Store:
     from ketch.metadata import Store
     from ketch.services.system import server_uuid
 
+    if cfg.metrics.address:  # only then: prometheus_client takes a while to import
+        import ketch.metrics  # noqa: F401
     for d in (cfg.root, cfg.state):
         os.makedirs(d, mode=0o711, exist_ok=True)
     server_uuid(cfg.root)  # made (and fsynced) on the first start: here rather than on the loop
@@ -133,6 +172,10 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
         from ketch import slowloop
 
         slowloop.install(asyncio.get_running_loop(), cfg.log.slow_callback)
+    sd = systemd.take()
+    watchdog = asyncio.ensure_future(sd.ping_watchdog())
+    listener = _inherited_listener(cfg, sd)
+    sd.notify("STATUS=opening the store")
     store = await asyncio.to_thread(_open_store, cfg)
 
     import grpc
@@ -171,16 +214,29 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
     await ttrpc_started
 
     exchange.accept = manager.first_publication
+    sd.notify("STATUS=reloading tasks")
     started = time.monotonic()
     await manager.load()
     log.info("reloaded tasks in %.3fs", time.monotonic() - started)
     burial = asyncio.ensure_future(manager.bury_dead())
 
-    server = grpc.aio.server(options=[
+    telemetry = None
+    if cfg.metrics.address:
+        from ketch.metrics import Metrics
+
+        telemetry = Metrics(manager=manager, exchange=exchange)
+        await telemetry.serve(cfg.metrics.address)
+    adoption = systemd.Adoption(listener) if listener is not None else None
+    server = grpc.aio.server(interceptors=telemetry.interceptors if telemetry else None, options=[
         ("grpc.max_receive_message_length", cfg.grpc.max_recv_message_size),
         ("grpc.max_send_message_length", cfg.grpc.max_send_message_size),
+        *([adoption.channel_option()] if adoption is not None else []),
     ])
-    register_core(server, cfg=cfg, store=store, exchange=exchange, manager=manager, publish=publish)
+    # the content store loads after the core serves: a checkpoint's blobs wait for it
+    content_loaded: asyncio.Future[ContentStore] = asyncio.get_running_loop().create_future()
+    content_loaded.add_done_callback(lambda f: f.cancelled() or f.exception())  # a failure is reported below
+    register_core(server, cfg=cfg, store=store, exchange=exchange, manager=manager, publish=publish,
+                  content=lambda: asyncio.shield(content_loaded))
     stored = Deferred(STORE_SERVICES, "the content store")
     server.add_generic_rpc_handlers((stored,))
     # the CRI (its protos, CNI, streaming server) loads once containerd's API serves; a CRI
@@ -189,14 +245,12 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
     if cfg.cri.enabled:
         cri = Deferred(("/runtime.v1.",), "the CRI")
         server.add_generic_rpc_handlers((cri,))
-    _prepare_socket_dir(cfg.grpc.address)
-    server.add_insecure_port(f"unix://{cfg.grpc.address}")
-    await server.start()
-    os.chmod(cfg.grpc.address, 0o660)
-    os.chown(cfg.grpc.address, cfg.grpc.uid, cfg.grpc.gid)
-    log.info("ketchd %s serving on %s (ttrpc %s)", __version__, cfg.grpc.address, cfg.ttrpc_address)
+    await _listen(server, cfg, adoption)
+    log.info("ketchd %s serving on %s%s (ttrpc %s)", __version__, cfg.grpc.address,
+             " (inherited)" if adoption is not None else "", cfg.ttrpc_address)
     if ready is not None and not ready.done():
         ready.set_result(None)
+    sd.notify("READY=1", f"STATUS=serving on {cfg.grpc.address}", f"MAINPID={os.getpid()}")
     asyncio.get_running_loop().call_later(RESUBSCRIBE_GRACE, exchange.release)
     launcher.launch_template()
     snapshotters: dict[str, Snapshotter] = {}
@@ -205,8 +259,13 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
     streams = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def stopping() -> None:
+        sd.notify("STOPPING=1", "STATUS=shutting down; shims and containers keep running")
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stopping)
     try:
         try:
             snapshotters = await asyncio.to_thread(_open_snapshotters, cfg)
@@ -215,13 +274,18 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
             from ketch.images import ImageService
 
             content = ContentStore(os.path.join(cfg.root, "content"), store, publish=publish)
+            content_loaded.set_result(content)
             collector = Collector(store, content, snapshotters)
             images = ImageService(store, publish=publish)
             stored.load(lambda into: register_store(into, store=store, publish=publish, content=content, images=images,
                                                     snapshotters=snapshotters, collector=collector))
         except BaseException as e:
             stored.fail(str(e) or type(e).__name__)
+            if not content_loaded.done():
+                content_loaded.set_exception(errdefs.Unavailable(f"the content store did not load: {e}"))
             raise
+        if telemetry is not None:
+            telemetry.attach(collector=collector, content=content)
         # what a crash left on disk (a prepare's directory, a blob without its row) goes now;
         # no record is judged: clients may already be making some that nothing references yet
         reclaiming = asyncio.ensure_future(collector.reclaim())
@@ -245,7 +309,11 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
         if reclaiming is not None:
             reclaiming.cancel()
         await launcher.settle(params.start_timeout)
+        if adoption is not None:
+            await adoption.stop()
         await server.stop(grace=1.0)
+        if telemetry is not None:
+            await telemetry.close()
         if streams is not None:
             await streams.close()
         await events_server.shutdown(grace=0.5)
@@ -254,9 +322,11 @@ async def serve(cfg: config.Config, *, ready: asyncio.Future[None] | None = None
         if collector is not None:
             await collector.close()
         await asyncio.to_thread(_close_disk, store, snapshotters)
-        for path in (cfg.grpc.address,):
+        watchdog.cancel()
+        sd.close()
+        if adoption is None:  # an inherited socket is systemd's: it stays, listening, for the next ketchd
             try:
-                os.unlink(path)
+                os.unlink(cfg.grpc.address)
             except OSError:
                 pass
 
@@ -350,16 +420,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", "-l", help="debug, info, warn, error")
     parser.add_argument("--slow-callback", type=float, metavar="SECONDS",
                         help="asyncio debug mode: log every callback holding the event loop longer")
+    parser.add_argument("--prefix", default=systemd.UNIT_DIR, metavar="DIR",
+                        help=f"install-units: the directory to write the unit files to (default {systemd.UNIT_DIR})")
     parser.add_argument("--version", "-v", action="version", version=f"ketchd {__version__}")
     parser.add_argument("command", nargs="*", help="'config default' prints the default configuration; "
                         "'upgrade-shims' has every ketch shim group of this state directory switch to the "
-                        "ketch installed now, without restarting a container")
+                        "ketch installed now, without restarting a container; 'install-units' writes "
+                        "ketchd.service and ketchd.socket for systemd, to run this ketchd")
     args = parser.parse_args(argv)
     if args.command == ["config", "default"]:
         sys.stdout.write(config.DEFAULT_TOML)
         return 0
+    if args.command == ["install-units"]:
+        for path in systemd.install_units(args.prefix):
+            print(f"wrote {path}")
+        print("then: systemctl daemon-reload && systemctl enable --now ketchd.socket ketchd.service")
+        return 0
     if args.command and args.command != ["upgrade-shims"]:
-        parser.error(f"unknown command {' '.join(args.command)!r} (want: config default, upgrade-shims)")
+        parser.error(f"unknown command {' '.join(args.command)!r} (want: config default, upgrade-shims, install-units)")
     try:
         cfg = config.load(args.config)
     except errdefs.KetchError as e:

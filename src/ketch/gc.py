@@ -46,7 +46,9 @@ snapshot is already gone) are logged and skipped.
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -378,6 +380,11 @@ class Collector:
         self._pending: asyncio.Task[None] | None = None
         self._running: asyncio.Future[Stats] | None = None
         self._lock = asyncio.Lock()
+        #: by kind ("collect", "reclaim"): runs finished, and seconds they took (for ketchd's metrics)
+        self.runs: collections.Counter[str] = collections.Counter()
+        self.seconds: collections.defaultdict[str, float] = collections.defaultdict(float)
+        #: what collections removed, by resource ("content", "blobs", "snapshots", ...)
+        self.removed: collections.Counter[str] = collections.Counter()
 
     async def now(self) -> Stats:
         return await self._in_thread(collect, self._store, self._content, self._snapshotters)
@@ -389,8 +396,18 @@ class Collector:
     async def _in_thread(self, fn: Callable[..., Stats], *args: object) -> Stats:
         async with self._lock:
             # the thread goes on if the caller is cancelled: close() waits for it
-            self._running = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-            return await asyncio.shield(self._running)
+            self._running = running = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+            running.add_done_callback(functools.partial(self._count, fn.__name__))
+            return await asyncio.shield(running)
+
+    def _count(self, kind: str, done: asyncio.Future[Stats]) -> None:
+        if done.cancelled() or done.exception() is not None:
+            return
+        stats = done.result()
+        self.runs[kind] += 1
+        self.seconds[kind] += stats.duration
+        for resource in ("content", "blobs", "snapshots", "directories", "leases", "ingests"):
+            self.removed[resource] += len(getattr(stats, resource))
 
     async def after_delete(self, sync: bool) -> None:
         """After a client deleted something: collect now when it asked for a synchronous

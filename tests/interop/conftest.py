@@ -8,7 +8,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -68,15 +68,23 @@ KETCH_SHIM = [p for p in COMBINATIONS if p.values[0][1] == KETCH_RUNTIME]
 
 
 @contextlib.contextmanager
-def running(daemon: str, runtime: str, rootfs: Path, *, path: tuple[str, ...] = ()) -> Iterator[Env]:
-    """``daemon`` started for a test of ``runtime``, with ``path`` first on its PATH."""
+def running(daemon: str, runtime: str, rootfs: Path, prepare: Callable[[Daemon], None] | None = None, *,
+            path: tuple[str, ...] = (), config: str = "") -> Iterator[Env]:
+    """``daemon`` started for a test of ``runtime``, with ``path`` first on its PATH; ``config``:
+    ketchd's configuration file's text; ``prepare`` is called with the daemon before it starts
+    (its environment, its fds)."""
     # short base path: the shim's socket lives under it and unix socket paths are short
     base = Path(tempfile.mkdtemp(prefix="kt-", dir="/tmp"))
     base.chmod(0o711)  # as /run/ketch: traversable by a user-namespaced container's root
     cd = DAEMONS[daemon](base)
     cd.path.extend(path)
+    if config:
+        assert isinstance(cd, Ketchd)
+        cd.config_text = config
     e = Env(cd, runtime, rootfs)
     try:
+        if prepare is not None:
+            prepare(cd)
         cd.start()
         yield e
     finally:

@@ -15,7 +15,7 @@ import shutil
 import signal
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -112,12 +112,13 @@ class Counter:
             time.sleep(0.02)
         raise AssertionError(f"{self.id}: /tmp/n stays empty")
 
-    def until(self, check: str, pred: object, timeout: float = 30) -> int:
+    def until(self, check: str, pred: Callable[[int], bool], timeout: float = 30) -> int:
+        """The counter's value once ``pred`` holds for it (``check`` says what is awaited)."""
         deadline = time.monotonic() + timeout
         v = -1
         while time.monotonic() < deadline:
             v = self.value() if self.path("n").exists() else -1
-            if pred(v):  # type: ignore[operator]
+            if pred(v):
                 return v
             time.sleep(0.05)
         raise AssertionError(f"{self.id}: counter {v}, waited for {check}")

@@ -74,3 +74,24 @@ def test_every_kind_of_leftover_is_found_then_removed(rootfs: Path) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(foreign)
             support.unmount_under(str(mnt))
+
+
+def test_a_shared_namespace_s_shims_are_told_apart_by_their_daemon_s_address(tmp_path: Path) -> None:
+    """The CRI's k8s.io is every CRI daemon's namespace: a shim of another daemon (its
+    ``-address`` elsewhere) is not this run's; one without an address, or with ours, is."""
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ours.mkdir()
+    scope = leftovers.Scope(ours, str(ours / "d.sock"), ours / "d.log", ours / "bundles", ("k8s.io",))
+    argvs = {"mine": ["-namespace", "k8s.io", "-address", str(ours / "d.sock")],
+             "foreign": ["-namespace", "k8s.io", "-address", str(theirs / "d.sock")],
+             "unaddressed": ["-namespace", "k8s.io", "-id", "x"]}
+    procs = {name: subprocess.Popen(["sh", "-c", "sleep 60", "fake-shim", *argv]) for name, argv in argvs.items()}
+    try:
+        time.sleep(0.2)  # the shells have their command lines
+        found = leftovers.processes(scope)
+        assert procs["mine"].pid in found and procs["unaddressed"].pid in found
+        assert procs["foreign"].pid not in found
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()

@@ -18,6 +18,7 @@ import pytest
 
 from ketch.api.cgroups.v1 import metrics_pb2 as v1
 from ketch.api.cgroups.v2 import metrics_pb2 as v2
+from ketch import cgroups
 from ketch.cgroups import Cgroup, OOMWatch
 from ketch.shim.core import Container, Core
 from ketch.shim.process import Process, State
@@ -263,3 +264,31 @@ def test_a_v1_pids_limit_is_reported(tmp_path: Path) -> None:
     cgroup = _v1_tree(tmp_path)
     (tmp_path / "pids" / "pids.max").write_text("64\n")
     assert v1.Metrics.FromString(cgroup.metrics()[1]).pids.limit == 64
+
+
+# -- cAdvisor's terms, for ketchd's metrics and the CRI's stats -----------------------------------
+
+
+def test_usage_reads_both_kinds_of_metrics_in_cadvisors_terms(tree1: Path, tree2: Path) -> None:
+    """The same container recorded on a v1 and on a v2 host: the same usage, but for what each
+    kernel counts its own way (CPU time in ticks or microseconds; v1's pids.max of 64)."""
+    u1 = cgroups.usage(*Cgroup.parse(V1_PROC, str(tree1)).metrics())
+    u2 = cgroups.usage(*Cgroup.parse(V2_PROC, str(tree2)).metrics())
+    for u in (u1, u2):
+        assert (u.memory, u.rss, u.cache, u.swap, u.memory_limit) == (36261888, 33251328, 2162688, 0, 64 << 20)
+        assert u.working_set == 36261888 - 1830912  # less the inactive file pages
+        assert u.oom_kills == 1 and u.threads == 2
+    assert (u1.cpu_ns, u1.cpu_user_ns, u1.cpu_system_ns) == (1873401562, 1_210_000_000, 650_000_000)
+    assert (u2.cpu_ns, u2.cpu_user_ns, u2.cpu_system_ns) == (1873401000, 1215820000, 657581000)
+    assert (u1.threads_limit, u2.threads_limit) == (64, 0)  # v2's pids.max "max": no limit
+    assert (u1.memory_max, u2.memory_max) == (64 << 20, None)  # v2 records no peak
+    with pytest.raises(ValueError, match="not cgroup metrics"):
+        cgroups.usage("types.containerd.io/other", b"")
+
+
+def test_usage_of_v1_without_a_memory_limit_and_with_swap(tmp_path: Path) -> None:
+    cgroup = _v1_tree(tmp_path)
+    (Path(cgroup.paths["memory"]) / "memory.limit_in_bytes").write_text(f"{NO_LIMIT}\n")
+    u = cgroups.usage(*cgroup.metrics())
+    assert (u.memory, u.working_set, u.swap, u.memory_limit) == (311296, 311296 - 4096, 400000 - 311296, 0)
+    assert (u.threads, u.threads_limit, u.oom_kills) == (3, 0, 1)

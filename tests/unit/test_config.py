@@ -65,3 +65,22 @@ def test_runtime_aliases(tmp_path: Path) -> None:
     f.write_text('[runtime]\naliases = { x = 1 }\n')
     with pytest.raises(errdefs.InvalidArgument, match="table of strings"):
         config.load(str(f))
+
+
+def test_metrics_are_off_by_default_and_served_on_host_port(tmp_path: Path) -> None:
+    assert config.load().metrics.address == "" and '[metrics]\n' in config.DEFAULT_TOML
+    f = tmp_path / "k.toml"
+    for address, host, port in (("127.0.0.1:1338", "127.0.0.1", 1338), ("[::1]:9100", "::1", 9100),
+                                (":1338", "", 1338), ("localhost:80", "localhost", 80)):
+        f.write_text(f'[metrics]\naddress = "{address}"\n')
+        assert config.load(str(f)).metrics.address == address
+        assert config.host_port(address, "metrics.address") == (host, port)
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "::1", "127.0.0.1:", "127.0.0.1:0", "host:65536", "host:http",
+                                     "[::1]", "::1:1338"])
+def test_a_metrics_address_without_a_port_is_refused(tmp_path: Path, address: str) -> None:
+    f = tmp_path / "k.toml"
+    f.write_text(f'[metrics]\naddress = "{address}"\n')
+    with pytest.raises(errdefs.InvalidArgument, match=r"metrics.address .* must be host:port"):
+        config.load(str(f))

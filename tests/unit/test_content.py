@@ -372,6 +372,7 @@ def test_a_blob_is_seen_only_in_its_namespace(cs: ContentStore) -> None:
 
 def test_a_second_namespace_takes_an_existing_blob_without_data(cs: ContentStore) -> None:
     put(cs, HELLO, "ns-a", kind="a")
+    put(cs, b"more", "ns-a")
     w = cs.writer("ns-b", "ref", total=0, expected=HELLO_D)
     st = w.status()
     assert (st.offset, st.total, st.expected) == (len(HELLO), len(HELLO), HELLO_D)
@@ -382,10 +383,14 @@ def test_a_second_namespace_takes_an_existing_blob_without_data(cs: ContentStore
     assert cs.info("ns-a", HELLO_D).labels == {"kind": "a"}, "labels are per namespace"
     with cs.reader("ns-b", HELLO_D) as r:
         assert r.read() == HELLO
+    assert cs.usage() == {"ns-a": (2, len(HELLO) + 4), "ns-b": (1, len(HELLO))}
     # deleting it in one namespace leaves it to the other
     cs.delete("ns-a", HELLO_D)
     assert cs.sweep().blobs == ()
     assert cs.info("ns-b", HELLO_D).size == len(HELLO)
+    # for ketchd's metrics: what each namespace holds; each blob was ingested once
+    assert cs.usage() == {"ns-a": (1, 4), "ns-b": (1, len(HELLO))}
+    assert cs.ingested == len(HELLO) + 4
 
 
 def test_a_shared_write_that_sends_data_anyway(cs: ContentStore) -> None:

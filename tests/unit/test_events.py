@@ -179,6 +179,8 @@ def test_a_slow_subscriber_is_dropped_without_blocking_others() -> None:
             received.append((await anext(fast)).value)
         assert received == [bytes([i]) for i in range(5)]
         assert ex.subscribers == 1
+        # counted for ketchd's metrics: every event published, the one the slow one missed first
+        assert ex.published == {"/tasks/exit": 5} and ex.dropped == {"subscriber_behind": 1}
         # the dropped one gets its queued events, then the error, then the end
         assert [e.value for e in await take(slow, 3)] == [b"\x00", b"\x01", b"\x02"]
         with pytest.raises(errdefs.ResourceExhausted, match="fell behind"):
@@ -325,6 +327,7 @@ def test_forwarded_events_the_accept_hook_refuses_are_dropped() -> None:
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.05):
                 await take(sub, 1)  # the duplicate never arrives
+        assert ex.published == {"/tasks/exit": 2} and ex.dropped == {"duplicate": 1}
 
     run(body)
 

@@ -397,6 +397,9 @@ def test_collector_after_a_sync_delete_collects_before_answering(cs: ContentStor
             while later in on_disk(cs):
                 await asyncio.sleep(0.01)
         await collector.close()
+        # counted for ketchd's metrics: two collections, each removing a blob (the delete took its row)
+        assert collector.runs == {"collect": 2} and collector.seconds["collect"] > 0
+        assert collector.removed["blobs"] == 2 and collector.removed["content"] == 0
 
     asyncio.run(body())
 

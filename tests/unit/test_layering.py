@@ -48,6 +48,8 @@ RULES = [
     ("timestamps.py", ("ketch",), ()),
     ("files.py", ("ketch",), ("ketch.errdefs",)),
     ("slowloop.py", ("ketch",), ()),
+    # the notify protocol and socket activation, without libsystemd
+    ("systemd.py", ("ketch",), ()),
     ("filters.py", ("ketch",), ("ketch.errdefs",)),
     # the shim template's framing: spoken by the shim's start path and by the daemon's runtime
     ("templatewire.py", ("ketch",), ()),
@@ -96,6 +98,9 @@ RULES = [
              "ketch.cli"), ()),
     ("services", ("ketch.api.containerd.task", "ketch.shim", "ketch.runtime.shim", "ketch.runtime.manager",
                   "ketch.daemon"), ()),
+    # ketchd's metrics read the core's counters and wrap the gRPC server; nothing imports them back
+    ("metrics.py", ("ketch.shim", "ketch.api.containerd.task", "ketch.runtime.shim", "ketch.services", "ketch.cri",
+                    "ketch.daemon", "ketch.client", "ketch.cli"), ()),
 ]
 
 
@@ -114,6 +119,18 @@ def test_import_directions(subdir: str, forbidden: tuple[str, ...], allowed: tup
         if _violates(name, forbidden, allowed)
     ]
     assert not bad, "\n".join(bad)
+
+
+def test_only_ketchd_metrics_import_prometheus_client() -> None:
+    """It costs ketchd ~50 ms to import: only ketch.metrics has it, which the daemon imports
+    only when ``[metrics] address`` is set."""
+    users = [str(p.relative_to(SRC)) for p in _modules(".") if any(
+        n.split(".")[0] == "prometheus_client" for n in _imports(p))]
+    assert users == ["metrics.py"]
+    daemon = ast.parse((SRC / "daemon.py").read_text())
+    top_level = {a.name for node in daemon.body if isinstance(node, (ast.Import, ast.ImportFrom))
+                 for a in node.names} | {node.module for node in daemon.body if isinstance(node, ast.ImportFrom)}
+    assert not top_level & {"ketch.metrics", "metrics"}
 
 
 def test_shim_start_path_imports_nothing_heavy() -> None:

@@ -110,11 +110,21 @@ def test_a_second_task_is_already_exists_and_a_failed_create_leaves_nothing(tmp_
             await w.create("default", "two")
         assert not w.manager.exists("default", "two") and not w.bundle("default", "two").exists()
         assert ("default", "two") in w.launcher.deleted
-        # no spec, or a checkpoint: refused before anything is made
+        # no spec: refused before anything is made
         with pytest.raises(errdefs.FailedPrecondition, match="has no spec"):
             await w.manager.create("default", Container("bare", runtime=Runtime(KETCH)), CreateOptions())
-        with pytest.raises(errdefs.Unimplemented, match="checkpoint"):
-            await w.create("default", "cp", checkpoint="sha256:" + "0" * 64)
+        # a checkpoint that will not unpack: its part-unpacked image goes with the bundle
+        unpacked: list[str] = []
+
+        async def bad_checkpoint(directory: str) -> None:
+            unpacked.append(directory)
+            Path(directory).mkdir(parents=True)
+            (Path(directory) / "pages.img").write_bytes(b"half")
+            raise errdefs.InvalidArgument("invalid layer stream")
+
+        with pytest.raises(errdefs.InvalidArgument, match="invalid layer stream"):
+            await w.create("default", "cp", unpack=bad_checkpoint)
+        assert unpacked and not Path(unpacked[0]).exists() and not w.bundle("default", "cp").exists()
         assert [t.id for t in w.manager.list("default")] == ["one"]
 
     run(tmp_path, body)
@@ -265,6 +275,8 @@ def test_a_dead_shim_buries_its_tasks_once_with_the_status_its_cleanup_reports(t
         await until(lambda: b.phase is Phase.STOPPED)
         exits = [(e.container_id, e.exit_status) for _, t, e in w.events if t == "/tasks/exit"]
         assert sorted(exits) == [("a", 137), ("b", 137)]
+        assert (w.manager.shims_lost, w.manager.takeovers, w.manager.buried) == (1, 0, 2)  # ketchd's metrics
+        assert w.manager.shims() == [] and w.manager.all_tasks() == [a, b]
         state = await a.state()
         assert (state.status, state.exit_status) == (3, 137)  # STOPPED
         with pytest.raises(errdefs.NotFound, match="its shim is gone"):
@@ -368,6 +380,34 @@ def test_illegal_phase_moves_name_the_phase(tmp_path: Path, phase: Phase, op: st
     assert task.phase is phase
 
 
+def test_reload_drops_unfinished_dumps_and_keeps_a_restore_until_start(tmp_path: Path) -> None:
+    """ketchd killed during a checkpoint leaves the shim's dump in the task's work dir: the
+    reload removes it. A task created from a checkpoint but not started keeps its image."""
+    launcher = FakeLauncher()
+
+    async def restoring(directory: str) -> None:
+        Path(directory).mkdir(parents=True)
+        (Path(directory) / "pages.img").write_bytes(b"pages")
+
+    async def first(w: World) -> Path:
+        await w.create("ns", "c1", unpack=restoring)
+        work = Path(os.readlink(w.bundle("ns", "c1") / "work"))
+        (work / "checkpoint-abc").mkdir()
+        (work / "checkpoint-abc" / "pages.img").write_bytes(b"half a dump")
+        (work / "criu-work").mkdir()  # the shim's own
+        return work
+
+    work = run(tmp_path, first, launcher=launcher)
+
+    async def second(w: World) -> None:
+        await w.manager.load()
+        assert sorted(p.name for p in work.iterdir()) == ["criu-work", "restore"]
+        assert await w.manager.get("ns", "c1").start() > 0
+        assert sorted(p.name for p in work.iterdir()) == ["criu-work"]
+
+    run(tmp_path, second, launcher=launcher)
+
+
 def test_a_resent_exit_is_published_once_across_restarts(tmp_path: Path) -> None:
     from ketch.api.containerd.events import task_pb2 as events
     from ketch.events import Envelope
@@ -412,6 +452,8 @@ def test_a_shim_replaced_by_its_keeper_is_reconnected_without_losing_a_task(tmp_
         await until(lambda: a.phase is Phase.LIVE and b.phase is Phase.LIVE)
         assert (a.pid, b.pid) == pids and a.group is b.group and w.shim_of(a) is successor
         assert not waiter.done(), "the Wait goes on with the successor"
+        assert (w.manager.shims_lost, w.manager.takeovers, w.manager.buried) == (1, 1, 0)  # ketchd's metrics
+        assert w.manager.shims() == [a.group]
         await a.kill(signal.SIGTERM)
         assert (await waiter).status == 143
         assert w.topics() == [] and w.launcher.deleted == [], "nothing buried, no 255"

@@ -13,11 +13,15 @@ import grpc
 import pytest
 
 from ketch import errdefs, topics
+from ketch.api.containerd.runc.options import oci_pb2
 from ketch.api.containerd.services.tasks.v1 import tasks_pb2 as api
 from ketch.api.containerd.services.tasks.v1 import tasks_pb2_grpc
 from ketch.metadata import Container
 from ketch.metadata.types import Runtime, TypedValue
+from ketch.content import ContentStore
+from ketch.metadata import Store
 from ketch.runtime import TaskManager
+from ketch.runtime.checkpoint import Checkpoints
 from ketch.services.tasks import Tasks
 from ketch.testing.channel import channel_for
 from ketch.testing.fakeshim import FakeLauncher
@@ -27,8 +31,10 @@ NS = [("containerd-namespace", "ns1")]
 
 
 def run(tmp_path: Path, body: Callable[[tasks_pb2_grpc.TasksStub, list[Any]], Awaitable[None]]) -> None:
-    containers = {("ns1", c): Container(c, runtime=Runtime("io.containerd.ketch.v2"), spec=SPEC)
-                  for c in ("web", "db")}
+    # a criu that is not there: checkpoints are FailedPrecondition (test_checkpoint.py has the rest)
+    no_criu = oci_pb2.Options(criu_path=str(tmp_path / "no-criu")).SerializeToString()
+    runtime = Runtime("io.containerd.ketch.v2", TypedValue("containerd.runc.v1.Options", no_criu))
+    containers = {("ns1", c): Container(c, runtime=runtime, spec=SPEC) for c in ("web", "db")}
 
     def lookup(ns: str, id: str) -> Container:
         if (ns, id) not in containers:
@@ -39,12 +45,14 @@ def run(tmp_path: Path, body: Callable[[tasks_pb2_grpc.TasksStub, list[Any]], Aw
         events: list[Any] = []
         manager = TaskManager(state=str(tmp_path / "s"), root=str(tmp_path / "r"), launcher=FakeLauncher(),
                               publish=lambda ns, e: events.append(topics.of(e)))
-        try:
-            async with asyncio.timeout(10), channel_for(
-                    lambda server: tasks_pb2_grpc.add_TasksServicer_to_server(Tasks(manager, lookup), server)) as ch:
-                await body(tasks_pb2_grpc.TasksStub(ch), events)
-        finally:
-            await manager.close()
+        with Store(tmp_path / "meta.db") as store:
+            checkpoints = Checkpoints(ContentStore(tmp_path / "content", store), manager.publish)
+            try:
+                async with asyncio.timeout(10), channel_for(lambda server: tasks_pb2_grpc.add_TasksServicer_to_server(
+                        Tasks(manager, lookup, checkpoints), server)) as ch:
+                    await body(tasks_pb2_grpc.TasksStub(ch), events)
+            finally:
+                await manager.close()
 
     asyncio.run(main())
 
@@ -96,7 +104,7 @@ def test_status_codes(tmp_path: Path) -> None:
         assert await code(tasks.Delete(api.DeleteTaskRequest(container_id="web"), metadata=NS)) == \
             grpc.StatusCode.FAILED_PRECONDITION
         assert await code(tasks.Checkpoint(api.CheckpointTaskRequest(container_id="web"), metadata=NS)) == \
-            grpc.StatusCode.UNIMPLEMENTED
+            grpc.StatusCode.FAILED_PRECONDITION
         assert await code(tasks.Get(api.GetRequest(container_id="web", exec_id="x"), metadata=NS)) == nf
         assert await code(tasks.Create(api.CreateTaskRequest(container_id="db", runtime_path="relative/shim"),
                                        metadata=NS)) == grpc.StatusCode.INVALID_ARGUMENT

@@ -384,6 +384,10 @@ class _CheckpointingRunc(_ScriptedRunc):
 
     async def restore(self, id: str, bundle: str, *, image: str, work: str, parent: str, pid_file: str,
                       console_socket: str | None, stdio: tuple[int | None, ...], no_pivot: bool) -> None:
+        if "restore" in self.errors:
+            os.makedirs(work, exist_ok=True)
+            with open(os.path.join(work, "restore.log"), "w") as f:
+                f.write("(0.01) Error (criu/files-reg.c:1): File tmp/gone has bad size 4 (expect 8)\n(0.02) end\n")
         await self._run("restore", id, image, work, parent)
         with open(pid_file, "w") as f:
             f.write(str(child("import time; time.sleep(60)")))
@@ -528,5 +532,24 @@ def test_a_successor_shim_restores_a_task_whose_start_has_not_come(tmp_path: Pat
         os.kill(proc.pid, signal.SIGKILL)
         async with asyncio.timeout(10):
             await core.wait("c1", "")
+
+    run(scenario)
+
+
+def test_a_failed_restore_quotes_criu_and_leaves_the_task_created(tmp_path: Path) -> None:
+    async def scenario(monitor: Monitor) -> None:
+        runc = _CheckpointingRunc(restore="criu failed: type RESTORE errno 0")
+        core, container, pub = _core(monitor, tmp_path, runc, Process("c1", "", Stdio()))
+        container.options.criu_path = _criu(tmp_path)
+        container.checkpoint = str(tmp_path)
+        container.init.io = core._make_io(container, Stdio())
+        with pytest.raises(errdefs.Unknown) as e:
+            await core.start("c1", "")
+        assert str(e.value) == ("runc restore failed: criu failed: type RESTORE errno 0\n"
+                                f"criu's log ({tmp_path}/work/restore.log) says:\n"
+                                "(0.01) Error (criu/files-reg.c:1): File tmp/gone has bad size 4 (expect 8)")
+        assert (container.init.state, container.init.pid, pub.names()) == (State.CREATED, 0, [])
+        await core.delete("c1", "")  # and it deletes as a created task
+        assert "c1" not in core.containers
 
     run(scenario)

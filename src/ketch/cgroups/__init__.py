@@ -211,6 +211,64 @@ class Cgroup:
         return out
 
 
+@dataclass(frozen=True)
+class Usage:
+    """A container's resource use as cAdvisor reports it, from its cgroup metrics (what a
+    shim's Stats answers, v1 or v2). Limits are 0 when there is none."""
+
+    cpu_ns: int = 0
+    cpu_user_ns: int = 0
+    cpu_system_ns: int = 0
+    #: memory in use, page cache included
+    memory: int = 0
+    #: the highest use recorded (v1 only: None on v2)
+    memory_max: int | None = None
+    #: what cannot be reclaimed: memory less inactive file pages (kubelet's eviction signal)
+    working_set: int = 0
+    rss: int = 0
+    cache: int = 0
+    swap: int = 0
+    memory_limit: int = 0
+    threads: int = 0
+    threads_limit: int = 0
+    oom_kills: int = 0
+
+
+def usage(type_url: str, value: bytes) -> Usage:
+    """The :class:`Usage` in a shim's Stats (``io.containerd.cgroups.v1.Metrics`` or ``.v2.``);
+    ValueError for another type, DecodeError for bytes that are not one."""
+    name = type_url.rsplit("/", 1)[-1]
+    if name == "io.containerd.cgroups.v1.Metrics":
+        from ketch.api.cgroups.v1 import metrics_pb2 as m1
+
+        v1 = m1.Metrics.FromString(value)
+        mem = v1.memory
+        return Usage(
+            cpu_ns=v1.cpu.usage.total, cpu_user_ns=v1.cpu.usage.user, cpu_system_ns=v1.cpu.usage.kernel,
+            memory=mem.usage.usage, memory_max=mem.usage.max,
+            working_set=max(mem.usage.usage - mem.total_inactive_file, 0), rss=mem.total_rss,
+            cache=mem.total_cache, swap=max(mem.swap.usage - mem.usage.usage, 0),
+            memory_limit=_limit(mem.usage.limit),
+            threads=v1.pids.current, threads_limit=v1.pids.limit, oom_kills=v1.memory_oom_control.oom_kill)
+    if name == "io.containerd.cgroups.v2.Metrics":
+        from ketch.api.cgroups.v2 import metrics_pb2 as m2
+
+        v2 = m2.Metrics.FromString(value)
+        mem2 = v2.memory
+        return Usage(
+            cpu_ns=v2.cpu.usage_usec * 1000, cpu_user_ns=v2.cpu.user_usec * 1000,
+            cpu_system_ns=v2.cpu.system_usec * 1000, memory=mem2.usage,
+            working_set=max(mem2.usage - mem2.inactive_file, 0), rss=mem2.anon, cache=mem2.file,
+            swap=mem2.swap_usage, memory_limit=_limit(mem2.usage_limit),
+            threads=v2.pids.current, threads_limit=_limit(v2.pids.limit), oom_kills=v2.memory_events.oom_kill)
+    raise ValueError(f"not cgroup metrics: {type_url!r}")
+
+
+def _limit(value: int) -> int:
+    """0 for "no limit": v2's "max", v1's page counter maximum (2^63 rounded down to pages)."""
+    return 0 if value >= 1 << 62 else value
+
+
 # memory.stat names that differ from the proto's field names
 _V1_MEMORY_STAT = {
     "hierarchical_memsw_limit": "hierarchical_swap_limit",

@@ -36,6 +36,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -100,6 +101,9 @@ class ContentStore:
         self._ingests = os.path.join(self.root, "ingest")
         os.makedirs(self._blobs, mode=0o755, exist_ok=True)
         os.makedirs(self._ingests, mode=0o755, exist_ok=True)
+        #: bytes of the blobs committed into new files (for ketchd's metrics; commits run in threads)
+        self.ingested = 0
+        self._ingested_lock = threading.Lock()
         self._owner = Owner(blob_path=self.blob_path, commit=self._commit,
                             abort=lambda ns, ref, lease: self.abort(ns, ref, lease=lease))
 
@@ -272,6 +276,10 @@ class ContentStore:
             raise
         return writer
 
+    def usage(self) -> dict[str, tuple[int, int]]:
+        """Namespace → (blobs, bytes) it holds (a blob two namespaces hold counts in both)."""
+        return self._store.content.usage()
+
     # -- garbage collection -----------------------------------------------------------------
 
     def sweep(self) -> Sweep:
@@ -334,6 +342,8 @@ class ContentStore:
                     # no row sees the file yet: making it read-only after the rename is safe
                     with contextlib.suppress(OSError):
                         os.chmod(target, 0o444)
+                    with self._ingested_lock:
+                        self.ingested += size
                 try:
                     info = store.content.add(ns, ContentInfo(digest, size, labels))
                 except AlreadyExists:

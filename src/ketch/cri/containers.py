@@ -25,8 +25,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 
-from ketch import errdefs, mount
+from ketch import cgroups, errdefs, mount
 from ketch.api.containerd.types import mount_pb2
 from ketch.api.containerd.types.task import task_pb2 as task_types
 from ketch.api.k8s.cri.runtime.v1 import api_pb2 as cri
@@ -857,9 +858,12 @@ class Containers:
             data = await self._tasks.get(NAMESPACE, meta.id).stats()
         except errdefs.KetchError:
             return out
-        cpu, memory = _decode_metrics(data)
-        out.cpu.usage_core_nano_seconds.value = cpu
-        out.memory.working_set_bytes.value = memory
+        try:
+            used = cgroups.usage(data.type_url, data.value)
+        except (ValueError, DecodeError):
+            return out
+        out.cpu.usage_core_nano_seconds.value = used.cpu_ns
+        out.memory.working_set_bytes.value = used.working_set
         return out
 
 
@@ -920,22 +924,6 @@ def _apply_resources(resources: dict[str, Any], res: cri.LinuxContainerResources
         resources.setdefault("memory", {})["limit"] = res.memory_limit_in_bytes
     if res.memory_swap_limit_in_bytes:
         resources.setdefault("memory", {})["swap"] = res.memory_swap_limit_in_bytes
-
-
-def _decode_metrics(data: any_pb2.Any) -> tuple[int, int]:
-    """(CPU nanoseconds, memory working set) from the shim's cgroup v1 or v2 metrics."""
-    if data.type_url.endswith("io.containerd.cgroups.v1.Metrics"):
-        from ketch.api.cgroups.v1 import metrics_pb2 as v1
-
-        m1 = v1.Metrics()
-        m1.ParseFromString(data.value)
-        working = m1.memory.usage.usage - m1.memory.total_inactive_file
-        return m1.cpu.usage.total, max(working, 0)
-    from ketch.api.cgroups.v2 import metrics_pb2 as v2
-
-    m2 = v2.Metrics()
-    m2.ParseFromString(data.value)
-    return m2.cpu.usage_usec * 1000, max(m2.memory.usage - m2.memory.inactive_file, 0)
 
 
 def _read_user_files(mounts: list[mount.Mount]) -> tuple[list[tuple[str, str, int, int]], list[tuple[str, str, int, list[str]]]]:

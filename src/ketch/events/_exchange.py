@@ -182,6 +182,11 @@ class Exchange:
         #: asked of every forwarded envelope: False drops it (a duplicate of one already
         #: broadcast, say); exceptions refuse the forward
         self.accept: Callable[[Envelope], bool] | None = None
+        #: events published or forwarded, by topic (for ketchd's metrics)
+        self.published: collections.Counter[str] = collections.Counter()
+        #: events not delivered, by why: "duplicate" (a forwarded event already published),
+        #: "subscriber_behind" (the one that overflowed a subscriber's queue, which is dropped)
+        self.dropped: collections.Counter[str] = collections.Counter()
 
     def hold(self) -> None:
         """Keep what is published from now on until :meth:`release`. The daemon holds its
@@ -211,6 +216,7 @@ class Exchange:
             raise InvalidArgument(f"failed publishing event: namespace validation: {exc.message}") from None
         validate_topic(topic)
         envelope = Envelope(time.time(), namespace, topic, type_url, value)
+        self.published[topic] += 1
         self._broadcast(envelope)
         return envelope
 
@@ -226,7 +232,9 @@ class Exchange:
         if self.accept is not None and not self.accept(envelope):
             log.info("dropped a forwarded event already published", extra={"topic": envelope.topic,
                                                                           "namespace": envelope.namespace})
+            self.dropped["duplicate"] += 1
             return
+        self.published[envelope.topic] += 1
         self._broadcast(envelope)
 
     def subscribe(self, filters: Sequence[str] = ()) -> Subscription:
@@ -257,6 +265,7 @@ class Exchange:
         for subscription in tuple(self._subscribers):
             if not subscription._offer(envelope, adaptor):
                 self._remove(subscription)
+                self.dropped["subscriber_behind"] += 1
                 log.warning(
                     "dropped an event subscriber that fell behind",
                     extra={"topic": envelope.topic, "namespace": envelope.namespace, "limit": self._queue_size},

@@ -166,6 +166,12 @@ class ContentRecords:
                 "SELECT DISTINCT expected FROM content_ingests WHERE expected <> ''"))
         return held
 
+    def usage(self) -> dict[str, tuple[int, int]]:
+        """Namespace → (blobs, bytes) of the content rows it has."""
+        with self._store.transaction(write=False) as conn:
+            rows = conn.execute("SELECT namespace, count(*), coalesce(sum(size), 0) FROM content GROUP BY namespace")
+            return {ns: (count, size) for ns, count, size in rows}
+
     # -- ingests ----------------------------------------------------------------------------
 
     def open_ingest(self, namespace: str, ref: str, expected: str = "",

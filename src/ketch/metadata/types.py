@@ -287,6 +287,10 @@ class ContentRecordStore(Protocol):
         """Every digest some namespace holds or some ingest expects: the blobs to keep."""
         ...
 
+    def usage(self) -> dict[str, tuple[int, int]]:
+        """Namespace → (blobs, bytes) of the records it has."""
+        ...
+
     def open_ingest(self, namespace: str, ref: str, expected: str = "",
                     expires_at: float | None = None) -> Ingest:
         """Create the ingest record of ``ref`` or take the existing one (keeping its bref),

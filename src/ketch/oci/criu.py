@@ -47,10 +47,15 @@ async def require(monitor: ExitWatcher, path: str) -> str:
     except OSError as e:
         raise errdefs.FailedPrecondition(f"criu {binary} does not run: {e}") from None
     if res.status != 0:
-        said = (res.stderr + res.stdout).decode(errors="replace").strip()
-        said = "\n".join(said.splitlines()[-TAIL_LINES:]) or f"exit status {res.status}"
-        raise errdefs.FailedPrecondition(f"criu check failed ({binary}): {said}")
+        raise check_failed(binary, res.status, res.stderr + res.stdout)
     return binary
+
+
+def check_failed(binary: str, status: int, output: bytes) -> errdefs.FailedPrecondition:
+    """The error for a ``criu check`` that exited ``status``, quoting the end of its ``output``."""
+    said = output.decode(errors="replace").strip()
+    said = "\n".join(said.splitlines()[-TAIL_LINES:]) or f"exit status {status}"
+    return errdefs.FailedPrecondition(f"criu check failed ({binary}): {said}")
 
 
 def log_excerpt(path: str, lines: int = TAIL_LINES) -> str:

@@ -5,7 +5,9 @@
         config.json      the OCI spec (the container's spec, as stored)
         rootfs/          mount point for the task's rootfs mounts (0711)
         log              FIFO the shim writes its log to; ketchd copies it into its own log
-        work -> <root>/runtime/v2/<namespace>/<id>   persistent scratch space for the shim
+        work -> <root>/runtime/v2/<namespace>/<id>   persistent scratch space for the shim;
+                         ketchd's too: checkpoint-*/ a CRIU dump on its way to the content
+                         store, restore/ a checkpoint to restore from, until the task starts
         ketch.json       what ketchd needs to reload the task: runtime name, shim binary
         address          the shim's ttrpc address (written by the shim's start)
         exited.json      written when the shim died: the task is a tombstone until deleted
@@ -30,6 +32,8 @@ from ketch.files import write_atomic
 
 #: how many forwarded exits a bundle remembers (see Bundle.note_exit)
 EXITS_KEPT = 64
+#: the names of CRIU dumps being made in a bundle's work directory (ketch.runtime.checkpoint)
+DUMP_PREFIX = "checkpoint-"
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,20 @@ class Bundle:
             with contextlib.suppress(errdefs.FailedPrecondition):  # nothing was mounted yet
                 self.delete()
             raise
+
+    @property
+    def restore_image(self) -> Path:
+        """Where the checkpoint a task is restored from is unpacked, until the task starts."""
+        return self.work / "restore"
+
+    def drop_checkpoints(self, *, restore: bool) -> None:
+        """Remove the CRIU dumps left in the work directory by checkpoints that did not finish
+        (ketchd died during them) and, with ``restore``, the image the task was restored from.
+        Blocking: call it from a thread on an event loop."""
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.work):
+                if entry.name.startswith(DUMP_PREFIX) or (restore and entry.path == str(self.restore_image)):
+                    shutil.rmtree(entry.path, ignore_errors=True)
 
     @property
     def info(self) -> dict[str, str]:

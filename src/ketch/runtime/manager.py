@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -78,8 +78,11 @@ class CreateOptions:
     options: tuple[str, bytes] | None = None
     #: a shim binary to run instead of the container's runtime
     runtime_path: str = ""
-    #: a checkpoint to restore from (not supported yet)
+    #: a directory holding the CRIU image to restore the task from (runc options' criu_image_path)
     checkpoint: str = ""
+    #: writes the CRIU image to restore from into the directory it is given (a checkpoint blob:
+    #: see ketch.runtime.checkpoint); unpacked into the task's bundle, removed once it starts
+    unpack: Callable[[str], Awaitable[None]] | None = None
 
 
 #: containerd's deprecated v1 runtime, which old clients still name; run on the v2 runc path
@@ -164,6 +167,11 @@ class TaskManager:
         self._background: set[asyncio.Task[None]] = set()
         #: tasks whose shim was found dead by load(), until bury_dead() runs
         self._unburied: list[Task] = []
+        #: shims whose connection closed while they served tasks; successors reconnected to
+        #: (a keeper's takeover, or a live upgrade); tasks buried (their shim gone for good)
+        self.shims_lost = 0
+        self.takeovers = 0
+        self.buried = 0
 
     # -- lookup ---------------------------------------------------------------------------
 
@@ -175,6 +183,16 @@ class TaskManager:
 
     def list(self, namespace: str) -> builtins.list[Task]:
         return [t for (ns, _), t in sorted(self._tasks.items()) if ns == namespace and t.phase is not Phase.NEW]
+
+    def all_tasks(self) -> builtins.list[Task]:
+        """Every task of every namespace, by namespace and id."""
+        return [t for _, t in sorted(self._tasks.items()) if t.phase is not Phase.NEW]
+
+    def shims(self) -> builtins.list[ShimGroup]:
+        """Every shim connected to: the shared ones (idle ones too) and those serving tasks."""
+        groups = {id(g): g for g in self._groups.values()}
+        groups.update((id(t.group), t.group) for t in self._tasks.values() if t.group is not None)
+        return [g for g in groups.values() if g.client is not None and not g.client.closed]
 
     def exists(self, namespace: str, id: str) -> bool:
         """True while a task of that id exists or is being created."""
@@ -216,8 +234,6 @@ class TaskManager:
             raise errdefs.AlreadyExists(f"task {id}")
         if container.spec is None:
             raise errdefs.FailedPrecondition(f"container {id!r} has no spec")
-        if opts.checkpoint:
-            raise errdefs.Unimplemented("creating a task from a checkpoint is not supported yet")
         runtime = opts.runtime_path or container.runtime.name
         options = opts.options
         if options is None and container.runtime.options is not None:
@@ -237,7 +253,12 @@ class TaskManager:
             info["pod"] = task.pod
         try:
             bundle.create(container.spec.value, info)
-            await self._start_shim(task, opts, options)
+            checkpoint = opts.checkpoint
+            if opts.unpack is not None:
+                checkpoint = str(bundle.restore_image)
+                task.restored = True
+                await opts.unpack(checkpoint)
+            await self._start_shim(task, opts, options, checkpoint)
             task.move("attach")
         except BaseException:
             await self._abandon(task)
@@ -245,11 +266,12 @@ class TaskManager:
         log.info("task created namespace=%s id=%s pid=%d runtime=%s", namespace, id, task.pid, runtime)
         return task
 
-    async def _start_shim(self, task: Task, opts: CreateOptions, options: tuple[str, bytes] | None) -> None:
+    async def _start_shim(self, task: Task, opts: CreateOptions, options: tuple[str, bytes] | None,
+                          checkpoint: str) -> None:
         task.log = ShimLog(str(task.bundle.path / "log"), task.namespace)
         req = shim_pb2.CreateTaskRequest(
             id=task.id, bundle=str(task.bundle.path), rootfs=list(opts.rootfs), terminal=opts.stdio.terminal,
-            stdin=opts.stdio.stdin, stdout=opts.stdio.stdout, stderr=opts.stdio.stderr, checkpoint=opts.checkpoint)
+            stdin=opts.stdio.stdin, stdout=opts.stdio.stdout, stderr=opts.stdio.stderr, checkpoint=checkpoint)
         start_options = b""
         if options is not None:
             req.options.CopyFrom(any_pb2.Any(type_url=options[0], value=options[1]))
@@ -431,6 +453,7 @@ class TaskManager:
             task.move("lose")
             lost.append(task)
         if lost:
+            self.shims_lost += 1
             log.warning("the shim at %s went away (tasks %s): looking for its successor", group.address,
                         ", ".join(f"{t.namespace}/{t.id}" for t in lost))
             t = asyncio.ensure_future(self._recover(group, lost))
@@ -463,6 +486,8 @@ class TaskManager:
                 self._attach(task, successor)
                 task.move("attach")
                 alive.append(task)
+            if alive:
+                self.takeovers += 1
             if successor.key is not None and alive:
                 self._groups[successor.key] = successor
             elif not alive:
@@ -492,6 +517,7 @@ class TaskManager:
         with contextlib.suppress(OSError):
             task.bundle.write_exit(ended.pid, ended.status, ended.exited_at)
         task.move("bury")
+        self.buried += 1
         self.publish(task.namespace, events.TaskExit(container_id=task.id, id=task.id, pid=ended.pid,
                                                      exit_status=ended.status,
                                                      exited_at=timestamps.timestamp(ended.exited_at)))
@@ -506,6 +532,8 @@ class TaskManager:
             task = self._load_task(bundle)
             if task is not None:
                 by_address.setdefault(bundle.address(), []).append(task)
+                # the dumps of checkpoints ketchd died during (their blobs were never stored)
+                await asyncio.to_thread(bundle.drop_checkpoints, restore=False)
         await asyncio.gather(*(self._reconnect(address, tasks) for address, tasks in by_address.items()))
         await self._dismiss_idle_shims(set(by_address))
 
@@ -550,6 +578,7 @@ class TaskManager:
             return None
         with contextlib.suppress(OSError):
             task.log = ShimLog(str(bundle.path / "log"), task.namespace)
+        task.restored = bundle.restore_image.exists()
         return task
 
     async def _reconnect(self, address: str, tasks: builtins.list[Task]) -> None:

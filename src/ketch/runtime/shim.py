@@ -294,6 +294,11 @@ class ShimClient:
     async def stats(self, id: str) -> any_pb2.Any:
         return (await self._call("Stats", shim_pb2.StatsRequest(id=id), shim_pb2.StatsResponse)).stats
 
+    async def checkpoint(self, id: str, path: str, options: any_pb2.Any | None) -> None:
+        """A CRIU dump of the task into ``path``: no deadline of ours (its size sets its time)."""
+        await self._call("Checkpoint", shim_pb2.CheckpointTaskRequest(id=id, path=path, options=options),
+                         empty_pb2.Empty, timeout=None)
+
     async def connect(self, id: str) -> int:
         """The task's pid, as the shim knows it (and the shim's own: ``pid``)."""
         resp = await self._call("Connect", shim_pb2.ConnectRequest(id=id), shim_pb2.ConnectResponse)

@@ -41,14 +41,14 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from google.protobuf import any_pb2
+
 from ketch import delivery, errdefs, timestamps
 from ketch.api.containerd.types.task import task_pb2 as task_types
 from ketch.runtime.bundle import Bundle
 from ketch.runtime.shim import ShimClient, ShimLog, Stdio
 
 if TYPE_CHECKING:
-    from google.protobuf import any_pb2
-
     from ketch.runtime.manager import ShimGroup
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,8 @@ class Task:
     log: ShimLog | None = None
     #: the recorded exit once ``stopped``
     tombstone: Exit | None = None
+    #: created from a checkpoint unpacked in its bundle, until it starts
+    restored: bool = False
     #: where each process's stdio goes (by exec id; "" the init), to see its output delivered
     stdio: dict[str, Stdio] = field(default_factory=dict)
     #: set when the task is settled for good (stopped, released or deleted)
@@ -154,6 +156,9 @@ class Task:
         pid = await self.shim().start(self.id, exec_id)
         if not exec_id:
             self.pid = pid
+            if self.restored:  # restored: the checkpoint it was restored from is done with
+                self.restored = False
+                await asyncio.to_thread(self.bundle.drop_checkpoints, restore=True)
         return pid
 
     async def kill(self, signal: int, *, all: bool = False, exec_id: str = "") -> None:
@@ -186,9 +191,11 @@ class Task:
     async def stats(self) -> any_pb2.Any:
         return await self.shim().stats(self.id)
 
-    async def checkpoint(self) -> None:
-        self.shim()
-        raise errdefs.Unimplemented(f"checkpoint of task {self.id}: not supported by ketchd yet")
+    async def checkpoint(self, path: str, options: tuple[str, bytes] | None = None) -> None:
+        """Dump the task with CRIU into the directory ``path`` (see ketch.runtime.checkpoint);
+        ``options``: containerd's CheckpointOptions, for the shim."""
+        await self.shim().checkpoint(self.id, path, any_pb2.Any(type_url=options[0], value=options[1])
+                                     if options is not None else None)
 
     async def delete_process(self, exec_id: str) -> Exit:
         if not exec_id:

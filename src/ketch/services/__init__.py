@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     import grpc
 
     from ketch import config, metadata
@@ -27,7 +29,9 @@ STORE_SERVICES = tuple(f"/containerd.services.{name}." for name in ("content", "
 
 
 def register_core(server: grpc.aio.Server, *, cfg: config.Config, store: metadata.Store, exchange: Exchange,
-                  manager: TaskManager, publish: Publish) -> None:
+                  manager: TaskManager, publish: Publish,
+                  content: ContentStore | Callable[[], Awaitable[ContentStore]]) -> None:
+    """``content``: the content store, or what waits for it (a checkpoint waits; the rest not)."""
     from ketch.api.containerd.services.containers.v1 import containers_pb2_grpc
     from ketch.api.containerd.services.events.v1 import events_pb2_grpc
     from ketch.api.containerd.services.introspection.v1 import introspection_pb2_grpc
@@ -36,6 +40,7 @@ def register_core(server: grpc.aio.Server, *, cfg: config.Config, store: metadat
     from ketch.api.containerd.services.version.v1 import version_pb2_grpc
     from ketch.api.grpc.health.v1 import health_pb2_grpc
     from ketch.metadata.local import ContainerService, NamespaceService
+    from ketch.runtime.checkpoint import Checkpoints
     from ketch.services.events import Events
     from ketch.services.metadata import Containers, Namespaces
     from ketch.services.system import Health, Introspection, Version
@@ -48,7 +53,8 @@ def register_core(server: grpc.aio.Server, *, cfg: config.Config, store: metadat
     containers_pb2_grpc.add_ContainersServicer_to_server(
         Containers(ContainerService(store, publish, manager.exists)), server)
     events_pb2_grpc.add_EventsServicer_to_server(Events(exchange), server)
-    tasks_pb2_grpc.add_TasksServicer_to_server(Tasks(manager, store.containers.get), server)
+    tasks_pb2_grpc.add_TasksServicer_to_server(
+        Tasks(manager, store.containers.get, Checkpoints(content, publish)), server)
 
 
 def register_store(server: grpc.aio.Server, *, store: metadata.Store, publish: Publish, content: ContentStore,

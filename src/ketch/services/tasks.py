@@ -10,8 +10,10 @@ from google.protobuf import empty_pb2
 
 from ketch import metadata, timestamps
 from ketch.api.containerd.services.tasks.v1 import tasks_pb2 as api, tasks_pb2_grpc
+from ketch.api.containerd.types import descriptor_pb2
 from ketch.runtime import CreateOptions, Exit, Stdio, TaskManager
-from ketch.services._common import namespace, unary
+from ketch.runtime.checkpoint import Checkpoints, Descriptor
+from ketch.services._common import lease_of, namespace, unary
 
 Context: TypeAlias = grpc.aio.ServicerContext
 EMPTY = empty_pb2.Empty()
@@ -23,17 +25,25 @@ def _deleted(id: str, ended: Exit) -> api.DeleteResponse:
 
 
 class Tasks(tasks_pb2_grpc.TasksServicer):
-    def __init__(self, tasks: TaskManager, containers: Callable[[str, str], metadata.Container]) -> None:
+    def __init__(self, tasks: TaskManager, containers: Callable[[str, str], metadata.Container],
+                 checkpoints: Checkpoints) -> None:
         self.tasks = tasks
         self.containers = containers
+        self.checkpoints = checkpoints
 
     @unary
     async def Create(self, request: api.CreateTaskRequest, context: Context) -> api.CreateTaskResponse:
         ns = namespace(context)
+        container = self.containers(ns, request.container_id)
         options = (request.options.type_url, request.options.value) if request.options.type_url else None
-        task = await self.tasks.create(ns, self.containers(ns, request.container_id), CreateOptions(
+        checkpoint = None
+        if request.HasField("checkpoint"):
+            d = request.checkpoint
+            checkpoint = Descriptor(d.media_type, d.digest, d.size)
+        path, unpack = await self.checkpoints.restore_source(ns, container, checkpoint, options)
+        task = await self.tasks.create(ns, container, CreateOptions(
             stdio=Stdio(request.stdin, request.stdout, request.stderr, request.terminal), rootfs=request.rootfs,
-            options=options, runtime_path=request.runtime_path, checkpoint=request.checkpoint.digest))
+            options=options, runtime_path=request.runtime_path, checkpoint=path, unpack=unpack))
         return api.CreateTaskResponse(container_id=task.id, pid=task.pid)
 
     @unary
@@ -100,8 +110,13 @@ class Tasks(tasks_pb2_grpc.TasksServicer):
 
     @unary
     async def Checkpoint(self, request: api.CheckpointTaskRequest, context: Context) -> api.CheckpointTaskResponse:
-        await self.tasks.get(namespace(context), request.container_id).checkpoint()
-        return api.CheckpointTaskResponse()
+        ns = namespace(context)
+        container = self.containers(ns, request.container_id)
+        options = (request.options.type_url, request.options.value) if request.options.type_url else None
+        written = await self.checkpoints.checkpoint(ns, container, self.tasks.get(ns, request.container_id), options,
+                                                    lease=lease_of(context))
+        return api.CheckpointTaskResponse(descriptors=[
+            descriptor_pb2.Descriptor(media_type=d.media_type, digest=d.digest, size=d.size) for d in written])
 
     @unary
     async def Update(self, request: api.UpdateTaskRequest, context: Context) -> empty_pb2.Empty:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+import sys
 import time
 import re
 from pathlib import Path
@@ -17,6 +19,11 @@ from ketch.testing.leftovers import Scope
 
 KETCH_RUNTIME = "io.containerd.ketch.v2"
 RUNC_RUNTIME = "io.containerd.runc.v2"
+#: the exec wrapper of socket activation: the inherited fd becomes fd 3 and LISTEN_PID names the
+#: process that execs (what systemd does between its fork and exec)
+ACTIVATE = ("import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); fd != 3 and os.close(fd); "
+            "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1', LISTEN_FDNAMES='ketchd.socket'); "
+            "os.execv(sys.argv[2], sys.argv[2:])")
 #: asyncio's report of a slow callback in debug mode
 SLOW_CALLBACK = re.compile(r"logger=asyncio msg=\"?Executing .* took \d+\.\d+ seconds")
 
@@ -39,6 +46,8 @@ class Daemon:
         self.env: dict[str, str] = {}
         #: directories put first on the daemon's PATH (after ketch's bin directory)
         self.path: list[str] = []
+        #: file descriptors the daemon inherits
+        self.pass_fds: tuple[int, ...] = ()
 
     def argv(self) -> list[str]:
         raise NotImplementedError
@@ -67,7 +76,8 @@ class Daemon:
         path = ":".join([str(system.VENV_BIN), *self.path, os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")])
         env = dict(os.environ, PATH=path, **self.env)
         logf = open(self.log, "ab")
-        self.proc = subprocess.Popen(self.argv(), stdout=logf, stderr=logf, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(self.argv(), stdout=logf, stderr=logf, env=env, start_new_session=True,
+                                     pass_fds=self.pass_fds)
         logf.close()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -156,10 +166,31 @@ class Ketchd(Daemon):
     #: asyncio's debug mode in tests: every callback that holds ketchd's event loop longer
     #: than this is logged, and :meth:`slow_callbacks` finds it (0: off, as for benchmarks)
     slow_callback = 0.1
+    #: the text of a configuration file to start with ("": none)
+    config_text = ""
+
+    #: a listening socket's fd that ketchd inherits as systemd hands it over (socket activation)
+    activation_fd: int | None = None
+
+    def activate(self, listener: socket.socket) -> None:
+        """Hand ketchd ``listener`` as systemd does: as fd 3, with ``LISTEN_FDS=1`` and
+        ``LISTEN_PID`` its own PID (set by an exec wrapper); it serves gRPC there."""
+        self.activation_fd = listener.fileno()
+        self.pass_fds = (self.activation_fd,)
 
     def argv(self) -> list[str]:
+        argv = self._argv()
+        if self.activation_fd is not None:
+            argv = [sys.executable, "-I", "-c", ACTIVATE, str(self.activation_fd), *argv]
+        return argv
+
+    def _argv(self) -> list[str]:
         argv = [f"{system.VENV_BIN}/ketchd", "--root", str(self.base / "root"), "--state", str(self.base / "state"),
                 "--address", self.address, "--log-level", "debug"]
+        if self.config_text:
+            path = self.base / "config.toml"
+            path.write_text(self.config_text)
+            argv += ["--config", str(path)]
         if self.slow_callback > 0:
             argv += ["--slow-callback", str(self.slow_callback)]
         return argv

@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from google.protobuf import any_pb2, empty_pb2
@@ -54,6 +55,8 @@ to how long it takes."""
         #: seconds a method takes before it answers (a loaded host's runc)
         self.slow: dict[str, float] = {}
         self.alive = True
+        #: what each task created from a checkpoint found in its checkpoint directory (name → bytes)
+        self.restored: dict[str, dict[str, bytes]] = {}
         #: the pid Connect gives as the shim's (a process holding what the shim would hold)
         self.pid = os.getpid()
         self.server = ttrpc.Server(require_same_user=False)
@@ -66,6 +69,7 @@ to how long it takes."""
             "Resume": (api.ResumeRequest, self._empty), "ResizePty": (api.ResizePtyRequest, self._empty),
             "CloseIO": (api.CloseIORequest, self._empty), "Update": (api.UpdateTaskRequest, self._empty),
             "Pids": (api.PidsRequest, self._pids), "Stats": (api.StatsRequest, self._stats),
+            "Checkpoint": (api.CheckpointTaskRequest, self._checkpoint),
         }
         self.server.register(SERVICE, {name: ttrpc.Method(t, self._recorded(name, h))
                                        for name, (t, h) in handlers.items()})
@@ -97,6 +101,8 @@ to how long it takes."""
     async def _create(self, req: api.CreateTaskRequest) -> api.CreateTaskResponse:
         if req.id in self.tasks:
             raise errdefs.AlreadyExists(f"task {req.id}")
+        if req.checkpoint:
+            self.restored[req.id] = {p.name: p.read_bytes() for p in Path(req.checkpoint).iterdir()}
         self.tasks[req.id] = {"": FakeProcess(pid=next(_pids))}
         return api.CreateTaskResponse(pid=self.tasks[req.id][""].pid)
 
@@ -158,6 +164,12 @@ to how long it takes."""
     async def _stats(self, req: api.StatsRequest) -> api.StatsResponse:
         self._process(req.id)
         return api.StatsResponse(stats=any_pb2.Any(type_url="fake.Stats", value=req.id.encode()))
+
+    async def _checkpoint(self, req: api.CheckpointTaskRequest) -> empty_pb2.Empty:
+        """A stand-in for a CRIU dump: one file naming the task."""
+        self._process(req.id)
+        (Path(req.path) / "fake.img").write_bytes(f"dump of {req.id}".encode())
+        return empty_pb2.Empty()
 
     async def _empty(self, req: Any) -> empty_pb2.Empty:
         return empty_pb2.Empty()

@@ -162,6 +162,15 @@ def remove(scope: Scope, found: Leftovers) -> None:
 
 # -- the kinds ----------------------------------------------------------------------------------
 
+def _serves_another_daemon(args: list[bytes], under: re.Pattern[str]) -> bool:
+    """A shim whose ``-address`` is another daemon's socket (a namespace such as the CRI's
+    ``k8s.io`` is every CRI daemon's: only the address tells whose shim it is)."""
+    for flag, value in zip(args, args[1:]):
+        if flag == b"-address":
+            return not under.match(value.decode(errors="replace"))
+    return False
+
+
 def processes(scope: Scope) -> dict[int, str]:
     """pid → why it is the run's, for every live process of the run (not this one)."""
     base = str(scope.base)
@@ -189,7 +198,7 @@ def processes(scope: Scope) -> dict[int, str]:
         why = ""
         if under.search(cmd) or under.match(cwd):
             why = f"under {base}"
-        elif flags & set(zip(args, args[1:])):
+        elif flags & set(zip(args, args[1:])) and not _serves_another_daemon(args, under):
             why = "serves one of its namespaces"
         elif any(c == p or c.startswith(p + "/") for c in cgroups for p in parents):
             why = f"in cgroup {next(c for c in cgroups if any(c == p or c.startswith(p + '/') for p in parents))}"
