@@ -1,5 +1,6 @@
 """Checkpoint and restore through ketch.client and the ``ketch`` CLI, against a private
-containerd 1.6 with its runc shim and with the ketch shim (criu 4.1 from ../shared/criu): a
+containerd 1.6 and a private ketchd, each with containerd's runc shim and with the ketch shim
+(criu 4.1 from ../shared/criu): a
 container counting in memory is checkpointed, removed, restored, and goes on counting from
 where it was; the checkpoint is containerd's format both ways (``ctr containers
 checkpoint|restore``)."""
@@ -30,6 +31,8 @@ from .conftest import Env, running
 DAEMONS = [
     pytest.param(("containerd", RUNC_RUNTIME), id="containerd"),
     pytest.param(("containerd", KETCH_RUNTIME), id="containerd-ketchshim"),
+    pytest.param(("ketchd", RUNC_RUNTIME), id="ketchd-runcshim"),
+    pytest.param(("ketchd", KETCH_RUNTIME), id="ketchd-ketchshim"),
 ]
 IMAGE = "docker.io/library/busybox:ck"
 #: counts in memory; the count goes to a file for the test to read (renamed into place: never
