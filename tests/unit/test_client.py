@@ -161,3 +161,19 @@ def test_importing_ketch_stays_light() -> None:
     code = "import sys, ketch; print('grpc' in sys.modules, 'ketch.client' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
     assert out == ["False", "False"]
+
+
+def test_a_checkpoint_index_is_told_apart_and_its_blobs_are_never_chosen_as_a_manifest() -> None:
+    from ketch import errdefs
+    from ketch.client._checkpoint import CONFIG, CRIU_TAR, is_checkpoint
+    from ketch.distribution.manifests import OCI_MANIFEST, host_platform, select_manifest
+
+    here = {"os": "linux", "architecture": host_platform()[1]}
+    blobs = [{"mediaType": t, "digest": f"sha256:{i}", "size": 1, "platform": here} for i, t in enumerate((CRIU_TAR, CONFIG))]
+    checkpoint = {"manifests": [*blobs, {"mediaType": OCI_MANIFEST, "digest": "sha256:m", "size": 1}]}
+    assert is_checkpoint(checkpoint)
+    with pytest.raises(errdefs.NotFound):
+        select_manifest(checkpoint, "ck")  # the image's manifest names no platform
+    image = {"manifests": [*blobs[:1], {"mediaType": OCI_MANIFEST, "digest": "sha256:m", "size": 1, "platform": here}]}
+    assert not is_checkpoint(image)
+    assert select_manifest(image, "img")["digest"] == "sha256:m"

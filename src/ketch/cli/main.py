@@ -404,6 +404,37 @@ async def unpause(c: AsyncClient, containers: tuple[str, ...]) -> None:
         click.echo(name)
 
 
+@cli.command()
+@click.option("--exit", "exit_", is_flag=True, help="stop the task once checkpointed")
+@click.option("--rw", is_flag=True, help="include the changes of the container's rw layer")
+@click.option("--no-task", is_flag=True, help="leave the running process out (only spec, runtime, image, rw)")
+@click.argument("container")
+@click.argument("ref")
+@with_client
+async def checkpoint(c: AsyncClient, exit_: bool, rw: bool, no_task: bool, container: str, ref: str) -> None:
+    """Checkpoint a container (its process through CRIU) as the image REF, in containerd's
+    format; ``ketch images ls`` lists checkpoints, ``ketch restore`` restores one."""
+    image = await (await c.container(container)).checkpoint(ref, task=not no_task, rw=rw, exit=exit_)
+    click.echo(image.name)
+
+
+@cli.command()
+@click.option("--live", is_flag=True, help="restore the checkpointed process (else start the command anew)")
+@click.option("--rw", is_flag=True, help="restore the checkpointed rw layer")
+@click.option("--log", "log_uri", default=None, metavar="URI",
+              help="send output to file:///path or binary:///logger (default: a file under $KETCH_LOG_DIR)")
+@click.argument("container")
+@click.argument("ref")
+@with_client
+async def restore(c: AsyncClient, live: bool, rw: bool, log_uri: str | None, container: str, ref: str) -> None:
+    """Make the container CONTAINER from the checkpoint REF and start it, detached."""
+    if log_uri is None:
+        log_uri = f"file://{os.path.join(_log_dir(), c.namespace, container + '.log')}"
+        os.makedirs(os.path.dirname(log_uri[len('file://'):]), exist_ok=True)
+    await c.restore(container, ref, live=live, rw=rw, io=LogURI(log_uri), labels={LOG_LABEL: LogURI(log_uri).uri})
+    click.echo(container)
+
+
 def _cmdline(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:

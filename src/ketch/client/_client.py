@@ -19,7 +19,8 @@ from ketch.api.containerd.services.version.v1 import version_pb2_grpc
 from ketch.client._conn import Connection, default_address, default_namespace
 from ketch.client._events import Event, subscribe
 from ketch.client._containers import Container, Mount, SpecOptions, build_spec, pack_options, spec_any
-from ketch.client._process import Status, _status_of
+from ketch.client._io import IOSpec
+from ketch.client._process import Status, Task, _status_of
 
 if TYPE_CHECKING:
     from ketch.client._images import Image, Progress
@@ -162,6 +163,18 @@ class AsyncClient:
         r = await self.conn.call(self._stub(containers_pb2_grpc.ContainersStub).List,
                                  containers_pb2.ListContainersRequest(filters=list(filters)))
         return [Container.from_proto(self.conn, self.fifo_dir, c) for c in r.containers]
+
+    async def restore(self, id: str, ref: str, *, live: bool = True, rw: bool = True, io: IOSpec = None,
+                      labels: Mapping[str, str] | None = None) -> Task:
+        """A new container ``id`` from the checkpoint image ``ref`` (made by
+        :meth:`Container.checkpoint` or ``ctr containers checkpoint``): the checkpoint's spec,
+        runtime and image (a snapshot of its own on top), with ``rw`` the checkpointed rw
+        layer applied; its task created with ``io``, with ``live`` from the checkpoint's CRIU
+        images (the process goes on where it was), and started; the container gets
+        ``labels``. The started task; its container is ``await client.container(id)``."""
+        from ketch.client._checkpoint import restore
+
+        return await restore(self, id, ref, live=live, rw=rw, io=io, labels=labels)
 
     # -- images ----------------------------------------------------------------------------
 

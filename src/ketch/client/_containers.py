@@ -21,6 +21,7 @@ from ketch.oci.spec import SPEC_TYPE_URL, default_spec
 
 if TYPE_CHECKING:
     from ketch.client._conn import Connection
+    from ketch.client._images import Image
 
 __all__ = ["Container", "Mount", "SpecOptions", "build_spec"]
 
@@ -191,15 +192,21 @@ class Container:
                                                                           key=self.snapshot_key))
         return list(r.mounts)
 
-    async def new_task(self, io: IOSpec = None, *, options: Any = None) -> Task:
+    async def new_task(self, io: IOSpec = None, *, options: Any = None, checkpoint: str | None = None) -> Task:
         """Create the container's task (not started: :meth:`Task.start`); ``io`` its stdio.
-        ``options``: runtime options for this task (a protobuf message)."""
+        ``options``: runtime options for this task (a protobuf message). ``checkpoint``: the
+        name of a checkpoint image whose process the task restores (through CRIU) instead of
+        starting the spec's anew."""
         terminal = bool(self.spec.get("process", {}).get("terminal"))
         if isinstance(io, Stdio) and io.terminal != terminal:
             raise errdefs.InvalidArgument(f"the container's spec has terminal={terminal}, the IO asks for {io.terminal}")
+        request = tasks_pb2.CreateTaskRequest(container_id=self.id, terminal=terminal)
+        if checkpoint is not None:
+            from ketch.client._checkpoint import checkpoint_descriptor
+
+            request.checkpoint.CopyFrom(await checkpoint_descriptor(self.conn, checkpoint))
         pio = ProcessIO.create(io, self.fifo_dir, self.id).register(self.conn.ios)
-        request = tasks_pb2.CreateTaskRequest(container_id=self.id, stdin=pio.stdin, stdout=pio.stdout,
-                                              stderr=pio.stderr, terminal=terminal)
+        request.stdin, request.stdout, request.stderr = pio.stdin, pio.stdout, pio.stderr
         try:
             request.rootfs.extend(await self._rootfs())
             if options is not None:
@@ -221,6 +228,20 @@ class Container:
         if p.status != 1:  # not CREATED: it runs, its stdin can be fed
             pio.started(task.close_stdin)
         return task
+
+    async def checkpoint(self, ref: str, *, task: bool = True, rw: bool = False, exit: bool = False,
+                         runtime: bool = True, image: bool = True, options: Any = None) -> Image:
+        """Checkpoint the container as the image ``ref``, in containerd's format (``ctr
+        containers restore`` reads it): with ``task`` its running process (CRIU images and
+        spec, through the daemon's Tasks.Checkpoint; ``exit``: the task stops after), with
+        ``runtime`` its runtime options, with ``image`` the image it was made from, with ``rw``
+        the changes of its rw layer. ``options``: a ``containerd.runc.v1.CheckpointOptions``
+        (open TCP connections, external unix sockets, terminal...). The task is paused
+        meanwhile. AlreadyExists if ``ref`` names an image."""
+        from ketch.client._checkpoint import checkpoint
+
+        return await checkpoint(self.conn, self.id, ref, task=task, rw=rw, exit=exit, runtime=runtime, image=image,
+                                options=options)
 
     async def update_labels(self, labels: Mapping[str, str | None]) -> dict[str, str]:
         """Set (or, with None, remove) the given labels; the labels after."""

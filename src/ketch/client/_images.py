@@ -261,8 +261,10 @@ class Store:
 
 
 async def _finish(store: Store, name: str, target: Mapping[str, Any], unpack: bool) -> Image:
+    from ketch.client._checkpoint import is_checkpoint
+
     image = await store.put_image(name, target)
-    if unpack:
+    if unpack and not (target["mediaType"] in INDEXES and is_checkpoint(await store.read_json(target["digest"]))):
         manifest = await store.manifest_of(target)
         await store.unpack(manifest, manifest["config"]["digest"])
     return image
@@ -428,8 +430,16 @@ async def tag_image(client: AsyncClient, source: str, target: str, *, force: boo
 
 
 async def image_size(client: AsyncClient, image: Image) -> int:
-    """The bytes of this platform's manifest, config and layers (what a pull fetched)."""
+    """The bytes of this platform's manifest, config and layers (what a pull fetched); of a
+    checkpoint, the bytes of its own blobs (CRIU images, spec, options, rw layer)."""
+    from ketch.client._checkpoint import is_checkpoint
+
     store = Store(client.conn)
+    if image.media_type in INDEXES:
+        with contextlib.suppress(errdefs.NotFound):
+            index = await store.read_json(image.digest)
+            if is_checkpoint(index):
+                return sum(int(m["size"]) for m in index["manifests"] if m["mediaType"] not in (*INDEXES, *MANIFESTS))
     try:
         manifest = await store.manifest_of({"mediaType": image.media_type, "digest": image.digest})
     except errdefs.NotFound:

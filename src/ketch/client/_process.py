@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import signal as signals
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from ketch.oci.spec import PROCESS_TYPE_URL, RESOURCES_TYPE_URL
 
 if TYPE_CHECKING:
     from ketch.client._conn import Connection
+    from ketch.client._images import Image
 
 __all__ = ["ExecResult", "ExitStatus", "Process", "ProcessInfo", "Status", "Task"]
 
@@ -194,6 +196,16 @@ class Task(Process):
         await self.io.remove()
         r = await self.conn.call(self._tasks.Delete, tasks_pb2.DeleteTaskRequest(container_id=self.container_id))
         return ExitStatus(r.exit_status, timestamps.seconds(r.exited_at) if r.HasField("exited_at") else None)
+
+    async def checkpoint(self, ref: str | None = None, *, exit: bool = False, rw: bool = True,
+                         options: Any = None) -> Image:
+        """Checkpoint the task's container (its process, runtime options, image and, with
+        ``rw``, its rw layer) as the image ``ref`` (default ``checkpoint-<id>-<time>``); with
+        ``exit`` the task stops after. See :meth:`Container.checkpoint`."""
+        from ketch.client._checkpoint import checkpoint
+
+        name = ref or f"checkpoint-{self.container_id}-{time.strftime('%Y%m%d-%H%M%S')}"
+        return await checkpoint(self.conn, self.container_id, name, rw=rw, exit=exit, options=options)
 
     async def pause(self) -> None:
         await self.conn.call(self._tasks.Pause, tasks_pb2.PauseTaskRequest(container_id=self.container_id))

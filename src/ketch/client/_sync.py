@@ -113,6 +113,9 @@ class Task(Process):
     def __init__(self, loop: _Loop, task: AsyncTask) -> None:
         super().__init__(loop, task)
 
+    def checkpoint(self, ref: str | None = None, *, exit: bool = False, rw: bool = True, options: Any = None) -> Image:
+        return self._loop.run(self._a.checkpoint(ref, exit=exit, rw=rw, options=options))
+
     def pause(self) -> None:
         self._loop.run(self._a.pause())
 
@@ -156,8 +159,13 @@ class Container:
             raise AttributeError(name)
         return getattr(self._a, name)
 
-    def new_task(self, io: IOSpec = None, *, options: Any = None) -> Task:
-        return Task(self._loop, self._loop.run(self._a.new_task(io, options=options)))
+    def new_task(self, io: IOSpec = None, *, options: Any = None, checkpoint: str | None = None) -> Task:
+        return Task(self._loop, self._loop.run(self._a.new_task(io, options=options, checkpoint=checkpoint)))
+
+    def checkpoint(self, ref: str, *, task: bool = True, rw: bool = False, exit: bool = False, runtime: bool = True,
+                   image: bool = True, options: Any = None) -> Image:
+        return self._loop.run(self._a.checkpoint(ref, task=task, rw=rw, exit=exit, runtime=runtime, image=image,
+                                                 options=options))
 
     def task(self, io: IOSpec = None) -> Task:
         return Task(self._loop, self._loop.run(self._a.task(io)))
@@ -243,6 +251,10 @@ class Client:
 
     def containers(self, *filters: str) -> list[Container]:
         return [Container(self._loop, c) for c in self._loop.run(self._a.containers(*filters))]
+
+    def restore(self, id: str, ref: str, *, live: bool = True, rw: bool = True, io: IOSpec = None,
+                labels: Mapping[str, str] | None = None) -> Task:
+        return Task(self._loop, self._loop.run(self._a.restore(id, ref, live=live, rw=rw, io=io, labels=labels)))
 
     def tasks(self) -> list[TaskInfo]:
         return self._loop.run(self._a.tasks())

@@ -35,9 +35,11 @@ def host_platform() -> tuple[str, str]:
 
 def select_manifest(index: Mapping[str, Any], where: str) -> Mapping[str, Any]:
     """The descriptor (as in the index) of its manifest for this machine's platform; NotFound
-    naming ``where`` and the platforms it has when there is none."""
+    naming ``where`` and the platforms it has when there is none. Entries that are not
+    manifests or indexes (a checkpoint's blobs, say) are no candidates, whatever their platform."""
     want_os, want_arch = host_platform()
-    manifests: Sequence[Mapping[str, Any]] = index.get("manifests") or []
+    manifests: Sequence[Mapping[str, Any]] = [m for m in index.get("manifests") or []
+                                              if m.get("mediaType", OCI_MANIFEST) in (*MANIFEST_TYPES, *INDEX_TYPES)]
     for m in manifests:
         plat = m.get("platform") or {}
         if plat.get("os", "linux") == want_os and plat.get("architecture") == want_arch:
