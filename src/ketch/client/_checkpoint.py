@@ -33,7 +33,12 @@ from ketch.api.containerd.services.tasks.v1 import tasks_pb2, tasks_pb2_grpc
 from ketch.api.containerd.types import descriptor_pb2
 from ketch.api.containerd.types.task import task_pb2 as task_types
 from ketch.client._images import Image, Store, _image_of
+from ketch.distribution.manifests import CHECKPOINT_CONFIG as CONFIG
+from ketch.distribution.manifests import CHECKPOINT_CRIU as CRIU_TAR
+from ketch.distribution.manifests import CHECKPOINT_OPTIONS as OPTIONS
+from ketch.distribution.manifests import CHECKPOINT_RUNTIME_OPTIONS as RUNTIME_OPTIONS
 from ketch.distribution.manifests import INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX, host_platform
+from ketch.distribution.manifests import OCI_LAYER_GZIP as RW_LAYER
 
 if TYPE_CHECKING:
     from ketch.client._client import AsyncClient
@@ -43,12 +48,6 @@ if TYPE_CHECKING:
 
 __all__ = ["checkpoint", "checkpoint_descriptor", "is_checkpoint", "restore"]
 
-#: the media types of containerd's checkpoint blobs (containerd's images/mediatypes.go)
-CRIU_TAR = "application/vnd.containerd.container.criu.checkpoint.criu.tar"
-CONFIG = "application/vnd.containerd.container.checkpoint.config.v1+proto"
-OPTIONS = "application/vnd.containerd.container.checkpoint.options.v1+proto"
-RUNTIME_OPTIONS = "application/vnd.containerd.container.checkpoint.runtime.options+proto"
-RW_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 #: the index's annotations (containerd's container.go)
 IMAGE_NAME = "org.opencontainers.image.ref.name"
 RUNTIME_NAME = "io.containerd.checkpoint.runtime"

@@ -11,7 +11,8 @@ from typing import Any
 
 from ketch import errdefs
 
-__all__ = ["DOCKER_LIST", "DOCKER_MANIFEST", "INDEX_TYPES", "MANIFEST_TYPES", "OCI_INDEX", "OCI_MANIFEST",
+__all__ = ["CHECKPOINT_CONFIG", "CHECKPOINT_CRIU", "CHECKPOINT_OPTIONS", "CHECKPOINT_RUNTIME_OPTIONS",
+           "OCI_LAYER_GZIP", "DOCKER_LIST", "DOCKER_MANIFEST", "INDEX_TYPES", "MANIFEST_TYPES", "OCI_INDEX", "OCI_MANIFEST",
            "chain_ids", "gc_labels", "host_platform", "select_manifest"]
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -22,6 +23,13 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
 #: a single-platform manifest, OCI or Docker
 MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
+#: what a containerd checkpoint image's index holds: the CRIU image (a tar), the container's spec,
+#: the checkpoint's and the runtime's options (protobuf), its rw layer's diff
+CHECKPOINT_CRIU = "application/vnd.containerd.container.criu.checkpoint.criu.tar"
+CHECKPOINT_CONFIG = "application/vnd.containerd.container.checkpoint.config.v1+proto"
+CHECKPOINT_OPTIONS = "application/vnd.containerd.container.checkpoint.options.v1+proto"
+CHECKPOINT_RUNTIME_OPTIONS = "application/vnd.containerd.container.checkpoint.runtime.options+proto"
+OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 
 _GC_REF = "containerd.io/gc.ref.content"
 

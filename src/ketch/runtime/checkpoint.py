@@ -41,6 +41,7 @@ from google.protobuf.message import DecodeError, Message
 
 from ketch import digests, errdefs
 from ketch.api.containerd.events import task_pb2 as events
+from ketch.distribution import manifests
 from ketch.runtime.bundle import DUMP_PREFIX
 from ketch.topics import Publish
 
@@ -53,8 +54,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["MEDIA_TYPE_CHECKPOINT", "MEDIA_TYPE_CONFIG", "Checkpoints", "Descriptor", "Unpack"]
 
-MEDIA_TYPE_CHECKPOINT = "application/vnd.containerd.container.criu.checkpoint.criu.tar"
-MEDIA_TYPE_CONFIG = "application/vnd.containerd.container.checkpoint.config.v1+proto"
+MEDIA_TYPE_CHECKPOINT = manifests.CHECKPOINT_CRIU
+MEDIA_TYPE_CONFIG = manifests.CHECKPOINT_CONFIG
 
 #: writes a checkpoint's CRIU image into the directory it is given
 Unpack = Callable[[str], Awaitable[None]]
