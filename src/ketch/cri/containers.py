@@ -34,7 +34,7 @@ from ketch.api.k8s.cri.runtime.v1 import api_pb2 as cri
 from ketch.cri.images import NAMESPACE, CriImages, ImageInfo
 from ketch.cri.logs import ByteReader, Fifos, LogWriter, copy_lines
 from ketch.cri.sandbox import (CONTAINER_TYPE, KIND_LABEL, NODE, POD, SANDBOX_ID, SANDBOX_NAME, SANDBOX_NAMESPACE,
-                               SANDBOX_UID, Pods, Sandbox, creating)
+                               SANDBOX_UID, Pods, Sandbox, by_id_prefix, creating, records)
 from ketch.metadata import Container, Runtime, TypedValue
 from ketch.metadata.local import ContainerService
 from ketch.oci.seccomp import default_profile, load_profile
@@ -243,22 +243,10 @@ class Containers:
     # -- lookups ----------------------------------------------------------------------------
 
     def all(self) -> list[Meta]:
-        out = []
-        for c in self._containers.list(NAMESPACE, [f'labels."{KIND_LABEL}"==container']):
-            ext = c.extensions.get(CONTAINER_EXTENSION)
-            if ext is not None:
-                out.append(Meta.decode(ext))
-        return out
+        return records(self._containers, "container", CONTAINER_EXTENSION, Meta.decode)
 
     def get(self, ref: str) -> Meta:
-        if not ref:
-            raise errdefs.InvalidArgument("container id must not be empty")
-        matches = [m for m in self.all() if m.id.startswith(ref)]
-        if not matches:
-            raise errdefs.NotFound(f"container {ref!r}")
-        if len(matches) > 1:
-            raise errdefs.InvalidArgument(f"container id prefix {ref!r} is ambiguous")
-        return matches[0]
+        return by_id_prefix(self.all(), ref, "container")
 
     def in_pod(self, sandbox_id: str) -> list[Meta]:
         return [m for m in self.all() if m.sandbox_id == sandbox_id]

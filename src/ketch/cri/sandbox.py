@@ -25,7 +25,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from ketch import errdefs, mount
 from ketch.api.containerd.types import mount_pb2
@@ -39,7 +39,7 @@ from ketch.oci.spec import SPEC_TYPE_URL, default_spec
 from ketch.runtime import CreateOptions, TaskManager
 from ketch.snapshots.service import SnapshotService
 
-__all__ = ["KIND_LABEL", "Pods", "Sandbox"]
+__all__ = ["KIND_LABEL", "Pods", "Sandbox", "by_id_prefix", "records"]
 
 log = logging.getLogger("ketch.cri")
 
@@ -109,6 +109,38 @@ def sandbox_name(md: cri.PodSandboxMetadata) -> str:
     return f"{md.name}_{md.namespace}_{md.uid}_{md.attempt}"
 
 
+class _Identified(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+R = TypeVar("R", bound=_Identified)
+
+
+def records(containers: ContainerService, kind: str, extension: str, decode: Callable[[Any], R]) -> list[R]:
+    """Every CRI record of ``kind`` ("sandbox", "container"): the extension the CRI keeps on
+    its containerd container, decoded."""
+    out = []
+    for c in containers.list(NAMESPACE, [f'labels."{KIND_LABEL}"=={kind}']):
+        ext = c.extensions.get(extension)
+        if ext is not None:
+            out.append(decode(ext))
+    return out
+
+
+def by_id_prefix(items: list[R], ref: str, what: str) -> R:
+    """The one of ``items`` whose id is ``ref`` or starts with it (as crictl lets a person
+    type); InvalidArgument when empty or ambiguous, NotFound when none."""
+    if not ref:
+        raise errdefs.InvalidArgument(f"{what} id must not be empty")
+    matches = [item for item in items if item.id.startswith(ref)]
+    if not matches:
+        raise errdefs.NotFound(f"{what} {ref!r}")
+    if len(matches) > 1:
+        raise errdefs.InvalidArgument(f"{what} id prefix {ref!r} is ambiguous")
+    return matches[0]
+
+
 class Pods:
     def __init__(self, *, images: CriImages, containers: ContainerService, tasks: TaskManager,
                  snapshots: SnapshotService, leases: LeaseStore, cni_runner: cni.CNI, cni_conf_dir: str, snapshotter: str,
@@ -139,23 +171,11 @@ class Pods:
     # -- lookups ----------------------------------------------------------------------------
 
     def all(self) -> list[Sandbox]:
-        out = []
-        for c in self._containers.list(NAMESPACE, [f'labels."{KIND_LABEL}"==sandbox']):
-            ext = c.extensions.get(SANDBOX_EXTENSION)
-            if ext is not None:
-                out.append(Sandbox.decode(ext))
-        return out
+        return records(self._containers, "sandbox", SANDBOX_EXTENSION, Sandbox.decode)
 
     def get(self, ref: str) -> Sandbox:
         """The pod ``ref`` names: its id or an unambiguous prefix of it; NotFound."""
-        if not ref:
-            raise errdefs.InvalidArgument("pod sandbox id must not be empty")
-        matches = [s for s in self.all() if s.id.startswith(ref)]
-        if not matches:
-            raise errdefs.NotFound(f"pod sandbox {ref!r}")
-        if len(matches) > 1:
-            raise errdefs.InvalidArgument(f"pod sandbox id prefix {ref!r} is ambiguous")
-        return matches[0]
+        return by_id_prefix(self.all(), ref, "pod sandbox")
 
     async def state(self, sandbox: Sandbox) -> cri.PodSandboxState:
         """SANDBOX_READY while the pause process runs."""
