@@ -528,13 +528,20 @@ class TaskManager:
         """Rebuild the task map from the bundles on disk (see the module doc): one connection
         per shim address, shared by the tasks that shim serves."""
         by_address: dict[str, builtins.list[Task]] = {}
+        loaded: builtins.list[Bundle] = []
         for bundle in walk(self.state_dir, self.root_dir):
             task = self._load_task(bundle)
             if task is not None:
                 by_address.setdefault(bundle.address(), []).append(task)
-                # the dumps of checkpoints ketchd died during (their blobs were never stored)
-                await asyncio.to_thread(bundle.drop_checkpoints, restore=False)
-        await asyncio.gather(*(self._reconnect(address, tasks) for address, tasks in by_address.items()))
+                loaded.append(bundle)
+
+        def drop_dumps() -> None:  # of checkpoints ketchd died during (their blobs were never stored)
+            for bundle in loaded:
+                bundle.drop_checkpoints(restore=False)
+
+        # one thread for every bundle's, beside the reconnections rather than before them
+        await asyncio.gather(asyncio.to_thread(drop_dumps),
+                             *(self._reconnect(address, tasks) for address, tasks in by_address.items()))
         await self._dismiss_idle_shims(set(by_address))
 
     async def _dismiss_idle_shims(self, known: set[str]) -> None:
