@@ -29,7 +29,6 @@ import platform
 import queue
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -308,17 +307,6 @@ def spawn(d: Daemon) -> None:
     env = dict(os.environ, PATH=f"{system.VENV_BIN}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}")
     with open(d.log, "ab") as logf:
         d.proc = subprocess.Popen(d.argv(), stdout=logf, stderr=logf, env=env, start_new_session=True)
-
-
-def listening(address: str) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.connect(address)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
 
 
 def run_all(argvs: list[list[str]], stdout: int = subprocess.DEVNULL, timeout: float = 300) -> list[str]:
@@ -673,7 +661,7 @@ class Bench:
             if d.proc.poll() is not None:
                 raise BenchError(f"{d.name} exited on restart: {d.log.read_text()[-2000:]}")
             # ctr's dial blocks and backs off on a refused connection: ask it only once the socket listens
-            if listening(d.address):
+            if system.listening(d.address):
                 r = subprocess.run(argv, capture_output=True, text=True)
                 if r.returncode == 0:
                     status = {p[0]: p[2] for p in (line.split() for line in r.stdout.splitlines()[1:]) if len(p) >= 3}

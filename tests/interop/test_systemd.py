@@ -26,18 +26,6 @@ from tests.interop.conftest import Env, running
 from tests.interop.test_ctr_shim import PATH
 
 
-def _answers(address: str) -> bool:
-    """Whether something accepts connections on ``address`` now."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(address)
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
-
-
 @dataclass
 class Datagram:
     at: float
@@ -75,7 +63,7 @@ class Manager:
                 data = self.sock.recv(4096)
             except TimeoutError:
                 continue
-            d = Datagram(time.monotonic(), data.decode().split("\n"), _answers(self.grpc_address))
+            d = Datagram(time.monotonic(), data.decode().split("\n"), support.listening(self.grpc_address))
             if "READY=1" in d.fields:
                 threading.Thread(target=d.check_version, args=(self.grpc_address,), daemon=True).start()
             else:

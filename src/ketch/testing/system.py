@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import signal
 import subprocess
 import sys
@@ -47,6 +48,18 @@ def make_busybox_rootfs(dest: Path) -> Path:
     (dest / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
     os.chmod(dest / "tmp", 0o1777)
     return dest
+
+
+def listening(address: str) -> bool:
+    """Whether something accepts connections on the unix socket ``address`` now."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(address)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 def unique(prefix: str) -> str:
